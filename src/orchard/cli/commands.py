@@ -1,0 +1,193 @@
+"""What each `orchard` subcommand does, in terms of the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..errors import OrchardError
+
+
+def _duration(text: str):
+    from ..config import Duration
+
+    try:
+        return Duration.parse(text)
+    except ValueError as error:
+        raise OrchardError(f"--max-time: {error}") from None
+
+
+def quickstart(args) -> None:
+    from .quickstart import run_quickstart
+
+    report = run_quickstart(Path(args.out), max_time=_duration(args.max_time))
+    print(f"report: {report}")
+
+
+def tokenizer_train(args) -> None:
+    from ..data.corpus import iter_text_chunks, resolve_paths
+    from ..tokenizer import Tokenizer
+
+    if args.vocab_size < 300:
+        raise OrchardError(f"--vocab-size: must be at least 300 (256 bytes + special tokens), got {args.vocab_size}")
+    paths = resolve_paths(args.data, key="--data")
+    tokenizer = Tokenizer.train((text for text, _ in iter_text_chunks(paths, args.text_field)),
+                                vocab_size=args.vocab_size, show_progress=sys.stderr.isatty())
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    tokenizer.save(args.out)
+    print(f"saved a {tokenizer.vocab_size}-token tokenizer to {args.out}")
+
+
+def pretrain(args) -> None:
+    from ..config import load_config
+    from ..methods.pretrain import PretrainConfig, run
+
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe and "=" in recipe and not Path(recipe).exists():
+        recipe, overrides = None, [recipe] + overrides  # no recipe, only overrides
+    result = run(load_config(PretrainConfig, recipe, overrides))
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.state.metrics.items())
+    print(f"{result.final_dir}: {result.state.step} steps, {result.state.tokens:,} tokens; {metrics}")
+
+
+def generate(args) -> None:
+    from ..checkpoint import load_checkpoint
+    from ..model.generation import generate_text
+
+    sampling = _sampling_config(args)
+    checkpoint = load_checkpoint(args.checkpoint)
+    for sample in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {sample + 1}")
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+
+        def show(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        try:
+            generate_text(checkpoint.model, checkpoint.tokenizer, [args.prompt], sampling, on_text=show)
+        except ValueError as error:
+            raise OrchardError(str(error)) from None
+        sys.stdout.write("\n")
+        if sampling.seed is not None:
+            sampling.seed += 1
+
+
+def chat(args) -> None:
+    from ..checkpoint import load_checkpoint
+    from ..model.generation import generate_text
+
+    sampling = _sampling_config(args)
+    sampling.stop = list(sampling.stop) + ["<|im_end|>"]
+    checkpoint = load_checkpoint(args.checkpoint)
+    tokenizer = checkpoint.tokenizer
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    print("chat with the model: /reset clears the conversation, /quit or Ctrl-D leaves", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return
+        if line.strip() in ("/quit", "/exit"):
+            return
+        if line.strip() == "/reset":
+            messages = list(system)
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        sys.stdout.write("model> ")
+        sys.stdout.flush()
+        try:
+            (reply,) = generate_text(checkpoint.model, tokenizer, [prompt], sampling,
+                                     on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+        except ValueError as error:
+            # The conversation outgrew the context: start afresh rather than die.
+            print(f"\n({error}; conversation reset)")
+            messages = list(system)
+            continue
+        print()
+        messages.append({"role": "assistant", "content": reply.strip()})
+
+
+def evaluate(args) -> None:
+    from ..checkpoint import load_checkpoint
+    from ..data.corpus import resolve_paths
+    from ..data.packing import PackedSequences
+    from ..data.tokens import build_token_cache
+    from ..evaluation.language_modeling import evaluate_language_modeling
+
+    if args.seq_len <= 0 or args.batch_size <= 0:
+        raise OrchardError("--seq-len and --batch-size must be positive")
+    checkpoint = load_checkpoint(args.checkpoint)
+    if args.seq_len > checkpoint.model.config.max_position_embeddings:
+        raise OrchardError(f"--seq-len: {args.seq_len} exceeds the model's "
+                           f"{checkpoint.model.config.max_position_embeddings} positions")
+    paths = resolve_paths(args.data, key="--data")
+    cache = build_token_cache(paths, checkpoint.tokenizer, args.text_field)
+    sequences = PackedSequences(cache.tokens, args.seq_len)
+    if len(sequences) == 0:
+        raise OrchardError(f"--data: {len(cache)} tokens are fewer than one window of --seq-len {args.seq_len}")
+    metrics = evaluate_language_modeling(checkpoint.model, sequences, checkpoint.tokenizer.token_byte_lengths(),
+                                         args.batch_size, args.max_sequences)
+    metrics = {"loss": metrics["val_loss"], "perplexity": metrics["val_perplexity"],
+               "bits_per_byte": metrics["val_bpb"], "tokens": int(metrics["val_tokens"])}
+    if args.json:
+        print(json.dumps({"checkpoint": str(checkpoint.path), **metrics}))
+    else:
+        print(f"{checkpoint.path}: loss {metrics['loss']:.4f} nats/token, perplexity {metrics['perplexity']:.2f}, "
+              f"{metrics['bits_per_byte']:.4f} bits/byte over {metrics['tokens']:,} tokens")
+
+
+def info(args) -> None:
+    from ..checkpoint import read_model_config, resolve_checkpoint
+    from ..lineage import ancestry, total_flops
+
+    path = resolve_checkpoint(args.checkpoint)
+    config = read_model_config(path)
+    chain = ancestry(path)
+    summary = {
+        "checkpoint": str(path),
+        "config": config.to_hf_dict(),
+        "parameters": config.num_parameters(),
+        "non_embedding_parameters": config.num_parameters(include_embeddings=False),
+        "lineage": chain,
+        "total_training_flops": total_flops(chain),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        return
+    print(f"{path}")
+    print(f"  {config.to_hf_dict()['model_type']}: {summary['parameters']:,} parameters "
+          f"({summary['non_embedding_parameters']:,} without embeddings)")
+    print(f"  {config.num_hidden_layers} layers, hidden {config.hidden_size}, MLP {config.intermediate_size}, "
+          f"{config.num_attention_heads} heads ({config.num_key_value_heads} key/value), vocab {config.vocab_size}, "
+          f"rope theta {config.rope_theta:g}, {'tied' if config.tie_word_embeddings else 'untied'} embeddings")
+    print("  lineage (newest first):")
+    for depth, record in enumerate(chain):
+        training = record.get("training", {})
+        cost = (f"{training.get('steps', 0)} steps, {training.get('tokens', 0):,} tokens, "
+                f"{training.get('flops', 0):.3g} FLOPs, {training.get('wall_seconds', 0):.0f}s") if training else ""
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in record.get("metrics", {}).items()
+                            if isinstance(v, (int, float)) and k.startswith("val_"))
+        print(f"  {'  ' * depth}- {record.get('stage')}: {record['path']}" + (f" ({cost})" if cost else ""))
+        if metrics:
+            print(f"  {'  ' * depth}  {metrics}")
+    if len(chain) > 1:
+        own = chain[0].get("training", {}).get("flops", 0.0)
+        print(f"  compute: {own:.3g} FLOPs in this stage, {summary['total_training_flops']:.3g} including ancestors")
+
+
+def _sampling_config(args):
+    from ..model.generation import SamplingConfig
+
+    try:
+        return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
+                              seed=args.seed)
+    except ValueError as error:
+        raise OrchardError(f"--{str(error).split()[0].replace('_', '-')}: {error}") from None

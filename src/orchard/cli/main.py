@@ -1,0 +1,140 @@
+"""The `orchard` command: one subcommand per stage of a model's life.
+
+User mistakes (a missing file, a malformed record, a bad config value) are `OrchardError`s and
+print as one line with exit status 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+from .. import __version__
+from ..errors import OrchardError
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _recipe_help(config_cls) -> str:
+    from ..config import describe
+
+    lines = ["config keys (set in a recipe YAML or as key=value):"]
+    for key, default, doc in describe(config_cls):
+        lines.append(f"  {key} = {default}")
+        if doc:
+            lines.extend("      " + line for line in textwrap.wrap(doc, 80))
+    return "\n".join(lines)
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate (default 200)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats (default 1)")
+    parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for repeatable samples")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..methods.pretrain import PretrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="orchard", formatter_class=HelpFormatter,
+        description="Train a language model through its whole life, each stage reusing the last.",
+        epilog="Start with `orchard quickstart`; `orchard COMMAND --help` explains each command.")
+    parser.add_argument("--version", action="version", version=f"orchard {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    quick = commands.add_parser("quickstart", formatter_class=HelpFormatter,
+                                help="the whole pipeline on the built-in data, with a report",
+                                description="Train a tokenizer and a small model on the built-in synthetic "
+                                            "world, evaluate it, sample from it and write DIR/report.md.")
+    quick.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
+    quick.add_argument("--max-time", default="4m", help="pretraining time budget (default 4m)")
+
+    tokenizer = commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    train_tok = tokenizer_commands.add_parser("train", help="train a tokenizer on a corpus",
+                                              description="Train a byte-level BPE tokenizer and save "
+                                                          "tokenizer.json and tokenizer_config.json into --out.")
+    train_tok.add_argument("--data", required=True, nargs="+", help="corpus files or globs (.txt .jsonl .parquet)")
+    train_tok.add_argument("--out", required=True, help="directory to write the tokenizer into")
+    train_tok.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size (default 4096)")
+    train_tok.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet records")
+
+    pretrain = commands.add_parser("pretrain", formatter_class=HelpFormatter, help="pretrain a model on text",
+                                   description="Pretrain a model. With no recipe and no data.path it trains a "
+                                               "small model on the built-in synthetic world. Running the same "
+                                               "command again resumes from the last checkpoint.",
+                                   epilog=_recipe_help(PretrainConfig))
+    pretrain.add_argument("recipe", nargs="?", help="a recipe YAML (see recipes/)")
+    pretrain.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=200")
+
+    generate = commands.add_parser("generate", help="continue a prompt (streams tokens)",
+                                   description="Sample a continuation of --prompt from a checkpoint.")
+    generate.add_argument("checkpoint", help="checkpoint or run directory")
+    generate.add_argument("--prompt", required=True, help="text to continue")
+    generate.add_argument("--num-samples", type=int, default=1, help="independent samples (default 1)")
+    _add_sampling_arguments(generate)
+
+    chat = commands.add_parser("chat", help="talk to a model in the terminal",
+                               description="A chat REPL using the checkpoint's chat template. "
+                                           "Commands: /reset clears the conversation, /quit leaves.")
+    chat.add_argument("checkpoint", help="checkpoint or run directory")
+    chat.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_arguments(chat)
+
+    evaluate = commands.add_parser("eval", help="loss, perplexity and bits per byte on a corpus",
+                                   description="Evaluate a checkpoint on text: loss and perplexity per token, "
+                                               "and bits per byte, which compares models with different "
+                                               "tokenizers.")
+    evaluate.add_argument("checkpoint", help="checkpoint or run directory")
+    evaluate.add_argument("--data", required=True, nargs="+", help="corpus files or globs")
+    evaluate.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet records")
+    evaluate.add_argument("--seq-len", type=int, default=256, help="context length of each window (default 256)")
+    evaluate.add_argument("--max-sequences", type=int, default=None, help="evaluate at most this many windows")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
+    evaluate.add_argument("--json", action="store_true", help="print JSON")
+
+    info = commands.add_parser("info", help="config, parameter count and lineage of a checkpoint",
+                               description="Show a checkpoint's architecture, size and family tree.")
+    info.add_argument("checkpoint", help="checkpoint or run directory")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return _dispatch(args) or 0
+    except OrchardError as error:
+        if args.debug:
+            raise
+        print(f"orchard: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\norchard: interrupted (run the same command again to resume)", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int | None:
+    from . import commands
+
+    handler = {
+        "quickstart": commands.quickstart, "tokenizer": commands.tokenizer_train, "pretrain": commands.pretrain,
+        "generate": commands.generate, "chat": commands.chat, "eval": commands.evaluate, "info": commands.info,
+    }[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Config as data: typed dataclasses, YAML recipes and dotted `key=value` overrides.
+
+Every recipe is a tree of dataclasses whose fields carry defaults and a docstring (the string
+literal under the field), which `orchard COMMAND --help` lists. `load_config` reads a YAML recipe,
+applies overrides such as `train.max_steps=200` or `model.num_hidden_layers=4`, and checks each
+value against its field's type. An unknown key or a bad value is an `OrchardError` naming the full
+dotted key, never a traceback.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import re
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import OrchardError
+
+T = TypeVar("T")
+
+
+class Duration(float):
+    """Seconds, written in recipes as `300`, `90s`, `5m`, `1h30m` or `2h`."""
+
+    _PART = re.compile(r"(\d+(?:\.\d+)?)([hms])")
+
+    @classmethod
+    def parse(cls, value: Any) -> "Duration":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds = float(value)
+        else:
+            text = str(value).strip().lower().replace(" ", "")
+            if re.fullmatch(r"\d+(?:\.\d+)?", text):
+                seconds = float(text)
+            elif text and re.fullmatch(r"(?:\d+(?:\.\d+)?[hms])+", text):
+                seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[unit] for n, unit in cls._PART.findall(text))
+            else:
+                raise ValueError(f"expected a duration such as 300, 90s, 5m or 1h30m, got {value!r}")
+        if seconds <= 0:
+            raise ValueError(f"expected a positive duration, got {value!r}")
+        return cls(seconds)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (they are not kept at run time)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, following in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)):
+                docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+                "Duration": "a duration"}.get(tp.__name__, tp.__name__)
+    return str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where the meaning is unambiguous."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise OrchardError(f"{key}: must not be null")
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key)
+            except OrchardError as error:
+                errors.append(error)
+        raise OrchardError(f"{key}: expected {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise OrchardError(f"{key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise OrchardError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Duration:
+        try:
+            return Duration.parse(value)
+        except ValueError as error:
+            raise OrchardError(f"{key}: {error}") from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise OrchardError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # YAML reads 1e6 as a float
+        raise OrchardError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise OrchardError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise OrchardError(f"{key}: expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    return value
+
+
+def build(cls: type[T], data: Any, prefix: str = "") -> T:
+    """Make a `cls` from a nested dict, rejecting unknown keys and checking every value."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise OrchardError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = _type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = [n for n in sorted(names) if n.startswith(str(key)[:3])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise OrchardError(f"{dotted}: unknown key{hint}")
+        kwargs[key] = _convert(value, hints[key], dotted)
+    try:
+        return cls(**kwargs)
+    except ValueError as error:
+        message = str(error)
+        raise OrchardError(message if "." in message.split(":")[0] else f"{prefix or 'config'}: {message}") from None
+
+
+def to_dict(config: Any) -> Any:
+    """The plain-data form of a config (what a checkpoint's lineage records)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, list):
+        return [to_dict(v) for v in config]
+    if isinstance(config, Duration):
+        return float(config)
+    return config
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.max_steps=200` -> (["train", "max_steps"], 200); the value is read as YAML."""
+    if "=" not in text:
+        raise OrchardError(f"{text}: an override is written key=value, e.g. train.max_steps=200")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise OrchardError(f"{text}: an override is written key=value, e.g. train.max_steps=200")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise OrchardError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise OrchardError(f"{where}: invalid YAML ({getattr(error, 'problem', error)})") from None
+    except UnicodeDecodeError:
+        raise OrchardError(f"{path}: invalid UTF-8") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise OrchardError(f"{path}: a recipe is a mapping of keys to values")
+    return data
+
+
+def load_config(cls: type[T], recipe: str | Path | None = None, overrides: list[str] = ()) -> T:
+    """Build `cls` from defaults, then the recipe file, then `key=value` overrides, in that order."""
+    data = read_yaml(recipe) if recipe else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for part in keys[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[keys[-1]] = value
+    return build(cls, data)
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, docstring) for every field of a config tree, for `--help`."""
+    rows = []
+    docs = field_docs(cls)
+    hints = _type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(describe(hints[f.name], key + "."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        rows.append((key, repr(default) if isinstance(default, str) else str(default), docs.get(f.name, "")))
+    return rows

@@ -1,0 +1,1 @@
+"""Data: corpus readers, token caches, packing, and the built-in synthetic world."""

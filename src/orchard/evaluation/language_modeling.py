@@ -1,0 +1,35 @@
+"""Language-modelling metrics: loss, perplexity and bits per byte on packed sequences.
+
+Bits per byte divides the summed loss by the UTF-8 bytes of the predicted tokens, so models with
+different tokenizers are compared on the same text (a tokenizer with longer tokens has a higher
+per-token loss but fewer tokens).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..data.packing import PackedSequences
+from ..methods.losses import bits_per_byte, token_cross_entropy
+
+
+@torch.no_grad()
+def evaluate_language_modeling(model: torch.nn.Module, sequences: PackedSequences, token_bytes: np.ndarray,
+                               batch_size: int, max_sequences: int | None = None) -> dict[str, float]:
+    """Metrics over the first `max_sequences` windows of `sequences` (all of them when None)."""
+    device = next(model.parameters()).device
+    count = len(sequences) if max_sequences is None else min(len(sequences), max_sequences)
+    loss_sum, tokens, num_bytes = 0.0, 0, 0
+    byte_table = torch.from_numpy(np.asarray(token_bytes, dtype=np.int64))
+    for start in range(0, count, batch_size):
+        batch = sequences.batch(range(start, min(start + batch_size, count)))
+        logits = model(batch["input_ids"].to(device)).logits
+        loss_sum += token_cross_entropy(logits, batch["labels"].to(device)).item()
+        tokens += batch["labels"].numel()
+        num_bytes += int(byte_table[batch["labels"]].sum())
+    loss = loss_sum / max(tokens, 1)
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
+            "val_bpb": bits_per_byte(loss_sum, num_bytes), "val_tokens": float(tokens)}

@@ -1,0 +1,86 @@
+"""Run reports: a Markdown page with tables, samples and PNG plots.
+
+Each pipeline stage adds its sections to one `Report`; `write` renders `report.md` beside the
+plots it references.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(metrics_file: Path) -> list[dict]:
+    if not metrics_file.is_file():
+        return []
+    return [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curves(metrics_file: Path, png: Path, title: str) -> Path:
+    """Training loss per step and validation loss at each evaluation, on one plot."""
+    rows = read_metrics(metrics_file)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="training loss", linewidth=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss", linewidth=1.5, markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+@dataclass
+class Report:
+    title: str
+    directory: Path
+    sections: list[str] = field(default_factory=list)
+
+    def heading(self, text: str) -> None:
+        self.sections.append(f"## {text}\n")
+
+    def text(self, text: str) -> None:
+        self.sections.append(text.strip() + "\n")
+
+    def table(self, header: list[str], rows: list[list]) -> None:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+        self.sections.append("\n".join(lines) + "\n")
+
+    def image(self, png: Path, caption: str) -> None:
+        self.sections.append(f"![{caption}]({png.relative_to(self.directory).as_posix()})\n")
+
+    def samples(self, pairs: list[tuple[str, str]]) -> None:
+        blocks = []
+        for prompt, completion in pairs:
+            shown = (prompt + completion).replace("```", "'''")
+            blocks.append(f"```text\n{shown}\n```")
+        self.sections.append("\n".join(blocks) + "\n")
+
+    def write(self) -> Path:
+        path = self.directory / "report.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".md.tmp")
+        tmp.write_text(f"# {self.title}\n\n" + "\n".join(self.sections), encoding="utf-8")
+        tmp.replace(path)
+        return path

@@ -1,0 +1,79 @@
+"""The lineage record (`orchard.json`) each checkpoint carries.
+
+It says what stage produced the checkpoint, from which parent (path and content hash, so a moved
+or altered parent is detected), with which fully resolved recipe, on which data (fingerprint and
+token count), and at what cost (steps, tokens, wall seconds, estimated FLOPs), plus its final
+metrics. The training engine fills in the cost and metrics; following `parent` links gives the
+model's family tree and the compute its ancestors already spent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+from .. import __version__
+
+FORMAT = "orchard-lineage/1"
+
+
+def parent_entry(checkpoint_dir: str | Path) -> dict:
+    """How a child names its parent: the path and the hash of the parent's weights."""
+    checkpoint_dir = Path(checkpoint_dir).resolve()
+    record_file = checkpoint_dir / "orchard.json"
+    sha = None
+    if record_file.is_file():
+        sha = json.loads(record_file.read_text(encoding="utf-8")).get("weights_sha256")
+    if sha is None:
+        from ..checkpoint import WEIGHTS_FILE, file_sha256  # only foreign checkpoints need hashing
+        sha = file_sha256(checkpoint_dir / WEIGHTS_FILE)
+    return {"path": str(checkpoint_dir), "weights_sha256": sha}
+
+
+def new_record(stage: str, recipe: dict, data: dict, parent: str | Path | None = None) -> dict:
+    return {
+        "format": FORMAT,
+        "orchard_version": __version__,
+        "stage": stage,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "parent": parent_entry(parent) if parent else None,
+        "recipe": recipe,
+        "data": data,
+    }
+
+
+def ancestry(checkpoint_dir: str | Path) -> list[dict]:
+    """The records of a checkpoint and its ancestors, child first. A parent that is gone or whose
+    weights changed since is reported as such rather than followed."""
+    chain = []
+    current: Path | None = Path(checkpoint_dir)
+    seen = set()
+    while current is not None and current.resolve() not in seen:
+        seen.add(current.resolve())
+        record_file = current / "orchard.json"
+        if not record_file.is_file():
+            chain.append({"path": str(current), "stage": "external", "missing_record": True})
+            break
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+        record = {"path": str(current), **record}
+        chain.append(record)
+        parent = record.get("parent")
+        if not parent:
+            break
+        parent_dir = Path(parent["path"])
+        parent_record = parent_dir / "orchard.json"
+        if not parent_record.is_file():
+            chain.append({"path": parent["path"], "stage": "unavailable", "missing_record": True})
+            break
+        actual = json.loads(parent_record.read_text(encoding="utf-8")).get("weights_sha256")
+        if parent.get("weights_sha256") and actual != parent["weights_sha256"]:
+            chain.append({"path": parent["path"], "stage": "changed since", "missing_record": True})
+            break
+        current = parent_dir
+    return chain
+
+
+def total_flops(chain: list[dict]) -> float:
+    """Training FLOPs of a checkpoint including everything its ancestors spent."""
+    return sum(r.get("training", {}).get("flops", 0.0) for r in chain)

@@ -1,0 +1,175 @@
+"""Pretraining: next-token prediction on packed text, from scratch or from a checkpoint.
+
+Run it with `orchard pretrain [RECIPE.yaml] [key=value ...]`; with no recipe and no data it trains
+a small model on the built-in synthetic world. Read top to bottom, a run is:
+
+1. the tokenizer: `tokenizer.path`, the `init` checkpoint's, or one trained on the corpus;
+2. the corpus tokenized once into a cached memory-mapped stream, split by position;
+3. the model: `init`'s weights or a fresh `model` config;
+4. the shared engine, with this module's batches (packed windows) and loss (summed token
+   cross-entropy), validated by loss, perplexity and bits per byte.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_checkpoint
+from ..config import to_dict
+from ..data.corpus import iter_text_chunks, resolve_paths
+from ..data.packing import EpochOrder, PackedSequences, micro_batch_samples, split_tokens
+from ..data.synthetic import write_corpus
+from ..data.tokens import build_token_cache, default_cache_root
+from ..errors import OrchardError
+from ..evaluation.language_modeling import evaluate_language_modeling
+from ..lineage import new_record
+from ..model import CausalLM, ModelConfig
+from ..tokenizer import Tokenizer
+from ..training import TrainConfig, Trainer, TrainResult
+from .losses import token_cross_entropy
+
+
+@dataclass
+class DataConfig:
+    path: str | list[str] | None = None
+    """Corpus: a file, a glob or a list of them (.txt, .jsonl, .json, .parquet, optionally .gz).
+    None means the built-in synthetic world."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl/.json/.parquet records."""
+    val_fraction: float = 0.1
+    """The last this fraction of the token stream is validation."""
+    seq_len: int = 256
+    """Tokens per training sequence (the context length trained)."""
+    synthetic_documents: int = 20000
+    """Documents of the built-in world to generate when data.path is None."""
+    synthetic_seed: int = 0
+    """Seed of the built-in world's document stream."""
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None
+    """An existing tokenizer (a tokenizer.json or a directory holding one); None trains one."""
+    vocab_size: int = 4096
+    """Vocabulary size of a tokenizer trained here (special tokens included)."""
+    train_bytes: int = 50_000_000
+    """At most this many bytes of the corpus (from its start) train the tokenizer."""
+
+
+@dataclass
+class PretrainConfig:
+    out: str = "runs/pretrain"
+    """Run directory: checkpoints, metrics.jsonl, the tokenizer. Running again resumes it."""
+    init: str | None = None
+    """Start from this checkpoint's weights and tokenizer instead of a fresh model."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture of a fresh model (ignored with init); vocab_size comes from the tokenizer."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000))
+
+
+class PackedLanguageModeling:
+    """The engine's view of pretraining: batches of packed windows, summed cross-entropy."""
+
+    name = "pretrain"
+
+    def __init__(self, train: PackedSequences, val: PackedSequences, token_bytes, config: TrainConfig):
+        self.train, self.val, self.token_bytes, self.config = train, val, token_bytes, config
+        self.order = EpochOrder(len(train), config.seed)
+
+    def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        samples = micro_batch_samples(step, micro, rank, world, self.config.batch_size, self.config.grad_accum)
+        return self.train.batch([self.order[s] for s in samples])
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["labels"].numel()
+
+    def loss(self, model, batch):
+        logits = model(batch["input_ids"]).logits
+        return token_cross_entropy(logits, batch["labels"]), {}
+
+    def evaluate(self, model: CausalLM) -> dict[str, float]:
+        return evaluate_language_modeling(model, self.val, self.token_bytes, self.config.batch_size,
+                                          max_sequences=self.config.eval_batches * self.config.batch_size)
+
+
+def corpus_paths(data: DataConfig) -> list[Path]:
+    """The corpus files; the built-in world is written once into the cache and reused."""
+    if data.path is not None:
+        return resolve_paths(data.path)
+    target = default_cache_root() / "synthetic" / f"world-seed{data.synthetic_seed}-{data.synthetic_documents}.jsonl"
+    if not target.is_file():
+        write_corpus(target, data.synthetic_documents, seed=data.synthetic_seed)
+    return [target]
+
+
+def prepare_tokenizer(config: PretrainConfig, paths: list[Path], run_dir: Path) -> Tokenizer:
+    """The run's tokenizer, saved in the run directory so a resumed run uses the very same one."""
+    saved = run_dir / "tokenizer"
+    if (saved / "tokenizer.json").is_file():
+        return Tokenizer.load(saved)
+    if config.init:
+        tokenizer = load_checkpoint(config.init).tokenizer
+    elif config.tokenizer.path:
+        tokenizer = Tokenizer.load(config.tokenizer.path)
+    else:
+        print(f"training a {config.tokenizer.vocab_size}-token tokenizer on {len(paths)} file(s)", file=sys.stderr)
+        chunks = (text for text, _ in iter_text_chunks(paths, config.data.text_field))
+        tokenizer = Tokenizer.train(_leading_bytes(chunks, config.tokenizer.train_bytes),
+                                    vocab_size=config.tokenizer.vocab_size)
+    saved.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(saved)
+    return tokenizer
+
+
+def _leading_bytes(texts, limit: int):
+    total = 0
+    for text in texts:
+        yield text
+        total += len(text.encode("utf-8"))
+        if total >= limit:
+            return
+
+
+def build_model(config: PretrainConfig, tokenizer: Tokenizer) -> tuple[CausalLM, str | None]:
+    if config.init:
+        checkpoint = load_checkpoint(config.init)
+        return checkpoint.model.train(), str(checkpoint.path)
+    model_config = config.model
+    model_config.vocab_size = tokenizer.vocab_size
+    model_config.bos_token_id, model_config.eos_token_id = tokenizer.bos_id, tokenizer.eos_id
+    model_config.pad_token_id = tokenizer.pad_id
+    if model_config.max_position_embeddings < config.data.seq_len:
+        model_config.max_position_embeddings = config.data.seq_len
+    model = CausalLM(model_config)
+    model.reset_parameters(seed=config.train.seed)
+    return model, None
+
+
+def run(config: PretrainConfig) -> TrainResult:
+    run_dir = Path(config.out)
+    paths = corpus_paths(config.data)
+    tokenizer = prepare_tokenizer(config, paths, run_dir)
+    cache = build_token_cache(paths, tokenizer, config.data.text_field, show_progress=sys.stderr.isatty())
+    where = ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
+    train_tokens, val_tokens = split_tokens(cache.tokens, config.data.val_fraction, config.data.seq_len, where)
+    model, parent = build_model(config, tokenizer)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise OrchardError(f"init: the tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                           f"{model.config.vocab_size}")
+
+    method = PackedLanguageModeling(PackedSequences(train_tokens, config.data.seq_len),
+                                    PackedSequences(val_tokens, config.data.seq_len),
+                                    tokenizer.token_byte_lengths(), config.train)
+    data_record = {"paths": [str(p) for p in paths], "fingerprint": cache.fingerprint,
+                   "tokens": len(cache), "train_tokens": len(train_tokens), "val_tokens": len(val_tokens),
+                   "documents": cache.num_documents}
+    record = new_record("pretrain", to_dict(config), data_record, parent=parent)
+    trainer = Trainer(config.train, model, method, tokenizer, run_dir, record,
+                      flops_per_token=model.config.training_flops_per_token(config.data.seq_len))
+    return trainer.fit()

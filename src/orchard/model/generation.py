@@ -1,0 +1,177 @@
+"""Batched sampling with the KV cache: greedy, temperature, top-k, top-p, repetition penalty,
+stop strings and a token budget.
+
+Prompts of different lengths are left-padded into one batch; the attention mask hides the padding
+and position ids start at each prompt's first real token, so a prompt is continued the same way
+alone or in a batch. `use_cache=False` recomputes the whole sequence every step; greedy decoding
+gives the same tokens either way (tested), which is how the cache is checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .transformer import CausalLM
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 128
+    """Most tokens to generate per sequence."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 means greedy decoding."""
+    top_k: int = 0
+    """Sample among the k most likely tokens; 0 disables."""
+    top_p: float = 1.0
+    """Sample among the smallest set of tokens whose probability reaches p; 1 disables."""
+    repetition_penalty: float = 1.0
+    """>1 discourages tokens already in the prompt or output (as in CTRL and transformers)."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a sequence; the output is cut before them."""
+    seed: int | None = None
+    """Seed of the sampler, for repeatable samples."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must not be negative, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must not be negative, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must not be negative, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Divide positive logits (multiply negative ones) of tokens marked in `seen` (B, V) bool."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus."""
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens ranked before it already reach top_p (the first always stays).
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from (B, V) logits."""
+    if config.temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_top_k_top_p(logits.float() / config.temperature, config.top_k, config.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: CausalLM, prompts: list[list[int]], config: SamplingConfig, eos_id: int, pad_id: int,
+             use_cache: bool = True, is_finished: Callable[[int, list[int]], bool] | None = None,
+             on_tokens: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
+    """Continue each prompt; returns the new tokens of each (ending at eos, which is dropped).
+
+    `is_finished(row, tokens)` lets the caller end a row early (stop strings); `on_tokens` receives
+    each step's (B,) new tokens, for streaming.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = model.lm_head.weight.device
+    batch_size, longest = len(prompts), max(len(p) for p in prompts)
+    if longest + config.max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"prompt ({longest} tokens) plus max_new_tokens ({config.max_new_tokens}) exceeds the "
+                         f"model's {model.config.max_position_embeddings} positions")
+    input_ids = torch.full((batch_size, longest), pad_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros((batch_size, longest), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
+        attention_mask[row, longest - len(prompt):] = 1
+    generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
+    seen = torch.zeros((batch_size, model.config.vocab_size), dtype=torch.bool, device=device)
+    seen.scatter_(1, input_ids, attention_mask.bool())
+
+    cache = model.new_cache(batch_size, longest + config.max_new_tokens) if use_cache else None
+    outputs: list[list[int]] = [[] for _ in range(batch_size)]
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    step_input = input_ids
+    for _ in range(config.max_new_tokens):
+        if use_cache:
+            logits = model(step_input, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+        else:
+            logits = model(input_ids, attention_mask=attention_mask, logits_to_keep=1).logits[:, -1]
+        logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+        tokens = next_tokens(logits, config, generator)
+        tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
+        if on_tokens is not None:
+            on_tokens(tokens)
+        for row, token in enumerate(tokens.tolist()):
+            if finished[row]:
+                continue
+            if token == eos_id:
+                finished[row] = True
+                continue
+            outputs[row].append(token)
+            if is_finished is not None and is_finished(row, outputs[row]):
+                finished[row] = True
+        if bool(finished.all()):
+            break
+        seen[torch.arange(batch_size, device=device), tokens] = True
+        step_input = tokens[:, None]
+        input_ids = torch.cat([input_ids, step_input], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(step_input)], dim=1)
+    return outputs
+
+
+def generate_text(model: CausalLM, tokenizer, prompts: list[str], config: SamplingConfig,
+                  on_text: Callable[[str], None] | None = None, add_bos: bool = False) -> list[str]:
+    """Continue text prompts; with `on_text`, the first prompt's continuation is streamed to it.
+
+    `tokenizer` is anything with encode/decode/eos_id/pad_id (orchard's Tokenizer). Stop strings are
+    matched on decoded text, since a stop string need not fall on token boundaries.
+    """
+    encoded = [tokenizer.encode(p, add_bos=add_bos) for p in prompts]
+    if any(not ids for ids in encoded):
+        encoded = [ids or [tokenizer.bos_id] for ids in encoded]
+
+    def stop_index(text: str) -> int:
+        hits = [text.find(s) for s in config.stop if s and s in text]
+        return min(hits) if hits else -1
+
+    def is_finished(row: int, tokens: list[int]) -> bool:
+        return stop_index(tokenizer.decode(tokens)) >= 0
+
+    streamed = {"tokens": [], "printed": 0}
+
+    def stream(tokens: torch.Tensor) -> None:
+        streamed["tokens"].append(int(tokens[0]))
+        text = tokenizer.decode([t for t in streamed["tokens"] if t not in (tokenizer.eos_id, tokenizer.pad_id)])
+        cut = stop_index(text)
+        visible = text if cut < 0 else text[:cut]
+        # Hold back a trailing replacement character: the rest of a multi-byte character is coming.
+        visible = visible.rstrip("\ufffd") if cut < 0 else visible
+        if len(visible) > streamed["printed"]:
+            on_text(visible[streamed["printed"]:])
+            streamed["printed"] = len(visible)
+
+    outputs = generate(model, encoded, config, tokenizer.eos_id, tokenizer.pad_id,
+                       is_finished=is_finished if config.stop else None,
+                       on_tokens=stream if on_text else None)
+    texts = []
+    for tokens in outputs:
+        text = tokenizer.decode(tokens)
+        cut = stop_index(text)
+        texts.append(text if cut < 0 else text[:cut])
+    return texts

@@ -1,0 +1,257 @@
+"""A decoder-only transformer of the Llama/Qwen2 family, and its KV cache.
+
+Pre-norm RMSNorm, rotary position embeddings, SwiGLU MLP, grouped-query attention through
+`scaled_dot_product_attention`, optional q/k/v bias (Qwen2), tied or untied embeddings. Module and
+parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so a state dict
+moves between orchard and `transformers` without renaming.
+
+This file knows nothing about training: no losses, no optimizers. Shapes in comments use
+B batch, T new tokens, S tokens attended to (cache + new), H query heads, K key/value heads,
+D head dimension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 even under bf16 autocast: the mean of squares loses too much in bf16.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position, indexed by position id (so left padding and packed
+    sequences get the right rotation)."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)  # (max_positions, D): Llama's half-split layout
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (B, T) -> two (B, 1, T, D) tables that broadcast over heads
+        return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return (x * cos.to(x.dtype)) + (rotate_half(x) * sin.to(x.dtype))
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_length` positions.
+
+    Each layer writes its new keys/values at `length` and reads back everything up to there; the
+    model advances `length` once per forward pass, after all layers have written.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (batch_size, config.num_key_value_heads, max_length, config.resolved_head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.length = 0
+        self.max_length = max_length
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; {end} were asked for")
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows in `index` (e.g. to drop finished sequences)."""
+        self.keys = [k[index] for k in self.keys]
+        self.values = [v[index] for v in self.values]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.resolved_head_dim
+        d, q, kv = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(d, q, bias=config.attention_bias)
+        self.k_proj = nn.Linear(d, kv, bias=config.attention_bias)
+        self.v_proj = nn.Linear(d, kv, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)                                   # (B, K, S, D)
+        if self.num_kv_heads != self.num_heads:
+            # Each key/value head serves a group of query heads.
+            group = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)    # (B, H, S, D)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """Embeddings, blocks and final norm: Hugging Face's `model.` prefix."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.resolved_head_dim, config.max_position_embeddings, config.rope_theta)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    """(B, T, vocab) next-token logits (only the last `logits_to_keep` positions when asked)."""
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    """The embeddings and each layer's output, the last one after the final norm (as Hugging Face)."""
+    cache: KVCache | None = None
+
+
+def causal_mask(attention_mask: torch.Tensor | None, position_ids: torch.Tensor, past_length: int,
+                total_length: int) -> torch.Tensor:
+    """Boolean (B, 1, T, S) mask: query i may see key j when j is not padding and j <= i.
+
+    `attention_mask` is (B, S) with 1 for real tokens over the cache and the new tokens, the
+    convention `transformers` uses for left-padded batches.
+    """
+    B, T = position_ids.shape
+    device = position_ids.device
+    query_index = torch.arange(past_length, past_length + T, device=device)
+    key_index = torch.arange(total_length, device=device)
+    mask = (key_index[None, :] <= query_index[:, None])[None, None]          # (1, 1, T, S)
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, :total_length].bool()    # (B, 1, T, S)
+        # A fully padded query row would make softmax return NaN; let it see itself instead.
+        mask = mask | (key_index[None, :] == query_index[:, None])[None, None]
+    return mask.expand(B, 1, T, total_length)
+
+
+class CausalLM(nn.Module):
+    """The language model: `model.*` (the decoder stack) and `lm_head`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) weights, zero biases, unit norms (as Llama)."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                with torch.no_grad():
+                    weight = torch.empty(module.weight.shape).normal_(0.0, std, generator=generator)
+                    module.weight.copy_(weight)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                output_hidden_states: bool = False, logits_to_keep: int = 0) -> ModelOutput:
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                # Left padding: a sequence's first real token is position 0.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        # Plain causal attention over a fresh sequence takes SDPA's fast is_causal path.
+        mask = None
+        if attention_mask is not None or past > 0:
+            mask = causal_mask(attention_mask, position_ids, past, past + T)
+
+        stack = self.model
+        x = stack.embed_tokens(input_ids)                                           # (B, T, d)
+        cos, sin = stack.rotary(position_ids)
+        hidden_states = [x] if output_hidden_states else None
+        for layer in stack.layers:
+            x = layer(x, cos, sin, mask, cache)
+            if output_hidden_states:
+                hidden_states.append(x)
+        x = stack.norm(x)
+        if output_hidden_states:
+            hidden_states[-1] = x
+        if cache is not None:
+            cache.length += T
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)
+        return ModelOutput(logits=logits, hidden_states=tuple(hidden_states) if hidden_states else None,
+                           cache=cache)
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        parameter = self.lm_head.weight
+        dtype = torch.get_autocast_dtype(parameter.device.type) if torch.is_autocast_enabled(parameter.device.type) \
+            else parameter.dtype
+        return KVCache(self.config, batch_size, max_length, dtype=dtype, device=parameter.device)
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        return self.config.num_parameters(include_embeddings)

@@ -1,0 +1,401 @@
+"""The training engine: the one loop every orchard method runs on.
+
+A method (pretraining, SFT, DPO, distillation, ...) supplies only what is its own: the micro-batches
+of each step, the loss of a micro-batch, and an evaluation. The engine owns everything else:
+AdamW (fused where the device has it), warm-up then cosine decay, gradient accumulation, gradient
+clipping, bf16 autocast, validation, a progress bar, metrics as JSONL, limits by steps, tokens or
+wall-clock time, checkpoints with resume, and DistributedDataParallel under `torchrun`.
+
+Exact resume: a method's batches are a pure function of (step, micro-batch, rank, world size), and
+a checkpoint holds the weights, the optimizer state and the step, so a run stopped after step s
+and restarted computes the same steps s+1, s+2, ... as one that never stopped (on CPU, to the
+byte). Equal curves across world sizes: each step's loss is the sum over the whole global batch
+divided by its item count (tokens for language modelling), whatever the world size and
+accumulation are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Protocol
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..checkpoint import (FINAL_DIR, STEP_PREFIX, TRAINING_STATE_FILE, WEIGHTS_FILE, is_checkpoint,
+                          load_weights, read_record, save_checkpoint, step_checkpoints)
+from ..config import Duration, to_dict
+from ..errors import OrchardError
+from ..model import CausalLM
+from ..tokenizer import Tokenizer
+from .distributed import Distributed
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    max_tokens: int | None = None
+    """Stop after this many training tokens (all processes together)."""
+    max_time: Duration | None = None
+    """Stop after this much training time, e.g. 300, 90s, 5m, 1h30m (summed over resumes)."""
+    batch_size: int = 16
+    """Sequences per micro-batch, per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: global batch = batch_size x grad_accum x processes."""
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of warm-up."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to lr x min_lr_ratio at the end of training."""
+    warmup_steps: int = 50
+    """Steps of linear warm-up from 0 to lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not on norms or biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 autocast or plain fp32; auto picks what is fastest on the device (see README)."""
+    eval_every: int = 100
+    """Validate every this many steps (and at the end); 0 validates only at the end."""
+    eval_batches: int = 20
+    """Validation micro-batches per evaluation."""
+    save_every: int = 200
+    """Write a resumable checkpoint every this many steps; 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep (the final one is always kept)."""
+    log_every: int = 10
+    """Append a line to metrics.jsonl every this many steps."""
+    seed: int = 1337
+    """Seed of initialisation and data order."""
+    device: str = "auto"
+    """cpu, cuda, cuda:1, ... or auto (CUDA when available)."""
+    compile: bool = False
+    """torch.compile the model (worth it on GPUs for long runs)."""
+    progress: bool = True
+    """Show a progress bar on an interactive terminal."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_steps", "max_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio}")
+        for name in ("warmup_steps", "eval_every", "save_every", "log_every", "eval_batches"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must not be negative, got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"train.keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+
+
+Batch = dict[str, torch.Tensor]
+
+
+class Method(Protocol):
+    """What a training method adds to the engine."""
+
+    name: str
+
+    def batch(self, step: int, micro: int, rank: int, world: int) -> Batch:
+        """Micro-batch `micro` of optimizer step `step` on process `rank` (a pure function)."""
+
+    def count(self, batch: Batch) -> int:
+        """How many items the loss of `batch` sums over (e.g. target tokens, preference pairs)."""
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The summed (not averaged) loss of `batch`, and per-batch metrics to log."""
+
+    def evaluate(self, model: CausalLM) -> dict[str, float]:
+        """Validation metrics of the unwrapped model (runs on rank 0 only, under no_grad)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OrchardError(f"train.device: {name} asked for, but no CUDA device is available")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` -> bf16 on CUDA with bf16 support; on CPU fp32, which measured faster here (README)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay to `lr * min_lr_ratio` as progress -> 1."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+@dataclass
+class TrainState:
+    """Counters a resumed run continues from; saved in every step checkpoint."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+    flops: float = 0.0
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    final_dir: Path
+    state: TrainState
+    resumed_from: int | None
+
+
+class Trainer:
+    """Runs a method to its limit, saving and resuming checkpoints in `out_dir`.
+
+    `record` is the lineage information the caller knows (stage, parent, recipe, data); the
+    engine adds what training measured (steps, tokens, time, FLOPs, metrics).
+    """
+
+    def __init__(self, config: TrainConfig, model: CausalLM, method: Method, tokenizer: Tokenizer,
+                 out_dir: str | Path, record: dict, flops_per_token: float,
+                 trainable: Callable[[CausalLM], list[torch.nn.Parameter]] | None = None):
+        if config.max_steps is None and config.max_tokens is None and config.max_time is None:
+            raise OrchardError("train: set a limit: train.max_steps, train.max_tokens or train.max_time")
+        self.config = config
+        self.method = method
+        self.tokenizer = tokenizer
+        self.out_dir = Path(out_dir)
+        self.record = record
+        self.flops_per_token = flops_per_token
+        self.dist = Distributed.from_environment(config.device)
+        self.device = self.dist.device if self.dist.active else resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        self.model = model.to(self.device)
+        params = trainable(self.model) if trainable else [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = self._make_optimizer(params)
+        self.params = params
+        self.state = TrainState()
+        self.metrics_file = self.out_dir / "metrics.jsonl"
+
+    # --- setup -----------------------------------------------------------------------------
+
+    def _make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.config.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        # Fused AdamW runs the whole update as one kernel per group on CPU and CUDA alike.
+        fused = self.device.type in ("cpu", "cuda")
+        return torch.optim.AdamW(groups, lr=self.config.lr, betas=(self.config.beta1, self.config.beta2),
+                                 fused=fused)
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    # --- limits and progress --------------------------------------------------------------
+
+    def _progress(self) -> float:
+        """Fraction of the run done: the furthest along of the step, token and time limits."""
+        c, s = self.config, self.state
+        fractions = []
+        if c.max_steps:
+            fractions.append(s.step / c.max_steps)
+        if c.max_tokens:
+            fractions.append(s.tokens / c.max_tokens)
+        if c.max_time:
+            fractions.append(s.elapsed / c.max_time)
+        return max(fractions)
+
+    def _done(self) -> bool:
+        if self.dist.active:
+            # Time limits differ by a few ms between processes: let rank 0 decide for everyone.
+            flag = torch.tensor([float(self._progress() >= 1.0)], device=self.device)
+            dist.broadcast(flag, src=0)
+            return bool(flag.item())
+        return self._progress() >= 1.0
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def _training_state(self) -> dict:
+        return {"state": to_dict(self.state), "optimizer": self.optimizer.state_dict(),
+                "rng": torch.get_rng_state(), "world_size": self.dist.world_size}
+
+    def _full_record(self) -> dict:
+        s = self.state
+        return {**self.record, "training": {
+            "steps": s.step, "tokens": s.tokens, "wall_seconds": round(s.elapsed, 2), "flops": s.flops,
+            "precision": self.precision, "device": self.device.type, "world_size": self.dist.world_size,
+            "global_batch": self.config.batch_size * self.config.grad_accum * self.dist.world_size,
+        }, "metrics": dict(s.metrics)}
+
+    def _save(self, directory: Path, with_state: bool) -> None:
+        if self.dist.rank == 0:
+            save_checkpoint(directory, self.model, self.tokenizer, self._full_record(),
+                            self._training_state() if with_state else None)
+        self.dist.barrier()
+
+    def _save_step(self) -> None:
+        self._save(self.out_dir / f"{STEP_PREFIX}{self.state.step:06d}", with_state=True)
+        if self.dist.rank == 0:
+            for old in step_checkpoints(self.out_dir)[:-self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _resume(self) -> int | None:
+        steps = [p for p in step_checkpoints(self.out_dir) if (p / TRAINING_STATE_FILE).is_file()]
+        if not steps:
+            return None
+        latest = steps[-1]
+        saved = torch.load(latest / TRAINING_STATE_FILE, map_location=self.device, weights_only=False)
+        load_weights(self.model, latest / WEIGHTS_FILE)
+        self.model.to(self.device)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
+        self.state = TrainState(**saved["state"])
+        if self.dist.rank == 0 and self.metrics_file.exists():
+            # Lines logged after the checkpoint belong to the lost part of the run.
+            kept = [line for line in self.metrics_file.read_text().splitlines()
+                    if json.loads(line).get("step", 0) <= self.state.step]
+            self.metrics_file.write_text("".join(line + "\n" for line in kept))
+        return self.state.step
+
+    def _log(self, entry: dict) -> None:
+        if self.dist.rank == 0:
+            with open(self.metrics_file, "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+
+    def _evaluate(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.dist.rank == 0:
+            self.model.eval()
+            with torch.no_grad(), self._autocast():
+                metrics = self.method.evaluate(self.model)
+            self.model.train()
+            self._log({"step": self.state.step, "tokens": self.state.tokens, **metrics})
+        self.dist.barrier()
+        return metrics
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        final_dir = self.out_dir / FINAL_DIR
+        if is_checkpoint(final_dir):
+            # Running a finished command again is a no-op, so pipelines can be re-run safely.
+            record = read_record(final_dir)
+            training = record.get("training", {})
+            state = TrainState(step=training.get("steps", 0), tokens=training.get("tokens", 0),
+                               elapsed=training.get("wall_seconds", 0.0), flops=training.get("flops", 0.0),
+                               metrics=record.get("metrics", {}))
+            if self.dist.rank == 0:
+                print(f"{final_dir} exists: the run is complete (choose another out= to train again)",
+                      file=sys.stderr)
+            return TrainResult(final_dir=final_dir, state=state, resumed_from=state.step)
+        if self.dist.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.dist.barrier()
+        resumed_from = self._resume()
+        model = self.dist.wrap(self.model)
+        if self.config.compile:
+            model = torch.compile(model)
+        model.train()
+        c = self.config
+        world = self.dist.world_size
+        show_bar = c.progress and self.dist.rank == 0 and sys.stderr.isatty()
+        bar = tqdm(total=c.max_steps or 100, initial=self.state.step, disable=not show_bar,
+                   unit="step", dynamic_ncols=True, leave=True)
+        if resumed_from is not None and self.dist.rank == 0:
+            print(f"resuming {self.out_dir} from step {resumed_from}", file=sys.stderr)
+        window_tokens, window_seconds = 0, 0.0
+        # Time limits count wall-clock time, evaluation and saving included, summed over resumes.
+        clock_start, elapsed_before = time.perf_counter(), self.state.elapsed
+
+        while not self._done():
+            started = time.perf_counter()
+            step = self.state.step
+            lr = learning_rate(c, step, self._progress())
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            batches = [self.method.batch(step, micro, self.dist.rank, world) for micro in range(c.grad_accum)]
+            batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
+            items = self.dist.all_reduce_sum(float(sum(self.method.count(b) for b in batches)))
+            if items == 0:
+                raise OrchardError(f"step {step}: the batch has nothing to train on (every target is masked)")
+            step_tokens = int(self.dist.all_reduce_sum(float(sum(b["input_ids"].numel() for b in batches))))
+            loss_total, logged = 0.0, {}
+            for micro, batch in enumerate(batches):
+                # Gradients are all-reduced once, on the last micro-batch.
+                sync = self.dist.no_sync(model) if micro < len(batches) - 1 else nullcontext()
+                with sync, self._autocast():
+                    total, metrics = self.method.loss(model, batch)
+                # DDP averages gradients over processes, so scale by world / global item count.
+                (total * (world / items)).backward()
+                loss_total += total.item()
+                for key, value in metrics.items():
+                    logged[key] = logged.get(key, 0.0) + value / len(batches)
+            grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip).item()
+                         if c.grad_clip > 0 else float("nan"))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.dist.all_reduce_sum(loss_total) / items
+            if not math.isfinite(loss):
+                raise OrchardError(f"step {step}: the loss is {loss}; lower train.lr or check the data")
+
+            self.state.step += 1
+            self.state.tokens += step_tokens
+            self.state.flops += self.flops_per_token * step_tokens
+            now = time.perf_counter()
+            self.state.elapsed = elapsed_before + now - clock_start
+            self.state.metrics["train_loss"] = loss
+            window_tokens += step_tokens
+            window_seconds += now - started
+
+            if c.log_every and self.state.step % c.log_every == 0:
+                tokens_per_second = window_tokens / max(window_seconds, 1e-9)
+                window_tokens, window_seconds = 0, 0.0
+                self._log({"step": self.state.step, "tokens": self.state.tokens, "loss": loss, "lr": lr,
+                           "grad_norm": grad_norm, "tokens_per_s": tokens_per_second,
+                           "elapsed": self.state.elapsed, **logged})
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_second:,.0f}", refresh=False)
+            progress = self._progress()
+            if not c.max_steps and progress > 0:
+                bar.total = max(self.state.step, round(self.state.step / progress))
+            bar.update(1)
+
+            finished = progress >= 1.0
+            if c.eval_every and self.state.step % c.eval_every == 0 and not finished:
+                metrics = self._evaluate()
+                self.state.metrics.update(metrics)
+                if metrics:
+                    bar.write(f"step {self.state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if c.save_every and self.state.step % c.save_every == 0 and not finished:
+                self._save_step()
+        bar.close()
+
+        self.state.metrics.update(self._evaluate())
+        # The last step checkpoint keeps the training state, so the run can be extended later.
+        self._save_step()
+        self._save(final_dir, with_state=False)
+        self.dist.close()
+        return TrainResult(final_dir=final_dir, state=self.state, resumed_from=resumed_from)
