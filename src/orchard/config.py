@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import re
 import textwrap
 import types
@@ -117,14 +118,20 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
         raise OrchardError(f"{key}: expected true or false, got {value!r}")
+    if tp in (int, float) and isinstance(value, str):
+        # YAML 1.1 reads 3e-3 and 1e6 (no decimal point) as strings.
+        try:
+            value = float(value)
+        except ValueError:
+            raise OrchardError(f"{key}: expected {_type_name(tp)}, got {value!r}") from None
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)  # YAML reads 1e6 as a float
+            return int(value)
         raise OrchardError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
         raise OrchardError(f"{key}: expected a number, got {value!r}")
     if tp is str:

@@ -30,6 +30,7 @@ from ..lineage import new_record
 from ..model import CausalLM, ModelConfig
 from ..tokenizer import Tokenizer
 from ..training import TrainConfig, Trainer, TrainResult
+from ..training.distributed import Distributed
 from .losses import token_cross_entropy
 
 
@@ -153,9 +154,12 @@ def build_model(config: PretrainConfig, tokenizer: Tokenizer) -> tuple[CausalLM,
 
 def run(config: PretrainConfig) -> TrainResult:
     run_dir = Path(config.out)
-    paths = corpus_paths(config.data)
-    tokenizer = prepare_tokenizer(config, paths, run_dir)
-    cache = build_token_cache(paths, tokenizer, config.data.text_field, show_progress=sys.stderr.isatty())
+    distributed = Distributed.from_environment(config.train.device)
+    with distributed.rank_zero_first():  # one process writes the tokenizer and caches, the rest read them
+        paths = corpus_paths(config.data)
+        tokenizer = prepare_tokenizer(config, paths, run_dir)
+        cache = build_token_cache(paths, tokenizer, config.data.text_field,
+                                  show_progress=sys.stderr.isatty() and distributed.rank == 0)
     where = ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
     train_tokens, val_tokens = split_tokens(cache.tokens, config.data.val_fraction, config.data.seq_len, where)
     model, parent = build_model(config, tokenizer)
@@ -171,5 +175,6 @@ def run(config: PretrainConfig) -> TrainResult:
                    "documents": cache.num_documents}
     record = new_record("pretrain", to_dict(config), data_record, parent=parent)
     trainer = Trainer(config.train, model, method, tokenizer, run_dir, record,
-                      flops_per_token=model.config.training_flops_per_token(config.data.seq_len))
+                      flops_per_token=model.config.training_flops_per_token(config.data.seq_len),
+                      distributed=distributed)
     return trainer.fit()

@@ -8,7 +8,7 @@ here is a no-op, so the engine reads the same either way.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +59,15 @@ class Distributed:
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
         return tensor.item()
+
+    @contextmanager
+    def rank_zero_first(self):
+        """Rank 0 runs the block first (e.g. to write a cache), the others after it is done."""
+        if self.rank != 0:
+            self.barrier()
+        yield
+        if self.rank == 0:
+            self.barrier()
 
     def barrier(self) -> None:
         if self.active:
