@@ -226,21 +226,26 @@ def load_config(cls: type[T], recipe: str | Path | None = None, overrides: list[
     return build(cls, data)
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, docstring) for every field of a config tree, for `--help`."""
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
+    """(dotted key, default, docstring) for every field of a config tree, for `--help`.
+
+    `defaults` is the instance a parent's default_factory makes (e.g. `TrainConfig(max_steps=1000)`),
+    whose values override the class defaults."""
     rows = []
     docs = field_docs(cls)
     hints = _type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
-            rows.extend(describe(hints[f.name], key + "."))
-            continue
-        if f.default is not dataclasses.MISSING:
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         else:
             default = "(required)"
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(describe(hints[f.name], key + ".", default if dataclasses.is_dataclass(default) else None))
+            continue
         rows.append((key, repr(default) if isinstance(default, str) else str(default), docs.get(f.name, "")))
     return rows

@@ -81,9 +81,9 @@ def chat(args) -> None:
     from ..model.generation import generate_text
 
     sampling = _sampling_config(args)
-    sampling.stop = list(sampling.stop) + ["<|im_end|>"]
     checkpoint = load_checkpoint(args.checkpoint)
     tokenizer = checkpoint.tokenizer
+    turn_end = [i for i in [tokenizer.token_to_id("<|im_end|>")] if i is not None]
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     print("chat with the model: /reset clears the conversation, /quit or Ctrl-D leaves", file=sys.stderr)
@@ -103,7 +103,7 @@ def chat(args) -> None:
         sys.stdout.write("model> ")
         sys.stdout.flush()
         try:
-            (reply,) = generate_text(checkpoint.model, tokenizer, [prompt], sampling,
+            (reply,) = generate_text(checkpoint.model, tokenizer, [prompt], sampling, end_token_ids=turn_end,
                                      on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
         except ValueError as error:
             # The conversation outgrew the context: start afresh rather than die.

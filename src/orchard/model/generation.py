@@ -10,7 +10,7 @@ gives the same tokens either way (tested), which is how the cache is checked.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -79,16 +79,19 @@ def next_tokens(logits: torch.Tensor, config: SamplingConfig, generator: torch.G
 
 
 @torch.no_grad()
-def generate(model: CausalLM, prompts: list[list[int]], config: SamplingConfig, eos_id: int, pad_id: int,
-             use_cache: bool = True, is_finished: Callable[[int, list[int]], bool] | None = None,
+def generate(model: CausalLM, prompts: list[list[int]], config: SamplingConfig, eos_id: int | Sequence[int],
+             pad_id: int, use_cache: bool = True, is_finished: Callable[[int, list[int]], bool] | None = None,
              on_tokens: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
-    """Continue each prompt; returns the new tokens of each (ending at eos, which is dropped).
+    """Continue each prompt; returns the new tokens of each, up to (not including) an end token.
+
+    `eos_id` is one end token or several (a chat model's turn ends at `<|im_end|>` as well).
 
     `is_finished(row, tokens)` lets the caller end a row early (stop strings); `on_tokens` receives
     each step's (B,) new tokens, for streaming.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    end_ids = {eos_id} if isinstance(eos_id, int) else set(eos_id)
     device = model.lm_head.weight.device
     batch_size, longest = len(prompts), max(len(p) for p in prompts)
     if longest + config.max_new_tokens > model.config.max_position_embeddings:
@@ -120,7 +123,7 @@ def generate(model: CausalLM, prompts: list[list[int]], config: SamplingConfig, 
         for row, token in enumerate(tokens.tolist()):
             if finished[row]:
                 continue
-            if token == eos_id:
+            if token in end_ids:
                 finished[row] = True
                 continue
             outputs[row].append(token)
@@ -136,8 +139,10 @@ def generate(model: CausalLM, prompts: list[list[int]], config: SamplingConfig, 
 
 
 def generate_text(model: CausalLM, tokenizer, prompts: list[str], config: SamplingConfig,
-                  on_text: Callable[[str], None] | None = None, add_bos: bool = False) -> list[str]:
+                  on_text: Callable[[str], None] | None = None, add_bos: bool = False,
+                  end_token_ids: Sequence[int] = ()) -> list[str]:
     """Continue text prompts; with `on_text`, the first prompt's continuation is streamed to it.
+    Generation ends at end-of-text, at any of `end_token_ids`, or at a stop string.
 
     `tokenizer` is anything with encode/decode/eos_id/pad_id (orchard's Tokenizer). Stop strings are
     matched on decoded text, since a stop string need not fall on token boundaries.
@@ -160,13 +165,17 @@ def generate_text(model: CausalLM, tokenizer, prompts: list[str], config: Sampli
         text = tokenizer.decode([t for t in streamed["tokens"] if t not in (tokenizer.eos_id, tokenizer.pad_id)])
         cut = stop_index(text)
         visible = text if cut < 0 else text[:cut]
-        # Hold back a trailing replacement character: the rest of a multi-byte character is coming.
-        visible = visible.rstrip("\ufffd") if cut < 0 else visible
+        if cut < 0:
+            # Hold back a trailing replacement character: the rest of a multi-byte character is coming.
+            visible = visible.rstrip("\ufffd")
+            # Hold back an ending that may be the start of a stop string, until it is known not to be.
+            held = max((n for s in config.stop for n in range(1, len(s)) if visible.endswith(s[:n])), default=0)
+            visible = visible[:len(visible) - held]
         if len(visible) > streamed["printed"]:
             on_text(visible[streamed["printed"]:])
             streamed["printed"] = len(visible)
 
-    outputs = generate(model, encoded, config, tokenizer.eos_id, tokenizer.pad_id,
+    outputs = generate(model, encoded, config, [tokenizer.eos_id, *end_token_ids], tokenizer.pad_id,
                        is_finished=is_finished if config.stop else None,
                        on_tokens=stream if on_text else None)
     texts = []
@@ -174,4 +183,6 @@ def generate_text(model: CausalLM, tokenizer, prompts: list[str], config: Sampli
         text = tokenizer.decode(tokens)
         cut = stop_index(text)
         texts.append(text if cut < 0 else text[:cut])
+    if on_text is not None and len(texts[0]) > streamed["printed"]:
+        on_text(texts[0][streamed["printed"]:])  # what was held back, now that no more is coming
     return texts

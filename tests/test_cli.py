@@ -1,0 +1,321 @@
+"""The `orchard` command in-process: user mistakes are one `orchard: error:` line with exit status 2
+(naming the file, line or key), --help everywhere, and a tiny pretrain -> info/eval/generate run."""
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from orchard.checkpoint import save_checkpoint
+from orchard.cli.main import main
+from orchard.errors import OrchardError
+from orchard.model import CausalLM, ModelConfig
+from orchard.tokenizer import Tokenizer
+
+SENTENCES = ["The quick brown fox jumps over the lazy dog.\n",
+             "A small model learns the shape of the text it reads.\n",
+             "敏捷的棕色狐狸跳过了懒狗。\n",
+             "Orchards grow apples, pears and plums in the autumn sun.\n",
+             "小模型学习它所读文本的形状。\n"]
+
+TINY = ["tokenizer.vocab_size=300", "model.hidden_size=32", "model.intermediate_size=64",
+        "model.num_hidden_layers=2", "model.num_attention_heads=2", "model.num_key_value_heads=1",
+        "data.seq_len=32", "train.max_steps=4", "train.batch_size=4", "train.eval_every=2",
+        "train.save_every=2", "train.precision=fp32"]
+
+
+@pytest.fixture(autouse=True)
+def cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCHARD_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matmuls gain nothing from threads, and on a busy machine waiting for them costs a lot.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_corpus(path, repeats=40):
+    path.write_text("".join(SENTENCES * repeats), encoding="utf-8")
+    return path
+
+
+def run_error(capsys, argv) -> str:
+    """Run a command that must fail as a user error; returns its one error line."""
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    errors = [line for line in lines if line.startswith("orchard: error:")]
+    assert len(errors) == 1, err
+    assert lines[-1] == errors[0], err  # the error is the last thing printed
+    return errors[0]
+
+
+# --- user errors: one line, exit status 2 ----------------------------------------------------
+
+
+def test_pretrain_missing_data_file(tmp_path, capsys):
+    missing = tmp_path / "missing.txt"
+    line = run_error(capsys, ["pretrain", f"out={tmp_path / 'run'}", f"data.path={missing}"])
+    assert str(missing) in line and "data.path" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_pretrain_empty_file(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    line = run_error(capsys, ["pretrain", f"out={tmp_path / 'run'}", f"data.path={empty}", *TINY])
+    assert f"{empty}: file is empty" in line
+
+
+def test_pretrain_invalid_utf8_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("line one\nline two\n".encode() + b"caf\xe9 au lait\n" + b"line four\n")
+    line = run_error(capsys, ["pretrain", f"out={tmp_path / 'run'}", f"data.path={bad}", *TINY])
+    assert f"{bad}:3: invalid UTF-8" in line
+
+
+def test_pretrain_malformed_jsonl_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"\n{"text": "four"}\n', encoding="utf-8")
+    line = run_error(capsys, ["pretrain", f"out={tmp_path / 'run'}", f"data.path={bad}", *TINY])
+    assert f"{bad}:3:" in line and "invalid JSON" in line
+
+
+def test_pretrain_unknown_key(tmp_path, capsys):
+    capsys.readouterr()
+    code = main(["pretrain", f"out={tmp_path / 'run'}", "train.max_step=3"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.splitlines() == [err.strip()]  # nothing but the one line
+    assert err.startswith("orchard: error: train.max_step: unknown key")
+
+
+def test_pretrain_bad_value(tmp_path, capsys):
+    capsys.readouterr()
+    code = main(["pretrain", f"out={tmp_path / 'run'}", "train.max_steps=abc"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert err.startswith("orchard: error: train.max_steps: expected an integer")
+
+
+def test_pretrain_bad_recipe_names_file_and_line(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  max_steps: 3\n   lr: 1\n", encoding="utf-8")
+    line = run_error(capsys, ["pretrain", str(recipe), f"out={tmp_path / 'run'}"])
+    assert f"{recipe}:3: invalid YAML" in line
+
+
+def test_failed_pretrain_leaves_no_checkpoint(tmp_path, capsys):
+    # The corpus is fine where the tokenizer is trained (its first bytes) and broken further on,
+    # so the run gets as far as the token cache before failing.
+    corpus = tmp_path / "corpus.jsonl"
+    good = [json.dumps({"text": s}, ensure_ascii=False) for s in SENTENCES * 20]
+    corpus.write_text("\n".join(good[:60] + ["{not json"] + good[60:]) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    line = run_error(capsys, ["pretrain", f"out={out}", f"data.path={corpus}", "tokenizer.train_bytes=2000", *TINY])
+    assert f"{corpus}:61:" in line
+    assert not (out / "final").exists()
+    assert not list(out.glob("step-*"))
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_generate_missing_checkpoint(tmp_path, capsys):
+    missing = tmp_path / "no-such-run"
+    line = run_error(capsys, ["generate", str(missing), "--prompt", "x"])
+    assert str(missing) in line and "no such checkpoint" in line
+
+
+def test_generate_bad_sampling_option_names_flag(tmp_path, capsys):
+    line = run_error(capsys, ["generate", str(tmp_path), "--prompt", "x", "--top-p", "0"])
+    assert "--top-p" in line
+
+
+def tiny_checkpoint(path, tokenizer: Tokenizer, vocab_size: int):
+    config = ModelConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.bos_id, pad_token_id=tokenizer.pad_id)
+    model = CausalLM(config)
+    model.reset_parameters(seed=0)
+    return save_checkpoint(path, model, tokenizer, {"stage": "pretrain"})
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train(iter(SENTENCES * 10), vocab_size=300)
+
+
+def test_checkpoint_with_mismatched_tokenizer(tmp_path, capsys, tokenizer):
+    assert tokenizer.vocab_size > 280
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt", tokenizer, vocab_size=280)
+    line = run_error(capsys, ["generate", str(checkpoint), "--prompt", "x", "--max-new-tokens", "2"])
+    assert str(checkpoint) in line and "tokenizer" in line and "280" in line
+    line = run_error(capsys, ["eval", str(checkpoint), "--data", str(write_corpus(tmp_path / "c.txt"))])
+    assert str(checkpoint) in line and "tokenizer" in line
+
+
+def test_eval_missing_data_file(tmp_path, capsys, tokenizer):
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt", tokenizer, vocab_size=tokenizer.vocab_size)
+    missing = tmp_path / "missing.txt"
+    line = run_error(capsys, ["eval", str(checkpoint), "--data", str(missing), "--seq-len", "16"])
+    assert str(missing) in line and "--data" in line
+
+
+def test_info_of_a_directory_that_is_no_checkpoint(tmp_path, capsys):
+    line = run_error(capsys, ["info", str(tmp_path)])
+    assert str(tmp_path) in line and "not a checkpoint" in line
+
+
+def test_debug_reraises(tmp_path):
+    with pytest.raises(OrchardError, match="train.max_step"):
+        main(["--debug", "pretrain", f"out={tmp_path / 'run'}", "train.max_step=3"])
+
+
+# --- help ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [[], ["quickstart"], ["tokenizer"], ["tokenizer", "train"], ["pretrain"],
+                                  ["generate"], ["chat"], ["eval"], ["info"]])
+def test_help_exits_zero_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: orchard")
+    if argv:
+        assert re.search(rf"usage: orchard {' '.join(argv)}\b", out)
+
+
+def test_pretrain_help_lists_config_keys(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    out = capsys.readouterr().out
+    assert "train.max_time = None" in out
+    assert "train.max_steps = 1000" in out
+    assert "Stop after this many optimizer steps." in out
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 0
+    assert "usage: orchard" in capsys.readouterr().out
+
+
+# --- a tiny run end to end ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-run")
+    corpus = write_corpus(root / "corpus.txt")
+    out = root / "run"
+    argv = ["pretrain", f"out={out}", f"data.path={corpus}", *TINY]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ORCHARD_CACHE", str(root / "cache"))
+        assert main(argv) == 0
+    return {"out": out, "corpus": corpus, "argv": argv, "cache": root / "cache"}
+
+
+def test_pretrain_writes_final_and_step_checkpoints(trained):
+    out = trained["out"]
+    assert (out / "final" / "model.safetensors").is_file()
+    assert (out / "final" / "tokenizer.json").is_file()
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000002", "step-000004"]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in lines if "val_loss" in e] == [2, 4]
+
+
+def test_info_json(trained, capsys):
+    capsys.readouterr()
+    assert main(["info", str(trained["out"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["checkpoint"] == str(trained["out"] / "final")
+    lineage = info["lineage"]
+    assert lineage[0]["stage"] == "pretrain"
+    assert lineage[0]["training"]["steps"] == 4
+    assert lineage[0]["training"]["tokens"] == 4 * 4 * 32
+    assert lineage[0]["recipe"]["train"]["max_steps"] == 4
+    config = info["config"]
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_key_value_heads"]) == (32, 2, 1)
+    assert config["vocab_size"] == 300
+    assert info["parameters"] == ModelConfig.from_hf_dict(config).num_parameters()
+    assert info["total_training_flops"] == pytest.approx(lineage[0]["training"]["flops"]) and info["total_training_flops"] > 0
+    # The plain-text form works too.
+    assert main(["info", str(trained["out"])]) == 0
+    assert "pretrain" in capsys.readouterr().out
+
+
+def test_eval_json(trained, capsys, monkeypatch):
+    monkeypatch.setenv("ORCHARD_CACHE", str(trained["cache"]))
+    capsys.readouterr()
+    assert main(["eval", str(trained["out"]), "--data", str(trained["corpus"]), "--seq-len", "32",
+                 "--max-sequences", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert math.isfinite(result["bits_per_byte"]) and result["bits_per_byte"] > 0
+    assert result["loss"] == pytest.approx(math.log(result["perplexity"]), rel=1e-6)
+    assert result["tokens"] == 8 * 32
+    # A barely trained model is near-uniform over its 300 tokens, nowhere near zero loss.
+    assert 1.0 < result["loss"] < 2 * math.log(300)
+
+
+def test_generate_runs(trained, capsys):
+    capsys.readouterr()
+    argv = ["generate", str(trained["out"]), "--prompt", "the", "--max-new-tokens", "5", "--seed", "0"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("the")
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first  # seeded: the same sample again
+
+
+def test_rerunning_a_finished_pretrain_does_not_retrain(trained, capsys, monkeypatch):
+    monkeypatch.setenv("ORCHARD_CACHE", str(trained["cache"]))
+    weights = trained["out"] / "final" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    step_before = (trained["out"] / "step-000004" / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(trained["argv"]) == 0
+    captured = capsys.readouterr()
+    assert "the run is complete" in captured.err
+    assert "4 steps" in captured.out
+    assert weights.stat().st_mtime_ns == before
+    assert (trained["out"] / "step-000004" / "model.safetensors").stat().st_mtime_ns == step_before
+
+
+def test_chat_repl_answers_resets_and_quits(trained, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n/reset\nand again\n/quit\n"))
+    capsys.readouterr()
+    assert main(["chat", str(trained["out"]), "--max-new-tokens", "4", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("model> ") == 2  # one reply per user turn; /reset and /quit are commands
+
+
+def test_chat_reply_ends_at_the_turn_end_token(trained):
+    from orchard.checkpoint import load_checkpoint
+    from orchard.model.generation import SamplingConfig, generate
+
+    checkpoint = load_checkpoint(trained["out"])
+    tokenizer, model = checkpoint.tokenizer, checkpoint.model
+    im_end = tokenizer.token_to_id("<|im_end|>")
+    # An output layer that always predicts <|im_end|>.
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[im_end] = 10.0
+    model.lm_head = head
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                                            add_generation_prompt=True))
+    greedy = SamplingConfig(max_new_tokens=5, temperature=0)
+    assert generate(model, [prompt], greedy, [tokenizer.eos_id, im_end], tokenizer.pad_id) == [[]]
+    assert generate(model, [prompt], greedy, tokenizer.eos_id, tokenizer.pad_id) == [[im_end] * 5]
