@@ -209,7 +209,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     with torch.device("meta"):
         model = CausalLM(config)
     model = model.to_empty(device="cpu")
-    model.model.rotary.__init__(config.resolved_head_dim, config.max_position_embeddings, config.rope_theta)
+    model.model.rotary.reset()
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     load_weights(model, path / WEIGHTS_FILE)

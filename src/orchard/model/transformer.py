@@ -41,11 +41,20 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+        self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
+        self.register_buffer("cos", torch.empty(max_positions, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, head_dim), persistent=False)
+        self.reset()
+
+    def reset(self) -> None:
+        """Compute the tables (again, after a model built on the meta device is materialised)."""
+        d = self.head_dim
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # (max_positions, D): Llama's half-split layout
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        device = self.cos.device if self.cos.device.type != "meta" else None
+        self.cos = angles.cos().float().to(device)
+        self.sin = angles.sin().float().to(device)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # (B, T) -> two (B, 1, T, D) tables that broadcast over heads

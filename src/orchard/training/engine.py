@@ -29,7 +29,6 @@ from typing import Callable, Literal, Protocol
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from ..checkpoint import (FINAL_DIR, STEP_PREFIX, TRAINING_STATE_FILE, WEIGHTS_FILE, is_checkpoint,
                           load_weights, read_record, save_checkpoint, step_checkpoints)
@@ -38,6 +37,7 @@ from ..errors import OrchardError
 from ..model import CausalLM
 from ..tokenizer import Tokenizer
 from .distributed import Distributed
+from .progress import Progress
 
 
 @dataclass
@@ -333,11 +333,11 @@ class Trainer:
         model.train()
         c = self.config
         world = self.dist.world_size
-        show_bar = c.progress and self.dist.rank == 0 and sys.stderr.isatty()
-        bar = tqdm(total=c.max_steps or 100, initial=self.state.step, disable=not show_bar,
-                   unit="step", dynamic_ncols=True, leave=True)
+        progress_display = Progress(c.progress and self.dist.rank == 0, self.state.step, c.max_steps)
         if resumed_from is not None and self.dist.rank == 0:
             print(f"resuming {self.out_dir} from step {resumed_from}", file=sys.stderr)
+        if resumed_from is None and c.eval_every:
+            self._evaluate()  # the starting point, so curves and reports show how far training moved
         window_tokens, window_seconds = 0, 0.0
         # Time limits count wall-clock time, evaluation and saving included, summed over resumes.
         clock_start, elapsed_before = time.perf_counter(), self.state.elapsed
@@ -388,21 +388,21 @@ class Trainer:
                 self._log({"step": self.state.step, "tokens": self.state.tokens, "loss": loss, "lr": lr,
                            "grad_norm": grad_norm, "tokens_per_s": tokens_per_second,
                            "elapsed": self.state.elapsed, **logged})
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_second:,.0f}", refresh=False)
+            else:
+                tokens_per_second = None
             progress = self._progress()
-            if not c.max_steps and progress > 0:
-                bar.total = max(self.state.step, round(self.state.step / progress))
-            bar.update(1)
+            progress_display.update(self.state.step, min(progress, 1.0), self.state.elapsed, loss, tokens_per_second)
 
             finished = progress >= 1.0
             if c.eval_every and self.state.step % c.eval_every == 0 and not finished:
                 metrics = self._evaluate()
                 self.state.metrics.update(metrics)
                 if metrics:
-                    bar.write(f"step {self.state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                    progress_display.message(f"step {self.state.step}: " +
+                                             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if c.save_every and self.state.step % c.save_every == 0 and not finished:
                 self._save_step()
-        bar.close()
+        progress_display.close()
 
         self.state.metrics.update(self._evaluate())
         # The last step checkpoint keeps the training state, so the run can be extended later.
