@@ -26,20 +26,6 @@ TINY = ["tokenizer.vocab_size=300", "model.hidden_size=32", "model.intermediate_
         "train.save_every=2", "train.precision=fp32"]
 
 
-@pytest.fixture(autouse=True)
-def cache_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("ORCHARD_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls gain nothing from threads, and on a busy machine waiting for them costs a lot.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_corpus(path, repeats=40):
     path.write_text("".join(SENTENCES * repeats), encoding="utf-8")
     return path

@@ -24,11 +24,6 @@ def write_jsonl(path, records):
     return path
 
 
-@pytest.fixture(autouse=True)
-def cache_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("ORCHARD_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     texts = DOCS * 20 + ["The quick brown fox jumps over the lazy dog."] * 20

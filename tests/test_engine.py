@@ -16,6 +16,7 @@ import pytest
 
 from orchard.config import load_config
 from orchard.data.synthetic import write_corpus
+from orchard.errors import OrchardError
 from orchard.methods import pretrain
 from orchard.training import TrainConfig, learning_rate
 
@@ -30,11 +31,6 @@ TINY = [
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus") / "world.jsonl", 400, seed=3)
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ORCHARD_CACHE", str(tmp_path / "cache"))
 
 
 def run_pretrain(out: Path, corpus: Path, *overrides: str):
@@ -160,3 +156,20 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert learning_rate(config, 9, 0.09) == pytest.approx(1.0)
     assert learning_rate(config, 55, 0.55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.55)))
     assert learning_rate(config, 100, 1.0) == pytest.approx(0.1)
+
+
+def test_a_run_directory_refuses_a_different_recipe(tmp_path, corpus):
+    run_pretrain(tmp_path / "run", corpus, "train.max_steps=3", "train.eval_every=0")
+    with pytest.raises(OrchardError, match="model.hidden_size=48, not 64"):
+        run_pretrain(tmp_path / "run", corpus, "train.max_steps=3", "train.eval_every=0", "model.hidden_size=64")
+
+
+def test_raising_the_limit_extends_a_finished_run(tmp_path, corpus):
+    steps = ["train.eval_every=0", "train.save_every=4"]
+    run_pretrain(tmp_path / "run", corpus, "train.max_steps=4", *steps)
+    again = run_pretrain(tmp_path / "run", corpus, "train.max_steps=4", *steps)
+    assert again.state.step == 4  # finished: nothing to do
+    extended = run_pretrain(tmp_path / "run", corpus, "train.max_steps=7", *steps)
+    assert extended.resumed_from == 4 and extended.state.step == 7
+    record = json.loads((tmp_path / "run" / "final" / "orchard.json").read_text())
+    assert record["training"]["steps"] == 7

@@ -162,6 +162,25 @@ def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
 
+RESUMABLE_CHANGES = {"out", "train.max_steps", "train.max_tokens", "train.max_time", "train.eval_every",
+                     "train.eval_batches", "train.save_every", "train.keep_checkpoints", "train.log_every",
+                     "train.progress", "train.device", "train.compile"}
+"""Recipe keys that may differ when a run directory is resumed."""
+
+
+def _first_difference(old, new, ignore: set[str], prefix: str = "") -> tuple[str, object, object] | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            dotted = f"{prefix}.{key}" if prefix else key
+            if dotted in ignore:
+                continue
+            found = _first_difference(old.get(key), new.get(key), ignore, dotted)
+            if found:
+                return found
+        return None
+    return None if old == new else (prefix, old, new)
+
+
 @dataclass
 class TrainState:
     """Counters a resumed run continues from; saved in every step checkpoint."""
@@ -274,11 +293,25 @@ class Trainer:
             for old in step_checkpoints(self.out_dir)[:-self.config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def _check_same_recipe(self, checkpoint_dir: Path) -> None:
+        """Refuse to continue a run directory that holds a different run (another model or data):
+        only limits and bookkeeping (steps, time, logging, saving) may change between invocations."""
+        old = read_record(checkpoint_dir).get("recipe")
+        new = self.record.get("recipe")
+        if not old or not new:
+            return
+        changed = _first_difference(old, new, ignore=RESUMABLE_CHANGES)
+        if changed:
+            key, before, after = changed
+            raise OrchardError(f"{self.out_dir} holds a run with {key}={before!r}, not {after!r}; "
+                               f"use another out= for a new run")
+
     def _resume(self) -> int | None:
         steps = [p for p in step_checkpoints(self.out_dir) if (p / TRAINING_STATE_FILE).is_file()]
         if not steps:
             return None
         latest = steps[-1]
+        self._check_same_recipe(latest)
         saved = torch.load(latest / TRAINING_STATE_FILE, map_location=self.device, weights_only=False)
         load_weights(self.model, latest / WEIGHTS_FILE)
         self.model.to(self.device)
@@ -313,16 +346,20 @@ class Trainer:
     def fit(self) -> TrainResult:
         final_dir = self.out_dir / FINAL_DIR
         if is_checkpoint(final_dir):
-            # Running a finished command again is a no-op, so pipelines can be re-run safely.
+            self._check_same_recipe(final_dir)
             record = read_record(final_dir)
             training = record.get("training", {})
-            state = TrainState(step=training.get("steps", 0), tokens=training.get("tokens", 0),
-                               elapsed=training.get("wall_seconds", 0.0), flops=training.get("flops", 0.0),
-                               metrics=record.get("metrics", {}))
-            if self.dist.rank == 0:
-                print(f"{final_dir} exists: the run is complete (choose another out= to train again)",
-                      file=sys.stderr)
-            return TrainResult(final_dir=final_dir, state=state, resumed_from=state.step)
+            self.state = TrainState(step=training.get("steps", 0), tokens=training.get("tokens", 0),
+                                    elapsed=training.get("wall_seconds", 0.0), flops=training.get("flops", 0.0),
+                                    metrics=record.get("metrics", {}))
+            if self._progress() >= 1.0:
+                # Running a finished command again is a no-op, so pipelines can be re-run safely.
+                if self.dist.rank == 0:
+                    print(f"{final_dir} exists: the run is complete (raise a train.max_* limit to extend it, "
+                          f"or choose another out=)", file=sys.stderr)
+                return TrainResult(final_dir=final_dir, state=self.state, resumed_from=self.state.step)
+            # A raised limit extends the run from its last step checkpoint.
+            self.state = TrainState()
         if self.dist.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.dist.barrier()
