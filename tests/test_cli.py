@@ -305,3 +305,16 @@ def test_chat_reply_ends_at_the_turn_end_token(trained):
     greedy = SamplingConfig(max_new_tokens=5, temperature=0)
     assert generate(model, [prompt], greedy, [tokenizer.eos_id, im_end], tokenizer.pad_id) == [[]]
     assert generate(model, [prompt], greedy, tokenizer.eos_id, tokenizer.pad_id) == [[im_end] * 5]
+
+
+def test_quickstart_writes_a_report_with_metrics_plot_and_samples(tmp_path):
+    from orchard.cli.quickstart import run_quickstart
+
+    report = run_quickstart(tmp_path / "qs", max_time=2.0)
+    text = report.read_text(encoding="utf-8")
+    assert "validation loss before training" in text and "validation bits per byte" in text
+    assert "fact recall (English)" in text and "arithmetic (Chinese)" in text
+    assert (tmp_path / "qs" / "pretrain_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](pretrain_loss.png)" in text
+    assert text.count("```text") == 5  # one sample per prompt
+    assert (tmp_path / "qs" / "pretrain" / "final" / "orchard.json").is_file()

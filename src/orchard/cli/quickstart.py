@@ -18,7 +18,7 @@ from ..checkpoint import load_checkpoint
 from ..config import Duration
 from ..data.synthetic import World
 from ..evaluation.completion import arithmetic_items, completion_accuracy, fact_completion_items
-from ..evaluation.report import Report, plot_loss_curves
+from ..evaluation.report import Report, plot_loss_curves, read_metrics
 from ..lineage import ancestry
 from ..methods import pretrain
 from ..model import ModelConfig
@@ -68,6 +68,7 @@ def run_quickstart(out: Path, max_time: float = 240.0) -> Path:
     sampling = SamplingConfig(max_new_tokens=60, temperature=0.7, top_p=0.9, seed=0, stop=["\n\n"])
     samples = generate_text(checkpoint.model, checkpoint.tokenizer, SAMPLE_PROMPTS, sampling)
 
+    first_val = next((row for row in read_metrics(Path(config.out) / "metrics.jsonl") if "val_loss" in row), {})
     record = ancestry(result.final_dir)[0]
     training = record.get("training", {})
     report.heading("Pretraining")
@@ -78,7 +79,8 @@ def run_quickstart(out: Path, max_time: float = 240.0) -> Path:
         ["wall time (s)", training.get("wall_seconds")],
         ["training FLOPs", f"{training.get('flops', 0):.3g}"],
         ["precision", training.get("precision")],
-        ["validation loss (nats/token)", metrics.get("val_loss")],
+        ["validation loss before training (nats/token)", first_val.get("val_loss")],
+        ["validation loss after training (nats/token)", metrics.get("val_loss")],
         ["validation perplexity", metrics.get("val_perplexity")],
         ["validation bits per byte", metrics.get("val_bpb")],
         *[[f"{name}, greedy exact match", f"{result_.accuracy:.0%}"] for name, result_ in accuracies.items()],
