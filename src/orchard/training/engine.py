@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -208,7 +207,6 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, model: CausalLM, method: Method, tokenizer: Tokenizer,
                  out_dir: str | Path, record: dict, flops_per_token: float,
-                 trainable: Callable[[CausalLM], list[torch.nn.Parameter]] | None = None,
                  distributed: Distributed | None = None):
         if config.max_steps is None and config.max_tokens is None and config.max_time is None:
             raise OrchardError("train: set a limit: train.max_steps, train.max_tokens or train.max_time")
@@ -222,9 +220,9 @@ class Trainer:
         self.device = self.dist.device if self.dist.active else resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
         self.model = model.to(self.device)
-        params = trainable(self.model) if trainable else [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = self._make_optimizer(params)
-        self.params = params
+        # Frozen parameters (a base under adapters, say) are left out of the optimizer.
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = self._make_optimizer(self.params)
         self.state = TrainState()
         self.metrics_file = self.out_dir / "metrics.jsonl"
 
