@@ -173,7 +173,7 @@ def info(args) -> None:
         cost = (f"{training.get('steps', 0)} steps, {training.get('tokens', 0):,} tokens, "
                 f"{training.get('flops', 0):.3g} FLOPs, {training.get('wall_seconds', 0):.0f}s") if training else ""
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in record.get("metrics", {}).items()
-                            if isinstance(v, (int, float)) and k.startswith("val_"))
+                            if isinstance(v, (int, float)) and k.startswith("val_") and not k.endswith("_tokens"))
         print(f"  {'  ' * depth}- {record.get('stage')}: {record['path']}" + (f" ({cost})" if cost else ""))
         if metrics:
             print(f"  {'  ' * depth}  {metrics}")
