@@ -143,6 +143,21 @@ def evaluate(args) -> None:
               f"{metrics['bits_per_byte']:.4f} bits/byte over {metrics['tokens']:,} tokens")
 
 
+def export(args) -> None:
+    from ..checkpoint import resolve_checkpoint
+
+    source = resolve_checkpoint(args.checkpoint)
+    if args.format == "hf":
+        from ..interop.export import export_hf
+
+        written = export_hf(source, Path(args.out))
+    else:
+        from ..interop.gguf import export_gguf
+
+        written = export_gguf(source, Path(args.out), args.dtype)
+    print(f"wrote {written}")
+
+
 def info(args) -> None:
     from ..checkpoint import read_model_config, resolve_checkpoint
     from ..lineage import ancestry, total_flops

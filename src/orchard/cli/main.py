@@ -101,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
 
+    export = commands.add_parser("export", help="write a checkpoint for other tools (transformers, llama.cpp)",
+                                 description="Export a checkpoint as a Hugging Face directory that "
+                                             "transformers loads with no custom code, or as a GGUF file for "
+                                             "llama.cpp.")
+    export.add_argument("checkpoint", help="checkpoint or run directory (or a Hugging Face model)")
+    export.add_argument("--format", choices=["hf", "gguf"], required=True, help="hf: a directory; gguf: one file")
+    export.add_argument("--out", required=True, help="output directory (hf) or file (gguf)")
+    export.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16",
+                        help="GGUF tensor type (default f16); hf keeps the checkpoint's dtype")
+
     info = commands.add_parser("info", help="config, parameter count and lineage of a checkpoint",
                                description="Show a checkpoint's architecture, size and family tree.")
     info.add_argument("checkpoint", help="checkpoint or run directory")
@@ -132,6 +142,7 @@ def _dispatch(args) -> int | None:
     handler = {
         "quickstart": commands.quickstart, "tokenizer": commands.tokenizer_train, "pretrain": commands.pretrain,
         "generate": commands.generate, "chat": commands.chat, "eval": commands.evaluate, "info": commands.info,
+        "export": commands.export,
     }[args.command]
     return handler(args)
 
