@@ -151,3 +151,102 @@ def test_token_byte_lengths(tokenizer):
     for text in ["The quick brown fox 😀", "今天天气很好，我们去公园散步吧。", " \n\t 12345"]:
         ids = tokenizer.encode(text, add_bos=True, add_eos=True)
         assert lengths[ids].sum() == len(text.encode("utf-8"))
+
+
+# --- tokenizers of Hugging Face checkpoints ----------------------------------------------------
+
+
+def write_config(directory, **changes):
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    for key, value in changes.items():
+        if value is ...:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    config_file.write_text(json.dumps(config))
+
+
+def test_qwen_style_special_tokens(tokenizer, tmp_path):
+    """No BOS (null), eos <|im_end|> as an AddedToken dict, no pad token (falls back to eos)."""
+    tokenizer.save(tmp_path)
+    write_config(tmp_path, bos_token=None, pad_token=...,
+                 eos_token={"__type": "AddedToken", "content": "<|im_end|>", "lstrip": False, "rstrip": False})
+    loaded = Tokenizer.load(tmp_path)
+    assert loaded.bos_token is None and loaded.bos_id is None
+    assert loaded.eos_token == "<|im_end|>" and loaded.eos_id == 4
+    assert loaded.pad_token == "<|im_end|>" and loaded.pad_id == 4
+    assert loaded.encode("hi", add_bos=True, add_eos=True) == [*tokenizer.encode("hi"), 4]
+    assert not loaded.adds_bos_by_default
+    assert loaded.special_tokens_map == {"eos_token": "<|im_end|>"}
+    loaded.save(tmp_path / "again")  # the configured values are written back, not the fallback
+    config = json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())
+    assert config["bos_token"] is None and config["pad_token"] is None and config["eos_token"] == "<|im_end|>"
+    assert Tokenizer.load(tmp_path / "again").pad_id == 4
+
+
+def test_chat_template_sources(tokenizer, tmp_path):
+    tokenizer.save(tmp_path)
+    named = [{"name": "default", "template": "D{{ messages | length }}"}, {"name": "tool_use", "template": "T"}]
+    write_config(tmp_path, chat_template=named)
+    loaded = Tokenizer.load(tmp_path)
+    assert loaded.chat_template == "D{{ messages | length }}"
+    assert loaded.apply_chat_template([{"role": "user", "content": "x"}]) == "D1"
+    assert loaded.apply_chat_template([{"role": "user", "content": "x"}], tools=[{"name": "f"}]) == "T"
+    assert loaded.apply_chat_template([{"role": "user", "content": "x"}], chat_template="tool_use") == "T"
+    # chat_template.jinja wins over the config's entry, as in transformers.
+    (tmp_path / "chat_template.jinja").write_text("J{{ eos_token }}", encoding="utf-8")
+    assert Tokenizer.load(tmp_path).apply_chat_template([{"role": "user", "content": "x"}]) == "J<|end_of_text|>"
+    # chat_template.json (the processor file) when nothing else has one.
+    (tmp_path / "chat_template.jinja").unlink()
+    write_config(tmp_path, chat_template=...)
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "L"}))
+    assert Tokenizer.load(tmp_path).chat_template == "L"
+    # Several named templates and no default: an error that names them.
+    write_config(tmp_path, chat_template=named[1:])
+    with pytest.raises(OrchardError, match="tool_use"):
+        Tokenizer.load(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
+    write_config(tmp_path, chat_template=[{"name": "default"}])
+    with pytest.raises(OrchardError, match="tokenizer_config.json: chat_template"):
+        Tokenizer.load(tmp_path)
+
+
+def test_vocabulary_without_chatml_has_no_default_template(tmp_path):
+    other = Tokenizer.train(iter(ENGLISH * 40), vocab_size=300)
+    other._backend = other._backend.from_str(other._backend.to_str().replace("<|im_start|>", "<|xm_start|>"))
+    other.chat_template = None
+    other.save(tmp_path)
+    loaded = Tokenizer.load(tmp_path)
+    assert loaded.chat_template is None
+    with pytest.raises(OrchardError, match="has none"):
+        loaded.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_load_errors_name_the_key(tokenizer, tmp_path):
+    tokenizer.save(tmp_path)
+    write_config(tmp_path, eos_token=None)
+    with pytest.raises(OrchardError, match=r"tokenizer_config.json: eos_token is not set"):
+        Tokenizer.load(tmp_path)
+    write_config(tmp_path, eos_token=["<|im_end|>"])
+    with pytest.raises(OrchardError, match=r"tokenizer_config.json: eos_token: expected a token"):
+        Tokenizer.load(tmp_path)
+    write_config(tmp_path, eos_token="<|nope|>")
+    with pytest.raises(OrchardError, match=r"eos_token '<\|nope\|>' is not in the vocabulary"):
+        Tokenizer.load(tmp_path)
+
+
+def test_vocab_size_is_largest_id_plus_one(tmp_path):
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, processors
+
+    backend = Backend(models.BPE(vocab={"a": 0, "b": 1, "c": 7}, merges=[]))
+    backend.add_special_tokens(["<s>", "</s>"])  # ids 3 and 4: the gap stays
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 3)])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    loaded = Tokenizer.load(tmp_path)
+    assert loaded.vocab_size == 8
+    assert loaded.adds_bos_by_default
+    assert loaded.encode("abc") == [0, 1, 7]  # the post-processor's BOS is not added by encode
+    assert loaded.encode("abc", add_bos=True) == [3, 0, 1, 7]
+    assert loaded.token_byte_lengths().shape == (8,)

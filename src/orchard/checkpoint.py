@@ -2,7 +2,7 @@
 
 A checkpoint is a directory that Hugging Face tools can read as it is:
 
-    config.json              the architecture (Hugging Face Llama/Qwen2 field names)
+    config.json              the architecture (Hugging Face Llama/Qwen2/Qwen3 field names)
     model.safetensors        the weights (Hugging Face tensor names; a tied lm_head is omitted)
     tokenizer.json           the tokenizer, and tokenizer_config.json with its chat template
     generation_config.json   default sampling settings
@@ -12,6 +12,11 @@ A checkpoint is a directory that Hugging Face tools can read as it is:
 Every write goes to a hidden temporary directory beside the target and is renamed into place
 when complete, so a run killed at any moment leaves either the old checkpoint or the new one,
 never half of one.
+
+Loading reads Hugging Face model directories too (Llama, Qwen2, Qwen3, Mistral; weights in one
+`model.safetensors` or in shards listed by `model.safetensors.index.json`), and Hub model ids, which
+are downloaded into the Hugging Face cache. The weights are memory-mapped and become the model's
+parameters without a copy, so loading a model costs little more memory than its weights.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .errors import OrchardError
 from .model import CausalLM, ModelConfig
@@ -34,6 +39,7 @@ from .tokenizer import Tokenizer
 
 RECORD_FILE = "orchard.json"
 WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 TRAINING_STATE_FILE = "training_state.pt"
 FINAL_DIR = "final"
 STEP_PREFIX = "step-"
@@ -55,7 +61,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -98,6 +104,7 @@ def save_checkpoint(path: str | Path, model: CausalLM, tokenizer: Tokenizer, rec
     """Write a complete checkpoint directory atomically; returns its path."""
     path = Path(path)
     config = model.config
+    dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
     generation_config = {
         "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id, "do_sample": True, "temperature": 0.8, "top_p": 0.95,
@@ -105,12 +112,12 @@ def save_checkpoint(path: str | Path, model: CausalLM, tokenizer: Tokenizer, rec
     }
 
     def write(tmp: Path) -> None:
-        _write_json(tmp / "config.json", config.to_hf_dict())
+        write_json(tmp / "config.json", config.to_hf_dict(dtype))
         state = {k: v.to("cpu") for k, v in model_state_dict(model).items()}
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         tokenizer.save(tmp)
-        _write_json(tmp / "generation_config.json", generation_config)
-        _write_json(tmp / RECORD_FILE, {**record, "weights_sha256": file_sha256(tmp / WEIGHTS_FILE)})
+        write_json(tmp / "generation_config.json", generation_config)
+        write_json(tmp / RECORD_FILE, {**record, "weights_sha256": file_sha256(tmp / WEIGHTS_FILE)})
         if training_state is not None:
             torch.save(training_state, tmp / TRAINING_STATE_FILE)
 
@@ -119,7 +126,8 @@ def save_checkpoint(path: str | Path, model: CausalLM, tokenizer: Tokenizer, rec
 
 
 def is_checkpoint(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / WEIGHTS_FILE).is_file()
+    weights = (path / WEIGHTS_FILE).is_file() or (path / WEIGHTS_INDEX_FILE).is_file()
+    return (path / "config.json").is_file() and weights
 
 
 def step_checkpoints(run_dir: Path) -> list[Path]:
@@ -131,10 +139,11 @@ def step_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (its `final/`, else its latest step)."""
-    path = Path(path)
-    if not path.exists():
-        raise OrchardError(f"{path}: no such checkpoint")
+    """A checkpoint directory, a run directory (its `final/`, else its latest step), or a Hugging Face
+    Hub model id (its snapshot in the local cache, downloaded if need be)."""
+    from .interop.hub import resolve_model_path
+
+    path = resolve_model_path(path)
     if is_checkpoint(path):
         return path
     if is_checkpoint(path / FINAL_DIR):
@@ -142,7 +151,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     steps = step_checkpoints(path)
     if steps:
         return steps[-1]
-    raise OrchardError(f"{path}: not a checkpoint (no config.json and {WEIGHTS_FILE})")
+    raise OrchardError(f"{path}: not a checkpoint (no config.json and {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE})")
 
 
 def read_record(path: Path) -> dict:
@@ -169,48 +178,108 @@ def read_model_config(path: Path) -> ModelConfig:
         raise OrchardError(f"{config_file}: {error}") from None
 
 
-def load_weights(model: CausalLM, weights_file: Path) -> None:
+def weights_sha256(path: Path) -> str:
+    """The hash of a checkpoint's weights: of `model.safetensors`, or of its shards' hashes."""
+    files = weights_files(path)
+    if len(files) == 1:
+        return file_sha256(files[0])
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+
+
+def weights_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: `model.safetensors`, or the shards its
+    index lists (as `save_pretrained` writes large models)."""
+    index_file = path / WEIGHTS_INDEX_FILE
+    if (path / WEIGHTS_FILE).is_file() or not index_file.is_file():
+        return [path / WEIGHTS_FILE]
     try:
-        state = load_file(weights_file)
-    except FileNotFoundError:
-        raise OrchardError(f"{weights_file}: no such file") from None
-    except (SafetensorError, OSError) as error:
-        raise OrchardError(f"{weights_file}: unreadable weights ({error})") from None
+        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise OrchardError(f"{index_file}: not a safetensors index ({error!r})") from None
+    return [path / name for name in sorted(set(weight_map.values()))]
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (or of one safetensors file), memory-mapped: a
+    tensor's bytes are read from disk when first used, and never copied."""
+    state = {}
+    for weights_file in weights_files(path) if path.is_dir() else [path]:
+        try:
+            with safe_open(weights_file, framework="pt") as handle:
+                state.update((name, handle.get_tensor(name)) for name in handle.keys())
+        except FileNotFoundError:
+            raise OrchardError(f"{weights_file}: no such file") from None
+        except (SafetensorError, OSError) as error:
+            raise OrchardError(f"{weights_file}: unreadable weights ({error})") from None
+    return state
+
+
+def checked_weights(model: CausalLM, path: Path) -> dict[str, torch.Tensor]:
+    """`read_weights(path)`, after checking it holds exactly the tensors `model` needs, in the shapes
+    it needs (the model may be on the meta device: only names and shapes are compared)."""
+    state = read_weights(path)
     expected = model.state_dict()
     if model.config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)  # some Hugging Face files store the tied copy as well
+    for name in [name for name in state if name.endswith("rotary_emb.inv_freq")]:
+        del state[name]  # a table older transformers versions saved; orchard computes its own
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise OrchardError(f"{weights_file}: weights do not match config.json ({what})")
+        raise OrchardError(f"{path}: weights do not match config.json ({what})")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise OrchardError(f"{weights_file}: {name} has shape {tuple(tensor.shape)}, "
+            raise OrchardError(f"{path}: {name} has shape {tuple(tensor.shape)}, "
                                f"config.json implies {tuple(expected[name].shape)}")
-    model.load_state_dict(state, strict=False)
+    return state
+
+
+def load_weights(model: CausalLM, path: Path, assign: bool = False, dtype: torch.dtype | None = None) -> None:
+    """Load a checkpoint directory's (or a safetensors file's) weights into `model`.
+
+    By default the values are copied into the model's existing parameters (which an optimizer may
+    already hold). `assign=True` makes the memory-mapped tensors themselves the parameters, which is
+    how a model built on the meta device is loaded without a second copy of its weights; they keep
+    the file's dtype unless `dtype` is given (a file mixing dtypes is brought to its embedding's).
+    """
+    state = checked_weights(model, path)
+    if assign:
+        dtype = dtype or state["model.embed_tokens.weight"].dtype
+        for name, tensor in state.items():
+            if tensor.dtype != dtype:
+                state[name] = tensor.to(dtype)  # one tensor at a time, so at most one extra copy exists
+    model.load_state_dict(state, strict=False, assign=assign)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
 
 
 def check_tokenizer_matches(tokenizer: Tokenizer, config: ModelConfig, where: Path) -> None:
+    """Reject a tokenizer that produces ids the model has no embedding for. A model with more
+    embeddings than tokens is fine (Hugging Face models pad vocab_size to a round number), and so is
+    an eos_token_id in config.json that differs from the tokenizer's (Llama 3 instruct lists several)."""
     if tokenizer.vocab_size > config.vocab_size:
         raise OrchardError(f"{where}: tokenizer has {tokenizer.vocab_size} tokens but the model's "
                            f"vocab_size is {config.vocab_size}: they do not belong together")
-    if tokenizer.eos_id != config.eos_token_id:
-        raise OrchardError(f"{where}: tokenizer's end-of-text id is {tokenizer.eos_id} but the model's "
-                           f"eos_token_id is {config.eos_token_id}: they do not belong together")
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load model, tokenizer and lineage record from a checkpoint (or run) directory."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> Checkpoint:
+    """Load model, tokenizer and lineage record from a checkpoint or run directory, a Hugging Face
+    model directory or a Hub model id (see `resolve_checkpoint`).
+
+    The model is built on the meta device and takes the memory-mapped tensors as its parameters, so
+    loading costs about the weights' size in memory (and only as their pages are used). The weights
+    keep their dtype (orchard's own checkpoints are float32, most Hugging Face models bfloat16)
+    unless `dtype` is given.
+    """
     path = resolve_checkpoint(path)
     config = read_model_config(path)
     tokenizer = Tokenizer.load(path)
     check_tokenizer_matches(tokenizer, config, path)
     with torch.device("meta"):
         model = CausalLM(config)
-    model = model.to_empty(device="cpu")
+    load_weights(model, path, assign=True, dtype=dtype)
     model.model.rotary.reset()
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    load_weights(model, path / WEIGHTS_FILE)
     return Checkpoint(path=path, model=model.to(device).eval(), tokenizer=tokenizer, record=read_record(path))

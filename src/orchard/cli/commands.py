@@ -76,6 +76,24 @@ def generate(args) -> None:
             sampling.seed += 1
 
 
+def chat_end_ids(checkpoint_dir: Path, tokenizer) -> list[int]:
+    """Tokens that end an assistant turn: generation_config.json's eos ids (Llama 3 lists
+    <|eot_id|> there) and the ChatML turn end."""
+    ids = set()
+    config_file = checkpoint_dir / "generation_config.json"
+    if config_file.is_file():
+        try:
+            eos = json.loads(config_file.read_text(encoding="utf-8")).get("eos_token_id")
+        except json.JSONDecodeError as error:
+            raise OrchardError(f"{config_file}: invalid JSON ({error})") from None
+        ids.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+    for token in ("<|im_end|>", "<|eot_id|>"):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            ids.add(token_id)
+    return sorted(ids)
+
+
 def chat(args) -> None:
     from ..checkpoint import load_checkpoint
     from ..model.generation import generate_text
@@ -83,7 +101,7 @@ def chat(args) -> None:
     sampling = _sampling_config(args)
     checkpoint = load_checkpoint(args.checkpoint)
     tokenizer = checkpoint.tokenizer
-    turn_end = [i for i in [tokenizer.token_to_id("<|im_end|>")] if i is not None]
+    turn_end = chat_end_ids(checkpoint.path, tokenizer)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     print("chat with the model: /reset clears the conversation, /quit or Ctrl-D leaves", file=sys.stderr)
@@ -104,6 +122,7 @@ def chat(args) -> None:
         sys.stdout.flush()
         try:
             (reply,) = generate_text(checkpoint.model, tokenizer, [prompt], sampling, end_token_ids=turn_end,
+                                     add_bos=False,  # the chat template writes any BOS itself
                                      on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
         except ValueError as error:
             # The conversation outgrew the context: start afresh rather than die.

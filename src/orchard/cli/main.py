@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="continue a prompt (streams tokens)",
                                    description="Sample a continuation of --prompt from a checkpoint.")
-    generate.add_argument("checkpoint", help="checkpoint or run directory")
+    generate.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory or Hub id")
     generate.add_argument("--prompt", required=True, help="text to continue")
     generate.add_argument("--num-samples", type=int, default=1, help="independent samples (default 1)")
     _add_sampling_arguments(generate)
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="talk to a model in the terminal",
                                description="A chat REPL using the checkpoint's chat template. "
                                            "Commands: /reset clears the conversation, /quit leaves.")
-    chat.add_argument("checkpoint", help="checkpoint or run directory")
+    chat.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory or Hub id")
     chat.add_argument("--system", default=None, help="system prompt")
     _add_sampling_arguments(chat)
 
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Evaluate a checkpoint on text: loss and perplexity per token, "
                                                "and bits per byte, which compares models with different "
                                                "tokenizers.")
-    evaluate.add_argument("checkpoint", help="checkpoint or run directory")
+    evaluate.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory or Hub id")
     evaluate.add_argument("--data", required=True, nargs="+", help="corpus files or globs")
     evaluate.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet records")
     evaluate.add_argument("--seq-len", type=int, default=256, help="context length of each window (default 256)")
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Export a checkpoint as a Hugging Face directory that "
                                              "transformers loads with no custom code, or as a GGUF file for "
                                              "llama.cpp.")
-    export.add_argument("checkpoint", help="checkpoint or run directory (or a Hugging Face model)")
+    export.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory or Hub id")
     export.add_argument("--format", choices=["hf", "gguf"], required=True, help="hf: a directory; gguf: one file")
     export.add_argument("--out", required=True, help="output directory (hf) or file (gguf)")
     export.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16",
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="config, parameter count and lineage of a checkpoint",
                                description="Show a checkpoint's architecture, size and family tree.")
-    info.add_argument("checkpoint", help="checkpoint or run directory")
+    info.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory or Hub id")
     info.add_argument("--json", action="store_true", help="print JSON")
     return parser
 

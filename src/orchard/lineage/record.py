@@ -26,8 +26,8 @@ def parent_entry(checkpoint_dir: str | Path) -> dict:
     if record_file.is_file():
         sha = json.loads(record_file.read_text(encoding="utf-8")).get("weights_sha256")
     if sha is None:
-        from ..checkpoint import WEIGHTS_FILE, file_sha256  # only foreign checkpoints need hashing
-        sha = file_sha256(checkpoint_dir / WEIGHTS_FILE)
+        from ..checkpoint import weights_sha256  # only foreign checkpoints need hashing
+        sha = weights_sha256(checkpoint_dir)
     return {"path": str(checkpoint_dir), "weights_sha256": sha}
 
 

@@ -140,7 +140,8 @@ def _leading_bytes(texts, limit: int):
 def build_model(config: PretrainConfig, tokenizer: Tokenizer) -> tuple[CausalLM, str | None]:
     if config.init:
         checkpoint = load_checkpoint(config.init)
-        return checkpoint.model.train(), str(checkpoint.path)
+        # Train fp32 master weights even from a bf16 checkpoint; autocast handles the speed.
+        return checkpoint.model.float().train(), str(checkpoint.path)
     model_config = config.model
     model_config.vocab_size = tokenizer.vocab_size
     model_config.bos_token_id, model_config.eos_token_id = tokenizer.bos_id, tokenizer.eos_id

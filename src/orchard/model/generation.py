@@ -139,7 +139,7 @@ def generate(model: CausalLM, prompts: list[list[int]], config: SamplingConfig, 
 
 
 def generate_text(model: CausalLM, tokenizer, prompts: list[str], config: SamplingConfig,
-                  on_text: Callable[[str], None] | None = None, add_bos: bool = False,
+                  on_text: Callable[[str], None] | None = None, add_bos: bool | None = None,
                   end_token_ids: Sequence[int] = ()) -> list[str]:
     """Continue text prompts; with `on_text`, the first prompt's continuation is streamed to it.
     Generation ends at end-of-text, at any of `end_token_ids`, or at a stop string.
@@ -147,9 +147,14 @@ def generate_text(model: CausalLM, tokenizer, prompts: list[str], config: Sampli
     `tokenizer` is anything with encode/decode/eos_id/pad_id (orchard's Tokenizer). Stop strings are
     matched on decoded text, since a stop string need not fall on token boundaries.
     """
+    if add_bos is None:
+        # Models whose tokenizer puts BOS first (Llama, Mistral) expect it; chat prompts whose
+        # template writes the BOS itself pass add_bos=False.
+        add_bos = getattr(tokenizer, "adds_bos_by_default", False)
     encoded = [tokenizer.encode(p, add_bos=add_bos) for p in prompts]
     if any(not ids for ids in encoded):
-        encoded = [ids or [tokenizer.bos_id] for ids in encoded]
+        start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        encoded = [ids or [start] for ids in encoded]
 
     def stop_index(text: str) -> int:
         hits = [text.find(s) for s in config.stop if s and s in text]

@@ -1,7 +1,8 @@
-"""A decoder-only transformer of the Llama/Qwen2 family, and its KV cache.
+"""A decoder-only transformer of the Llama/Qwen2/Qwen3 family, and its KV cache.
 
-Pre-norm RMSNorm, rotary position embeddings, SwiGLU MLP, grouped-query attention through
-`scaled_dot_product_attention`, optional q/k/v bias (Qwen2), tied or untied embeddings. Module and
+Pre-norm RMSNorm, rotary position embeddings (optionally Llama 3.1- or linearly scaled), SwiGLU MLP,
+grouped-query attention through `scaled_dot_product_attention`, optional q/k/v bias (Qwen2), optional
+per-head q/k RMSNorm (Qwen3), tied or untied embeddings. Module and
 parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so a state dict
 moves between orchard and `transformers` without renaming.
 
@@ -12,6 +13,7 @@ D head dimension.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,26 +37,47 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """The (head_dim / 2,) rotation speeds, in float64, stretched as `scaling` says (see
+    `ModelConfig.rope_scaling`); the same formulas as transformers' `modeling_rope_utils`."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    kind = scaling["rope_type"] if scaling else "default"
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        # Llama 3.1: wavelengths longer than the pretraining context (/ low_freq_factor) slow down by
+        # `factor`, those shorter than it / high_freq_factor stay, and the ones between are interpolated.
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        context = scaling["original_max_position_embeddings"]
+        wavelength = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
+        smooth = (context / wavelength - low) / (high - low)
+        between = (wavelength >= context / high) & (wavelength <= context / low)
+        return torch.where(between, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    return inv_freq
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for every position, indexed by position id (so left padding and packed
     sequences get the right rotation)."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float):
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None = None):
         super().__init__()
-        self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
+        self.head_dim, self.max_positions, self.theta, self.scaling = head_dim, max_positions, theta, scaling
         self.register_buffer("cos", torch.empty(max_positions, head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(max_positions, head_dim), persistent=False)
-        self.reset()
+        if self.cos.device.type != "meta":  # on the meta device there is nothing to compute until reset()
+            self.reset()
 
     def reset(self) -> None:
         """Compute the tables (again, after a model built on the meta device is materialised)."""
-        d = self.head_dim
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-        angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)  # (max_positions, D): Llama's half-split layout
+        inv_freq = rope_inverse_frequencies(self.head_dim, self.theta, self.scaling)
+        angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), inv_freq)  # (max_positions, D/2)
         device = self.cos.device if self.cos.device.type != "meta" else None
-        self.cos = angles.cos().float().to(device)
-        self.sin = angles.sin().float().to(device)
+        # Llama's half-split layout: frequency i turns dimensions i and i + D/2. Doubled after the
+        # cast to float32, which keeps the float64 temporaries small for 128k-position models.
+        self.cos = angles.cos().float().repeat(1, 2).to(device)
+        self.sin = angles.sin().float().repeat(1, 2).to(device)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # (B, T) -> two (B, 1, T, D) tables that broadcast over heads
@@ -111,12 +134,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, kv, bias=config.attention_bias)
         self.v_proj = nn.Linear(d, kv, bias=config.attention_bias)
         self.o_proj = nn.Linear(q, d, bias=False)
+        # Qwen3 normalises each head's queries and keys (over D) before the rotation.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)                      # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)                   # (B, T, K, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                                       # (B, H|K, T, D)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
@@ -161,10 +190,14 @@ class DecoderStack(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Given a `_weight`, nn.Embedding skips its own initialisation, which CausalLM.reset_parameters
+        # redoes anyway and which on the meta device costs a second of torch's lazy imports.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(config.resolved_head_dim, config.max_position_embeddings, config.rope_theta)
+        self.rotary = RotaryEmbedding(config.resolved_head_dim, config.max_position_embeddings, config.rope_theta,
+                                      config.rope_scaling)
 
 
 @dataclass
@@ -205,7 +238,8 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.reset_parameters()
+        if self.lm_head.weight.device.type != "meta":  # a model built on the meta device is about to be loaded
+            self.reset_parameters()
 
     def reset_parameters(self, seed: int | None = None) -> None:
         """Normal(0, initializer_range) weights, zero biases, unit norms (as Llama)."""

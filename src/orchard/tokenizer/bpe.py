@@ -6,19 +6,32 @@ normalisation), whatever the language or script. The pre-tokenizer follows Llama
 then splits digits one by one so the model sees numbers digit by digit, which helps arithmetic.
 Chat formatting is ChatML (as in Qwen), rendered with the same Jinja setup transformers uses so a
 template behaves identically here and after export.
+
+`Tokenizer.load` also reads the tokenizer of a Hugging Face checkpoint (Llama, Qwen2/3, Mistral):
+``tokenizer.json`` with ``tokenizer_config.json``, the legacy ``special_tokens_map.json``, and the
+chat template wherever transformers keeps it (``chat_template.jinja``, ``additional_chat_templates/``,
+the config's ``chat_template`` as a string or a list of named templates, ``chat_template.json``).
+What it reads follows transformers 5's ``AutoTokenizer.from_pretrained``, so ids, special tokens and
+rendered chats agree with it; the differences are listed on `Tokenizer.load`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, ClassVar
 
+import jinja2.utils
 import numpy as np
-from jinja2 import TemplateError
-from jinja2.ext import loopcontrols
+from jinja2 import TemplateError, nodes
+from jinja2.exceptions import SecurityError
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _HFTokenizer
@@ -39,6 +52,19 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+# Files besides tokenizer.json that transformers reads (names as in transformers.utils.hub).
+CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+LEGACY_CHAT_TEMPLATE_FILE = "chat_template.json"
+
+# transformers' PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES: the named special tokens.
+_NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+# Names a message's reasoning is passed under; chat templates read the first (transformers' aliasing).
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 # Llama 3's split: contractions, words with one leading non-letter, numbers, punctuation runs,
 # newline runs, other whitespace. Digits(individual_digits=True) then splits numbers further.
@@ -69,45 +95,220 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(byte_values, code_points)}
 
 
+# --- the Jinja environment: a copy of transformers.utils.chat_template_utils (5.x) ---------------
+
+
 def _raise_exception(message: str):
     raise OrchardError(f"chat template: {message}")
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # transformers' override: no HTML escaping (Jinja's own tojson escapes <, > and &), json.dumps options.
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-@lru_cache(maxsize=8)
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+class _TemplateDict:
+    """`dict` as templates see it: calling and fromkeys only, no attribute access to break out with."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """`namespace` that refuses underscore-prefixed attributes (no reaching CPython internals)."""
+
+    def __init__(*args, **kwargs):
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise SecurityError(f"chat templates cannot store underscore-prefixed attributes on a namespace, "
+                                f"but got {name!r}")
+
+
+class _GenerationTag(Extension):
+    """``{% generation %}...{% endgeneration %}`` marks the assistant's text for transformers'
+    assistant-token masks; rendering a string, transformers outputs the body unchanged, and so do we."""
+
+    tags: ClassVar[set[str]] = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+@lru_cache(maxsize=16)
 def _compile_template(source: str):
     # Same environment as transformers' _compile_jinja_template, so templates render identically.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
     try:
         return env.from_string(source)
     except TemplateError as e:
         raise OrchardError(f"chat template: line {getattr(e, 'lineno', '?')}: {e.message}") from None
 
 
+def _plain(value: Any) -> Any:
+    """What a template may see: plain JSON-like data (transformers' _plain_template_data), so rich
+    objects in the inputs expose no methods to the sandbox."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+def _alias_reasoning(messages: list[dict]) -> list[dict]:
+    """Fill `reasoning_content` (and `thinking`) from whichever reasoning field a message uses."""
+    aliased = []
+    for message in messages:
+        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        aliased.append(message)
+    return aliased
+
+
+# --- reading a tokenizer directory -------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OrchardError(f"{path}: invalid JSON ({e})") from None
+
+
+def _token_text(value: Any, where: str) -> str | None:
+    """A special token as configs write it: a string, null, or an AddedToken dict ({"content": ...})."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise OrchardError(f"{where}: expected a token string or {{\"content\": ...}}, got {json.dumps(value)[:80]}")
+
+
+def _named_templates(value: Any, where: str) -> str | dict[str, str] | None:
+    """A chat template entry: a string, a list of {"name", "template"} or a {name: template} dict."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        templates = {}
+        for item in value:
+            if not (isinstance(item, dict) and isinstance(item.get("name"), str)
+                    and isinstance(item.get("template"), str)):
+                raise OrchardError(f"{where}: each named chat template needs a \"name\" and a \"template\" string")
+            templates[item["name"]] = item["template"]
+        return templates
+    if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return dict(value)
+    raise OrchardError(f"{where}: expected a template string or a list of named templates")
+
+
+def _read_chat_templates(directory: Path, config: dict) -> str | dict[str, str] | None:
+    # As transformers: template files win over the config entry; chat_template.json (the processor
+    # file) is read last, for checkpoints that keep their template only there.
+    files = {}
+    if (directory / CHAT_TEMPLATE_FILE).is_file():
+        files["default"] = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    if (directory / CHAT_TEMPLATE_DIR).is_dir():
+        for file in sorted((directory / CHAT_TEMPLATE_DIR).glob("*.jinja")):
+            files[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
+    if files:
+        return files["default"] if list(files) == ["default"] else files
+    found = _named_templates(config.get("chat_template"), f"{directory / CONFIG_FILE}: chat_template")
+    if found is None and (directory / LEGACY_CHAT_TEMPLATE_FILE).is_file():
+        legacy_file = directory / LEGACY_CHAT_TEMPLATE_FILE
+        legacy = _read_json(legacy_file)
+        if not isinstance(legacy, dict):
+            raise OrchardError(f"{legacy_file}: expected a JSON object with a \"chat_template\" key")
+        found = _named_templates(legacy.get("chat_template"), f"{legacy_file}: chat_template")
+    return found
+
+
 class Tokenizer:
-    """A byte-level BPE tokenizer plus the special tokens and chat template that go with it."""
+    """A byte-level BPE tokenizer plus the special tokens and chat template that go with it.
+
+    ``bos_token`` may be None (Qwen has no BOS): then ``bos_id`` is None and ``encode(add_bos=True)``
+    adds nothing, as transformers does. ``pad_token`` falls back to ``eos_token`` when the tokenizer
+    defines no padding token, so ``pad_id`` is always an id (saving writes the configured value, None).
+    """
 
     def __init__(
         self,
         backend: _HFTokenizer,
-        chat_template: str = CHAT_TEMPLATE,
-        bos_token: str = SPECIAL_TOKENS["bos"],
+        chat_template: str | None = CHAT_TEMPLATE,
+        bos_token: str | None = SPECIAL_TOKENS["bos"],
         eos_token: str = SPECIAL_TOKENS["eos"],
-        pad_token: str = SPECIAL_TOKENS["pad"],
+        pad_token: str | None = SPECIAL_TOKENS["pad"],
         model_max_length: int = _NO_MAX_LENGTH,
+        chat_templates: dict[str, str] | None = None,
+        named_tokens: dict[str, str] | None = None,
     ):
         self._backend = backend
+        # The template used by default; `chat_templates` holds a checkpoint's named templates (the
+        # "tool_use" one is picked when tools are passed, as transformers does).
         self.chat_template = chat_template
+        self.chat_templates = dict(chat_templates or {})
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.pad_token = pad_token
+        # Other named special tokens of the config (unk_token, mask_token, image_token, ...):
+        # transformers passes them to the chat template as variables.
+        self.named_tokens = dict(named_tokens or {})
         # Written to tokenizer_config.json; set it to the model's context length before saving.
         self.model_max_length = model_max_length
+
+    @property
+    def pad_token(self) -> str:
+        """The padding token; the end-of-text token where the tokenizer defines none."""
+        return self._pad_token if self._pad_token is not None else self.eos_token
+
+    @pad_token.setter
+    def pad_token(self, value: str | None) -> None:
+        self._pad_token = value
 
     @classmethod
     def train(
@@ -141,7 +342,18 @@ class Tokenizer:
     @classmethod
     def load(cls, path) -> Tokenizer:
         """Load from a directory holding tokenizer.json (and optionally tokenizer_config.json), or
-        from a tokenizer.json file."""
+        from a tokenizer.json file.
+
+        Reads orchard's own directories and Hugging Face checkpoints alike, as transformers 5 does:
+        special tokens as strings or AddedToken dicts; ``special_tokens_map.json`` only where the
+        config has no ``added_tokens_decoder`` (then it overrides the config); the chat template from
+        ``chat_template.jinja`` / ``additional_chat_templates/`` before the config's entry (a string or
+        a list of named templates, "default" being the one used), then ``chat_template.json``.
+        Orchard's additions: a tokenizer.json without any config gets orchard's own special tokens
+        (those its vocabulary has), the padding token falls back to the end-of-text token, and a
+        vocabulary with ChatML's tokens but no template gets orchard's ChatML template. An
+        end-of-text token is required.
+        """
         path = Path(path)
         tokenizer_file = path / "tokenizer.json" if path.is_dir() else path
         if not tokenizer_file.is_file():
@@ -152,32 +364,75 @@ class Tokenizer:
             first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise OrchardError(f"{tokenizer_file}: not a valid tokenizer.json ({first_line})") from None
 
-        config_file = tokenizer_file.parent / "tokenizer_config.json"
-        config = {}
+        directory = tokenizer_file.parent
+        config_file = directory / CONFIG_FILE
+        config: dict = {}
         if config_file.is_file():
-            try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise OrchardError(f"{config_file}: invalid JSON ({e})") from None
+            config = _read_json(config_file)
             if not isinstance(config, dict):
                 raise OrchardError(f"{config_file}: expected a JSON object")
+        tokens_from = {key: config_file for key in config}
+        map_file = directory / SPECIAL_TOKENS_MAP_FILE
+        if map_file.is_file() and "added_tokens_decoder" not in config:
+            # transformers reads this legacy file only then, and its entries win over the config's.
+            special_map = _read_json(map_file)
+            if not isinstance(special_map, dict):
+                raise OrchardError(f"{map_file}: expected a JSON object")
+            config = {**config, **special_map}
+            tokens_from.update({key: map_file for key in special_map})
 
-        def token(key: str, role: str) -> str:
-            value = config.get(key) or SPECIAL_TOKENS[role]
-            # transformers may write a token as {"content": ..., ...} instead of a plain string.
-            return value["content"] if isinstance(value, dict) else value
+        bare = not tokens_from  # a tokenizer.json alone: orchard's own special tokens, where it has them
 
+        def token(key: str, fallback: str | None) -> str | None:
+            if key in config:
+                return _token_text(config[key], f"{tokens_from[key]}: {key}")
+            if bare and fallback is not None and backend.token_to_id(fallback) is not None:
+                return fallback
+            return None
+
+        padding = backend.padding  # transformers takes the pad token from tokenizer.json's padding too
+        bos_token = token("bos_token", SPECIAL_TOKENS["bos"])
+        eos_token = token("eos_token", SPECIAL_TOKENS["eos"])
+        pad_token = token("pad_token", SPECIAL_TOKENS["pad"])
+        if pad_token is None and padding and "pad_token" not in config:
+            pad_token = padding["pad_token"]
+        if eos_token is None:
+            where = tokens_from.get("eos_token", config_file if config_file.is_file() else tokenizer_file)
+            raise OrchardError(f"{where}: eos_token is not set (orchard needs an end-of-text token)")
+
+        # Every other "*_token" string is a named special token transformers hands to the template.
+        named = {}
+        for key, value in config.items():
+            if key in ("bos_token", "eos_token", "pad_token") or not key.endswith("_token"):
+                continue
+            if isinstance(value, str) or (isinstance(value, dict) and isinstance(value.get("content"), str)):
+                named[key] = _token_text(value, f"{tokens_from[key]}: {key}")
+        extra = config.get("extra_special_tokens")
+        if isinstance(extra, dict):
+            for key, value in extra.items():
+                if isinstance(value, (str, dict)):
+                    named[key] = _token_text(value, f"{tokens_from['extra_special_tokens']}: extra_special_tokens.{key}")
+
+        templates = _read_chat_templates(directory, config)
+        chat_templates = templates if isinstance(templates, dict) else {}
+        chat_template = templates.get("default") if isinstance(templates, dict) else templates
+        if templates is None and all(backend.token_to_id(SPECIAL_TOKENS[t]) is not None for t in ("im_start", "im_end")):
+            chat_template = CHAT_TEMPLATE
+
+        max_length = config.get("model_max_length")
         tokenizer = cls(
             backend,
-            chat_template=config.get("chat_template") or CHAT_TEMPLATE,
-            bos_token=token("bos_token", "bos"),
-            eos_token=token("eos_token", "eos"),
-            pad_token=token("pad_token", "pad"),
-            model_max_length=int(config.get("model_max_length") or _NO_MAX_LENGTH),
+            chat_template=chat_template,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            pad_token=pad_token,
+            model_max_length=int(max_length) if max_length else _NO_MAX_LENGTH,
+            chat_templates=chat_templates,
+            named_tokens=named,
         )
-        for name in ("bos_token", "eos_token", "pad_token"):
-            if backend.token_to_id(getattr(tokenizer, name)) is None:
-                raise OrchardError(f"{path}: {name} {getattr(tokenizer, name)!r} is not in the vocabulary")
+        for name, value in (("bos_token", bos_token), ("eos_token", eos_token), ("pad_token", pad_token)):
+            if value is not None and backend.token_to_id(value) is None:
+                raise OrchardError(f"{path}: {name} {value!r} is not in the vocabulary")
         return tokenizer
 
     def save(self, directory) -> None:
@@ -186,6 +441,13 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         self._backend.save(str(directory / "tokenizer.json"))
         added = self._backend.get_added_tokens_decoder()
+        if self.chat_templates:
+            templates = {**self.chat_templates}
+            if self.chat_template is not None:
+                templates["default"] = self.chat_template
+            chat_template = [{"name": name, "template": text} for name, text in templates.items()]
+        else:
+            chat_template = self.chat_template
         config = {
             "added_tokens_decoder": {
                 str(i): {
@@ -199,20 +461,30 @@ class Tokenizer:
                 for i, t in sorted(added.items())
             },
             "bos_token": self.bos_token,
-            "chat_template": self.chat_template,
+            "chat_template": chat_template,
             "clean_up_tokenization_spaces": False,
             "eos_token": self.eos_token,
             "model_max_length": self.model_max_length,
-            "pad_token": self.pad_token,
+            "pad_token": self._pad_token,
+            **{key: value for key, value in sorted(self.named_tokens.items())},
             "tokenizer_class": "PreTrainedTokenizerFast",
         }
-        with open(directory / "tokenizer_config.json", "w", encoding="utf-8") as f:
+        with open(directory / CONFIG_FILE, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
             f.write("\n")
+        # transformers prefers chat_template.jinja to the config's entry: keep an old one in step.
+        stale = directory / CHAT_TEMPLATE_FILE
+        if stale.is_file():
+            if self.chat_template is None:
+                os.remove(stale)
+            else:
+                stale.write_text(self.chat_template, encoding="utf-8")
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Exactly the text's tokens (no post-processor), plus BOS / EOS when asked; a tokenizer
+        without a BOS token adds none. See `adds_bos_by_default` for what a model expects."""
         ids = self._backend.encode(text, add_special_tokens=False).ids
-        if add_bos:
+        if add_bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         if add_eos:
             ids.append(self.eos_id)
@@ -225,27 +497,78 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """Render ``messages`` ([{"role": ..., "content": ...}, ...]) with the chat template."""
-        template = _compile_template(self.chat_template)
+    @property
+    def adds_bos_by_default(self) -> bool:
+        """Whether transformers' ``tokenizer(text)`` / ``encode(text)`` starts with BOS (Llama,
+        Mistral: tokenizer.json's post-processor adds it), so a model trained that way expects it.
+
+        transformers 5 takes this from tokenizer.json's post-processor alone (``add_bos_token`` in
+        tokenizer_config.json is dropped when tokenizer.json exists), and so does this."""
+        bos_id = self.bos_id
+        if bos_id is None or self._backend.post_processor is None:
+            return False
+        return self._backend.encode("", add_special_tokens=True).ids[:1] == [bos_id]
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The named special tokens, as transformers passes them to chat templates."""
+        tokens = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self._pad_token,
+                  **self.named_tokens}
+        return {key: value for key, value in tokens.items() if value is not None}
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tools: list[dict] | None = None, documents: list[dict] | None = None,
+                            chat_template: str | None = None, **kwargs) -> str:
+        """Render ``messages`` ([{"role": ..., "content": ...}, ...]) with the chat template, exactly
+        as transformers' ``apply_chat_template(messages, tokenize=False, ...)`` does: the template
+        sees ``messages``, ``tools``, ``documents``, ``add_generation_prompt``, the named special
+        tokens (``bos_token``, ``eos_token``, ...) and every extra keyword argument
+        (``enable_thinking=False``, ``date_string=...``). Message keys whose value is None are
+        dropped first. ``chat_template`` is a template name (of `chat_templates`) or a template.
+        Tools must be JSON schemas (dicts); transformers' conversion of Python functions is not done."""
+        source = self._select_template(chat_template, tools)
+        if tools is not None and not all(isinstance(t, Mapping) for t in tools):
+            raise OrchardError("chat template: tools must be JSON schemas (dicts)")
+        if documents is not None and not all(isinstance(d, Mapping) for d in documents):
+            raise OrchardError("chat template: documents must be dicts with 'title' and 'text'")
+        if not all(isinstance(m, Mapping) for m in messages):
+            raise OrchardError("chat template: each message must be a dict with 'role' and 'content'")
+        chat = _alias_reasoning(_plain([{k: v for k, v in m.items() if v is not None} for m in messages]))
+        template = _compile_template(source)
         try:
             return template.render(
-                messages=messages,
+                messages=chat,
+                tools=_plain(tools),
+                documents=_plain(documents),
                 add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-                pad_token=self.pad_token,
+                **_plain({**self.special_tokens_map, **kwargs}),
             )
         except TemplateError as e:
             raise OrchardError(f"chat template: {e.message}") from None
 
-    @property
-    def vocab_size(self) -> int:
-        return self._backend.get_vocab_size(with_added_tokens=True)
+    def _select_template(self, chat_template: str | None, tools) -> str:
+        # transformers' get_chat_template: a name picks a named template, other strings are templates.
+        if chat_template is not None:
+            return self.chat_templates.get(chat_template, chat_template)
+        if tools is not None and "tool_use" in self.chat_templates:
+            return self.chat_templates["tool_use"]
+        if self.chat_template is not None:
+            return self.chat_template
+        if self.chat_templates:
+            names = ", ".join(sorted(self.chat_templates))
+            raise OrchardError(f"chat template: several named templates ({names}) and no \"default\"; "
+                               f"pass chat_template=<name>")
+        raise OrchardError("chat template: this tokenizer has none (no chat_template in tokenizer_config.json "
+                           "or chat_template.jinja)")
 
     @property
-    def bos_id(self) -> int:
-        return self._backend.token_to_id(self.bos_token)
+    def vocab_size(self) -> int:
+        """Largest id + 1 over the vocabulary and the added tokens (ids may have gaps)."""
+        return max(self._backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+
+    @property
+    def bos_id(self) -> int | None:
+        return None if self.bos_token is None else self._backend.token_to_id(self.bos_token)
 
     @property
     def eos_id(self) -> int:
@@ -258,6 +581,7 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
+
     def token_byte_lengths(self) -> np.ndarray:
         """Bytes each token decodes to (special tokens: 0), so a span's byte count is
         ``lengths[ids].sum()`` -- exact bits-per-byte without decoding."""
@@ -268,6 +592,8 @@ class Tokenizer:
             if i in special:
                 continue
             token = self._backend.id_to_token(i)
+            if token is None:  # a gap in a checkpoint's ids
+                continue
             # Mirrors the ByteLevel decoder: a token made of byte characters is those bytes;
             # anything else (a non-special added token) is its UTF-8 text.
             if all(c in byte_of for c in token):
