@@ -75,4 +75,7 @@ class Distributed:
 
     def close(self) -> None:
         if self.active and dist.is_initialized():
+            # Tear down together: a process that leaves while its peer is still in a collective
+            # makes gloo abort the peer.
+            dist.barrier()
             dist.destroy_process_group()
