@@ -318,3 +318,4 @@ def test_quickstart_writes_a_report_with_metrics_plot_and_samples(tmp_path):
     assert "](pretrain_loss.png)" in text
     assert text.count("```text") == 5  # one sample per prompt
     assert (tmp_path / "qs" / "pretrain" / "final" / "orchard.json").is_file()
+    assert (tmp_path / "qs" / "export" / "hf" / "config.json").is_file() and "GGUF q8_0" in text

@@ -4,7 +4,8 @@ Stages so far:
 1. pretrain a tokenizer and a small model on the synthetic bilingual world;
 2. evaluate it (validation loss, perplexity, bits per byte; fact recall and arithmetic by greedy
    completion) and sample from it in English and Chinese;
-3. write `report.md` with the metrics, the loss curve and the samples.
+3. export it for transformers (a Hugging Face directory) and llama.cpp (GGUF f16 and q8_0);
+4. write `report.md` with the metrics, the loss curve, the samples and the exports.
 Each stage is a normal orchard run in its own directory under `--out`, so running quickstart again
 resumes (or skips) what is already done.
 """
@@ -17,8 +18,11 @@ from pathlib import Path
 from ..checkpoint import load_checkpoint
 from ..config import Duration
 from ..data.synthetic import World
+from ..errors import OrchardError
 from ..evaluation.completion import arithmetic_items, completion_accuracy, fact_completion_items
 from ..evaluation.report import Report, plot_loss_curves, read_metrics
+from ..interop.export import export_hf
+from ..interop.gguf import export_gguf
 from ..lineage import ancestry
 from ..methods import pretrain
 from ..model import ModelConfig
@@ -48,13 +52,13 @@ def run_quickstart(out: Path, max_time: float = 240.0) -> Path:
                 "(stories, facts about generated people, arithmetic in English and Chinese).")
 
     # 1. Pretraining
-    print("[1/2] pretraining on the built-in world", file=sys.stderr)
+    print("[1/3] pretraining on the built-in world", file=sys.stderr)
     config = quickstart_config(out, max_time)
     result = pretrain.run(config)
     metrics = result.state.metrics
 
     # 2. Evaluation and samples
-    print("[2/2] evaluating and sampling", file=sys.stderr)
+    print("[2/3] evaluating and sampling", file=sys.stderr)
     checkpoint = load_checkpoint(result.final_dir)
     world = World()
     tasks = {
@@ -95,4 +99,21 @@ def run_quickstart(out: Path, max_time: float = 240.0) -> Path:
                  [[p, a, o, "yes" if ok else "no"] for p, a, o, ok in accuracies["fact recall (English)"].examples[:5]])
     report.text(f"Checkpoint: `{result.final_dir}` (try `orchard generate {result.final_dir} --prompt \"Tom Snow\"`, "
                 f"`orchard chat {result.final_dir}`, `orchard info {result.final_dir}`).")
+
+    # 3. Export for other tools
+    print("[3/3] exporting for transformers and llama.cpp", file=sys.stderr)
+    report.heading("Export")
+    rows = [["Hugging Face directory", str(export_hf(result.final_dir, out / "export" / "hf")),
+             _size(out / "export" / "hf" / "model.safetensors")]]
+    for dtype in ("f16", "q8_0"):
+        try:
+            gguf_file = export_gguf(result.final_dir, out / "export" / f"model-{dtype}.gguf", dtype)
+            rows.append([f"GGUF {dtype} (llama.cpp)", str(gguf_file), _size(gguf_file)])
+        except OrchardError as error:  # the gguf package is optional
+            rows.append([f"GGUF {dtype} (llama.cpp)", f"skipped: {error}", ""])
+    report.table(["format", "path", "weights"], rows)
     return report.write()
+
+
+def _size(path: Path) -> str:
+    return f"{path.stat().st_size / 2**20:.1f} MiB"
