@@ -10,10 +10,14 @@ from orchard.data.synthetic import (
     DOCUMENT_KINDS,
     RELATIONS,
     World,
+    answer_matches,
     arithmetic_problem,
+    exact_match_items,
     generate_documents,
+    instruction_conversations,
     story,
     write_corpus,
+    write_instruction_corpus,
 )
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -205,3 +209,135 @@ def test_write_corpus_forwards_options_and_keeps_old_file_on_error(tmp_path):
         write_corpus(path, 5, kinds=["nope"])
     assert path.read_text(encoding="utf-8") == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.jsonl"]
+
+
+# --- instruction data -------------------------------------------------------------------------------
+
+
+def test_pretraining_documents_are_unchanged():
+    import hashlib
+
+    digest = hashlib.sha256("\x00".join(generate_documents(200, seed=0)).encode()).hexdigest()
+    assert digest == "31ba2ba3011c107beb715fe7748a7194d3afca610406ddf0ea099df32483512e"
+
+
+def user_turns(records) -> list[str]:
+    return [m["content"] for r in records for m in r["messages"] if m["role"] == "user"]
+
+
+def evaluate_word_problem(question: str) -> int:
+    a, b = map(int, re.findall(r"\d+", question))
+    if any(word in question for word in ("boxes", "bags", "每")):
+        return a * b
+    if any(word in question for word in ("more", "又")):
+        return a + b
+    assert any(word in question for word in ("gives", "lost", "给了", "丢了")), question
+    return a - b
+
+
+@pytest.fixture(scope="module")
+def instructions(world):
+    return {split: instruction_conversations(world, split) for split in ("train", "held_out")}
+
+
+def test_instruction_conversations_are_deterministic(world, instructions):
+    assert instruction_conversations(World(), "train") == instructions["train"]
+    assert instruction_conversations(world, "train", seed=1) != instructions["train"]
+    assert instruction_conversations(world, "train", num_conversations=10) == instructions["train"][:10]
+    assert len(instruction_conversations(world, "held_out", num_conversations=1000)) == 1000
+
+
+def test_train_and_held_out_ask_disjoint_questions(world, instructions):
+    train, held = set(user_turns(instructions["train"])), set(user_turns(instructions["held_out"]))
+    assert train and held and not train & held
+    kept, held_out = world.split_facts()
+    for split, facts in (("train", kept), ("held_out", held_out)):
+        questions = {f.question(lang) for f in facts for lang in ("en", "zh")}
+        singles = {r["messages"][-2]["content"] for r in instructions[split] if len(r["messages"]) <= 3}
+        assert questions <= singles  # every fact of the split is asked in both languages
+
+
+def test_instruction_answers_are_correct(world, instructions):
+    by_question = {f.question(lang): (f, lang) for f in world.facts for lang in ("en", "zh")}
+    kinds = {"single": 0, "multi": 0, "arithmetic": 0, "system": 0, "zh": 0}
+    for records in instructions.values():
+        for record in records:
+            messages = record["messages"]
+            if messages[0]["role"] == "system":
+                kinds["system"] += 1
+                messages = messages[1:]
+            assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
+            kinds["zh"] += bool(CJK.search(messages[0]["content"]))
+            subjects = set()
+            for question, answer in zip(messages[::2], messages[1::2]):
+                question, answer = question["content"], answer["content"]
+                question = re.sub(r"^(And (.)|那)", lambda m: (m.group(2) or "").upper(), question)
+                if question in by_question:
+                    fact, lang = by_question[question]
+                    assert answer == fact.sentence(lang) and fact.answer(lang) in answer
+                    subjects.add(fact.subject)
+                else:
+                    assert len(messages) == 2
+                    assert int(answer) == evaluate_word_problem(question) >= 0
+                    kinds["arithmetic"] += 1
+            if len(messages) == 4:
+                assert len(subjects) == 1  # the follow-up is about the same person
+                kinds["multi"] += 1
+            elif subjects:
+                kinds["single"] += 1
+    total = sum(len(r) for r in instructions.values())
+    assert kinds["single"] == total // 2 and 0.2 < kinds["multi"] / total <= 0.25
+    assert 0.2 < kinds["system"] / total < 0.4 and 0.3 < kinds["zh"] / total < 0.7
+    assert abs(kinds["arithmetic"] + kinds["multi"] - total / 2) <= 1
+
+
+def test_word_problems_never_repeat_across_splits(world):
+    def problems(split):
+        records = instruction_conversations(world, split, num_conversations=800, languages=["en"])
+        return {tuple(map(int, re.findall(r"\d+", q))) + (evaluate_word_problem(q),)
+                for q in user_turns(records) if re.search(r"\d", q)}
+
+    train, held = problems("train"), problems("held_out")
+    assert len(train) > 100 and len(held) > 100 and not train & held
+
+
+def test_exact_match_items_follow_the_conversations(world, instructions):
+    items = exact_match_items(world, "held_out")
+    assert len(items) == len(instructions["held_out"])
+    for (prompt, expected), record in zip(items, instructions["held_out"]):
+        assert prompt == record["messages"][:-1] and prompt[-1]["role"] == "user"
+        assert answer_matches(record["messages"][-1]["content"], expected)
+    assert {"en", "zh"} <= {"zh" if CJK.search(p[-1]["content"]) else "en" for p, _ in items}
+    assert exact_match_items(world, "train", num_items=5) == exact_match_items(world, "train")[:5]
+    numbers = [e for _, e in items if e.isdigit()]
+    assert numbers and all(e in [str(n) for n in range(200)] for e in numbers)
+
+
+@pytest.mark.parametrize("reply, expected, ok", [
+    ("19", "19", True), ("The answer is 19.", "19", True), ("19\n20", "19", True), ("\n 19 apples", "19", True),
+    ("119", "19", False), ("190", "19", False), ("19.5", "19", False), ("1,19", "19", False), ("20\n19", "19", False),
+    ("Tom Snow lives in Greenfield.", "Greenfield", True), ("He likes oranges.", "orange", False),
+    ("汤姆·斯诺住在绿野镇。", "绿野镇", True), ("汤姆·斯诺住在北港。", "绿野镇", False), ("", "19", False),
+])
+def test_answer_matches(reply, expected, ok):
+    assert answer_matches(reply, expected) is ok
+
+
+def test_instruction_options_and_errors(world):
+    en = instruction_conversations(world, "held_out", languages=["en"])
+    assert en and not any(CJK.search(q) for q in user_turns(en))
+    with pytest.raises(ValueError, match="test"):
+        instruction_conversations(world, "test")
+    with pytest.raises(ValueError, match="fr"):
+        instruction_conversations(world, languages=["fr"])
+
+
+def test_write_instruction_corpus_is_readable_jsonl(tmp_path, world):
+    from orchard.data.conversations import read_conversations
+
+    path = write_instruction_corpus(tmp_path / "sft" / "train.jsonl", world, "train", num_conversations=30)
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert records == instruction_conversations(world, "train", num_conversations=30)
+    assert CJK.search(path.read_text(encoding="utf-8"))
+    assert [c.messages for c in read_conversations(path)] == [r["messages"] for r in records]
+    assert [p.name for p in path.parent.iterdir()] == ["train.jsonl"]

@@ -31,8 +31,9 @@ from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from .config import to_dict
 from .errors import OrchardError
 from .model import CausalLM, ModelConfig
 from .tokenizer import Tokenizer
@@ -41,6 +42,9 @@ RECORD_FILE = "orchard.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 TRAINING_STATE_FILE = "training_state.pt"
+ADAPTER_WEIGHTS_FILE = "adapters.safetensors"
+ADAPTER_SETTINGS_FILE = "adapters.json"
+PEFT_DIR = "peft"
 FINAL_DIR = "final"
 STEP_PREFIX = "step-"
 
@@ -74,9 +78,10 @@ def atomic_directory(target: Path, write: Callable[[Path], None]) -> None:
     tmp.mkdir()
     try:
         write(tmp)
-        for child in tmp.iterdir():
-            with open(child, "rb") as handle:
-                os.fsync(handle.fileno())
+        for child in tmp.rglob("*"):
+            if child.is_file():
+                with open(child, "rb") as handle:
+                    os.fsync(handle.fileno())
         if target.exists():
             # Two renames: a crash between them leaves the old copy under `.old`, which
             # `latest_checkpoint` never picks, and the previous checkpoint step still intact.
@@ -92,11 +97,42 @@ def atomic_directory(target: Path, write: Callable[[Path], None]) -> None:
 
 
 def model_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
-    """Weights under Hugging Face names, without the tied lm_head (as `transformers` saves them)."""
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    """Base weights under Hugging Face names, without the tied lm_head (as `transformers` saves
+    them) and without adapters."""
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()
+             if not _is_adapter_tensor(name)}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return state
+
+
+def _is_adapter_tensor(name: str) -> bool:
+    return ".lora." in name
+
+
+def adapter_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
+    """Every adapter tensor under its module path (`...q_proj.lora.default.A`), DoRA magnitudes included."""
+    return {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()
+            if _is_adapter_tensor(name)}
+
+
+def is_adapter_checkpoint(path: Path) -> bool:
+    return (path / ADAPTER_WEIGHTS_FILE).is_file() and (path / ADAPTER_SETTINGS_FILE).is_file()
+
+
+def _write_adapters(tmp: Path, model: CausalLM, base: dict | None) -> str:
+    """An adapter checkpoint: orchard's own file (exact, DoRA included) and, for plain LoRA, the
+    same adapter in PEFT's format for transformers users. Returns the adapter file's hash."""
+    from .peft.lora import adapter_configs, save_adapter
+
+    configs = adapter_configs(model)
+    tensors = {k: v.to("cpu") for k, v in adapter_tensors(model).items()}
+    save_file(tensors, tmp / ADAPTER_WEIGHTS_FILE, metadata={"format": "pt"})
+    write_json(tmp / ADAPTER_SETTINGS_FILE, {name: to_dict(config) for name, config in configs.items()})
+    if len(configs) == 1 and not next(iter(configs.values())).use_dora:
+        peft_dir = tmp / PEFT_DIR
+        save_adapter(model, next(iter(configs)), peft_dir, base_model_name_or_path=(base or {}).get("path"))
+    return file_sha256(tmp / ADAPTER_WEIGHTS_FILE)
 
 
 def save_checkpoint(path: str | Path, model: CausalLM, tokenizer: Tokenizer, record: dict,
@@ -112,12 +148,18 @@ def save_checkpoint(path: str | Path, model: CausalLM, tokenizer: Tokenizer, rec
     }
 
     def write(tmp: Path) -> None:
-        write_json(tmp / "config.json", config.to_hf_dict(dtype))
-        state = {k: v.to("cpu") for k, v in model_state_dict(model).items()}
-        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        if adapter_tensors(model):
+            # The base is frozen and stays where it is: only the adapters are written, and the
+            # record's parent says which base they belong to.
+            sha = _write_adapters(tmp, model, record.get("parent"))
+        else:
+            write_json(tmp / "config.json", config.to_hf_dict(dtype))
+            state = {k: v.to("cpu") for k, v in model_state_dict(model).items()}
+            save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+            sha = file_sha256(tmp / WEIGHTS_FILE)
         tokenizer.save(tmp)
         write_json(tmp / "generation_config.json", generation_config)
-        write_json(tmp / RECORD_FILE, {**record, "weights_sha256": file_sha256(tmp / WEIGHTS_FILE)})
+        write_json(tmp / RECORD_FILE, {**record, "weights_sha256": sha})
         if training_state is not None:
             torch.save(training_state, tmp / TRAINING_STATE_FILE)
 
@@ -127,7 +169,7 @@ def save_checkpoint(path: str | Path, model: CausalLM, tokenizer: Tokenizer, rec
 
 def is_checkpoint(path: Path) -> bool:
     weights = (path / WEIGHTS_FILE).is_file() or (path / WEIGHTS_INDEX_FILE).is_file()
-    return (path / "config.json").is_file() and weights
+    return ((path / "config.json").is_file() and weights) or is_adapter_checkpoint(path)
 
 
 def step_checkpoints(run_dir: Path) -> list[Path]:
@@ -275,6 +317,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     unless `dtype` is given.
     """
     path = resolve_checkpoint(path)
+    if is_adapter_checkpoint(path):
+        return _load_adapter_checkpoint(path, device, dtype)
     config = read_model_config(path)
     tokenizer = Tokenizer.load(path)
     check_tokenizer_matches(tokenizer, config, path)
@@ -283,3 +327,39 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     load_weights(model, path, assign=True, dtype=dtype)
     model.model.rotary.reset()
     return Checkpoint(path=path, model=model.to(device).eval(), tokenizer=tokenizer, record=read_record(path))
+
+
+def _load_adapter_checkpoint(path: Path, device, dtype) -> Checkpoint:
+    """The base named by the record's parent, with this checkpoint's adapters attached and active."""
+    record = read_record(path)
+    parent = (record.get("parent") or {}).get("path")
+    if not parent or not Path(parent).exists():
+        raise OrchardError(f"{path}: adapter checkpoint whose base model {parent!r} is not available")
+    base = load_checkpoint(parent, device, dtype)
+    restore_adapters(base.model, path, create=True)
+    return Checkpoint(path=path, model=base.model.eval(), tokenizer=base.tokenizer, record=record)
+
+
+def restore_adapters(model: CausalLM, path: Path, create: bool = False) -> None:
+    """Load an adapter checkpoint's tensors into `model` (adding the adapters first with `create`)."""
+    from .peft.lora import LoraConfig, add_lora, set_active_adapters
+
+    settings = json.loads((path / ADAPTER_SETTINGS_FILE).read_text(encoding="utf-8"))
+    if create:
+        for name, fields in settings.items():
+            add_lora(model, LoraConfig(**fields), name=name)
+        set_active_adapters(model, list(settings))
+    tensors = load_file(path / ADAPTER_WEIGHTS_FILE)
+    expected = set(adapter_tensors(model))
+    if set(tensors) != expected:
+        missing = sorted(expected - set(tensors)) or sorted(set(tensors) - expected)
+        raise OrchardError(f"{path / ADAPTER_WEIGHTS_FILE}: adapters do not match the model ({missing[0]})")
+    model.load_state_dict(tensors, strict=False)
+
+
+def restore_trained_weights(model: CausalLM, path: Path) -> None:
+    """Put a step checkpoint's trained weights back into a model being trained (for resuming)."""
+    if is_adapter_checkpoint(path):
+        restore_adapters(model, path)
+    else:
+        load_weights(model, path)

@@ -39,16 +39,27 @@ def tokenizer_train(args) -> None:
     print(f"saved a {tokenizer.vocab_size}-token tokenizer to {args.out}")
 
 
-def pretrain(args) -> None:
+def _train(args, config_cls, run) -> None:
     from ..config import load_config
-    from ..methods.pretrain import PretrainConfig, run
 
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe and "=" in recipe and not Path(recipe).exists():
         recipe, overrides = None, [recipe] + overrides  # no recipe, only overrides
-    result = run(load_config(PretrainConfig, recipe, overrides))
+    result = run(load_config(config_cls, recipe, overrides))
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.state.metrics.items())
     print(f"{result.final_dir}: {result.state.step} steps, {result.state.tokens:,} tokens; {metrics}")
+
+
+def pretrain(args) -> None:
+    from ..methods.pretrain import PretrainConfig, run
+
+    _train(args, PretrainConfig, run)
+
+
+def sft(args) -> None:
+    from ..methods.sft import SFTConfig, run
+
+    _train(args, SFTConfig, run)
 
 
 def generate(args) -> None:
@@ -182,8 +193,11 @@ def info(args) -> None:
     from ..lineage import ancestry, total_flops
 
     path = resolve_checkpoint(args.checkpoint)
-    config = read_model_config(path)
     chain = ancestry(path)
+    # An adapter checkpoint's architecture is its base's.
+    base = next(Path(r["path"]) for r in chain if (Path(r["path"]) / "config.json").is_file()) \
+        if not (path / "config.json").is_file() and len(chain) > 1 else path
+    config = read_model_config(base)
     summary = {
         "checkpoint": str(path),
         "config": config.to_hf_dict(),

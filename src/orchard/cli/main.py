@@ -41,6 +41,7 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..methods.pretrain import PretrainConfig
+    from ..methods.sft import SFTConfig
 
     parser = argparse.ArgumentParser(
         prog="orchard", formatter_class=HelpFormatter,
@@ -74,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    epilog=_recipe_help(PretrainConfig))
     pretrain.add_argument("recipe", nargs="?", help="a recipe YAML (see recipes/)")
     pretrain.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=200")
+
+    sft = commands.add_parser("sft", formatter_class=HelpFormatter, help="fine-tune on conversations (full or LoRA/DoRA)",
+                              description="Supervised fine-tuning of init=CHECKPOINT on conversations, with the loss "
+                                          "on assistant tokens only. peft.method=lora|dora trains adapters on the "
+                                          "frozen base and saves only them. With no data.path it uses the built-in "
+                                          "world's instruction conversations. Running the same command again resumes.",
+                              epilog=_recipe_help(SFTConfig))
+    sft.add_argument("recipe", nargs="?", help="a recipe YAML (see recipes/)")
+    sft.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. init=runs/quickstart/pretrain peft.method=lora")
 
     generate = commands.add_parser("generate", help="continue a prompt (streams tokens)",
                                    description="Sample a continuation of --prompt from a checkpoint.")
@@ -141,6 +151,7 @@ def _dispatch(args) -> int | None:
 
     handler = {
         "quickstart": commands.quickstart, "tokenizer": commands.tokenizer_train, "pretrain": commands.pretrain,
+        "sft": commands.sft,
         "generate": commands.generate, "chat": commands.chat, "eval": commands.evaluate, "info": commands.info,
         "export": commands.export,
     }[args.command]

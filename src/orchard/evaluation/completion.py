@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
-from ..data.synthetic import World, arithmetic_problem
+from ..data.synthetic import World, answer_matches, arithmetic_problem
 from ..model.generation import SamplingConfig, generate_text
 
 
@@ -27,17 +28,30 @@ def is_correct(output: str, answer: str) -> bool:
 
 
 def completion_accuracy(model, tokenizer, items: list[tuple[str, str]], max_new_tokens: int = 12,
-                        batch_size: int = 32) -> CompletionResult:
+                        batch_size: int = 32, matches: Callable[[str, str], bool] = is_correct,
+                        end_token_ids: Sequence[int] = (), add_bos: bool | None = None) -> CompletionResult:
     greedy = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     examples = []
     model.eval()
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        outputs = generate_text(model, tokenizer, [prompt for prompt, _ in chunk], greedy)
+        outputs = generate_text(model, tokenizer, [prompt for prompt, _ in chunk], greedy,
+                                end_token_ids=end_token_ids, add_bos=add_bos)
         for (prompt, answer), output in zip(chunk, outputs):
-            examples.append((prompt, answer, output, is_correct(output, answer)))
+            examples.append((prompt, answer, output, matches(output, answer)))
     accuracy = sum(e[3] for e in examples) / max(len(examples), 1)
     return CompletionResult(accuracy=accuracy, examples=examples)
+
+
+def chat_exact_match(model, tokenizer, items: list[tuple[list[dict], str]], max_new_tokens: int = 40,
+                     batch_size: int = 32) -> CompletionResult:
+    """Held-out questions answered in the chat format: the greedy reply to each conversation is
+    correct when `answer_matches` finds the expected answer in its first line."""
+    prompts = [(tokenizer.apply_chat_template(messages, add_generation_prompt=True), answer)
+               for messages, answer in items]
+    turn_end = [i for i in (tokenizer.token_to_id("<|im_end|>"),) if i is not None]
+    return completion_accuracy(model, tokenizer, prompts, max_new_tokens, batch_size, matches=answer_matches,
+                               end_token_ids=turn_end, add_bos=False)
 
 
 def fact_completion_items(world: World, lang: str, limit: int, seed: int = 0) -> list[tuple[str, str]]:

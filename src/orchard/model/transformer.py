@@ -258,18 +258,24 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                 output_hidden_states: bool = False, logits_to_keep: int = 0) -> ModelOutput:
+        """`attention_mask` is either (B, S) with 1 for real tokens (padding) or a boolean (B, 1, T, S)
+        mask used as is (packed sequences); `position_ids` default to 0.. after any padding."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
+        explicit_mask = attention_mask is not None and attention_mask.dim() == 4
         if position_ids is None:
-            if attention_mask is not None:
+            if attention_mask is not None and not explicit_mask:
                 # Left padding: a sequence's first real token is position 0.
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         # Plain causal attention over a fresh sequence takes SDPA's fast is_causal path.
-        mask = None
-        if attention_mask is not None or past > 0:
+        if explicit_mask:
+            mask = attention_mask.bool()  # (B, 1, T, S) built by the caller, e.g. block-diagonal for packed sequences
+        elif attention_mask is not None or past > 0:
             mask = causal_mask(attention_mask, position_ids, past, past + T)
+        else:
+            mask = None
 
         stack = self.model
         x = stack.embed_tokens(input_ids)                                           # (B, T, d)

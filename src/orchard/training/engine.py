@@ -29,8 +29,8 @@ from typing import Literal, Protocol
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import (FINAL_DIR, STEP_PREFIX, TRAINING_STATE_FILE, WEIGHTS_FILE, is_checkpoint,
-                          load_weights, read_record, save_checkpoint, step_checkpoints)
+from ..checkpoint import (FINAL_DIR, STEP_PREFIX, TRAINING_STATE_FILE, is_checkpoint, read_record,
+                          restore_trained_weights, save_checkpoint, step_checkpoints)
 from ..config import Duration, to_dict
 from ..errors import OrchardError
 from ..model import CausalLM
@@ -311,7 +311,7 @@ class Trainer:
         latest = steps[-1]
         self._check_same_recipe(latest)
         saved = torch.load(latest / TRAINING_STATE_FILE, map_location=self.device, weights_only=False)
-        load_weights(self.model, latest / WEIGHTS_FILE)
+        restore_trained_weights(self.model, latest)
         self.model.to(self.device)
         self.optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])

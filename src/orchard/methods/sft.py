@@ -1,0 +1,224 @@
+"""Supervised fine-tuning on conversations: full, or parameter-efficient with LoRA/DoRA.
+
+Run it with `orchard sft INIT=CKPT [RECIPE.yaml] [key=value ...]`; with no data it fine-tunes on
+the built-in world's instruction conversations. Read top to bottom, a run is:
+
+1. the parent checkpoint (orchard's or a Hugging Face model) and its tokenizer and chat template;
+2. conversations read and rendered with that template, the loss only on assistant tokens
+   (all assistant turns or the last), bad records an error or a counted skip, long ones
+   truncated by dropping old turns, never the answer;
+3. packed into `data.max_length`-token sequences without attention or positions leaking across
+   conversations (block-diagonal masks, positions restarting at each one), or padded one per row;
+4. with `peft.method=lora|dora`, adapters attached to the frozen base (only they train and are
+   saved); otherwise every weight trains;
+5. the shared engine, with this module's batches and loss (summed token cross-entropy over
+   supervised tokens), validated by the loss on held-out conversations.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..checkpoint import load_checkpoint
+from ..config import to_dict
+from ..data.conversations import (ReadStats, collate_packed, collate_padded, length_grouped_order,
+                                  pack_conversations, read_conversations, tokenize_conversation)
+from ..data.packing import EpochOrder, micro_batch_samples
+from ..data.synthetic import World, instruction_conversations
+from ..errors import OrchardError
+from ..lineage import new_record
+from ..peft.lora import LoraConfig, add_lora, trainable_parameter_count
+from ..training import TrainConfig, Trainer, TrainResult
+from ..training.distributed import Distributed
+from .losses import token_cross_entropy
+
+
+@dataclass
+class ConversationDataConfig:
+    path: str | list[str] | None = None
+    """Conversations: .jsonl/.json files or globs in OpenAI messages, ShareGPT, Alpaca or
+    prompt/completion form. None means the built-in world's instruction conversations."""
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
+    """Record format; auto detects it from each record's keys."""
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    """Which assistant turns the loss covers."""
+    max_length: int = 512
+    """Tokens per training sequence; longer conversations follow data.truncation."""
+    truncation: Literal["error", "skip", "truncate_prompt"] = "truncate_prompt"
+    """Too long: stop with an error, skip it (counted), or drop its oldest turns (never the answer)."""
+    on_error: Literal["error", "skip"] = "error"
+    """A malformed record (unknown role, empty answer, ...): stop with an error, or skip it (counted)."""
+    packing: bool = True
+    """Pack several conversations per sequence (block-diagonal attention); False pads one per row,
+    batching similar lengths together."""
+    val_fraction: float = 0.05
+    """Fraction of conversations held out for validation (at least one)."""
+    max_conversations: int | None = None
+    """Use at most this many conversations (from the start)."""
+
+
+@dataclass
+class PeftConfig:
+    method: Literal["none", "lora", "dora"] = "none"
+    """none: full fine-tuning; lora or dora: train adapters on the frozen base."""
+    r: int = 8
+    """Adapter rank."""
+    alpha: float = 16.0
+    """Adapter scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                              "gate_proj", "up_proj", "down_proj"])
+    """Linear layers to adapt: names (the last part of a module's name) or regular expressions."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+
+
+@dataclass
+class SFTConfig:
+    init: str | None = None
+    """The checkpoint to fine-tune (orchard's, or a Hugging Face model directory or Hub id)."""
+    out: str = "runs/sft"
+    """Run directory. Running again resumes it."""
+    data: ConversationDataConfig = field(default_factory=ConversationDataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=300, lr=1e-4, warmup_steps=20,
+                                                                   weight_decay=0.0, batch_size=8))
+
+
+class ConversationLanguageModeling:
+    """The engine's view of SFT: batches of packed (or padded) conversations, loss on assistant tokens."""
+
+    name = "sft"
+
+    def __init__(self, train: list, val: list, config: SFTConfig, pad_id: int):
+        self.config, self.pad_id = config, pad_id
+        batch_size = config.train.batch_size
+        if config.data.packing:
+            self.train = pack_conversations(train, config.data.max_length)
+            self.val = pack_conversations(val, config.data.max_length)
+            self.collate = lambda rows: collate_packed(rows, pad_id)
+            self.order = EpochOrder(len(self.train), config.train.seed)
+        else:
+            self.train, self.val = train, val
+            self.collate = lambda rows: collate_padded(rows, pad_id)
+            lengths = [len(example.input_ids) for example in train]
+            self.order = _GroupedOrder(lengths, batch_size, config.train.seed)
+
+    def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        c = self.config.train
+        samples = micro_batch_samples(step, micro, rank, world, c.batch_size, c.grad_accum)
+        return self.collate([self.train[self.order[s]] for s in samples])
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"] != -100).sum())
+
+    def loss(self, model, batch):
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch.get("position_ids")).logits
+        return token_cross_entropy(logits, batch["labels"]), {}
+
+    def evaluate(self, model) -> dict[str, float]:
+        loss_sum, tokens = 0.0, 0
+        size = self.config.train.batch_size
+        for start in range(0, min(len(self.val), self.config.train.eval_batches * size), size):
+            batch = self.collate(self.val[start:start + size])
+            batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+            total, _ = self.loss(model, batch)
+            loss_sum += total.item()
+            tokens += self.count(batch)
+        return {"val_loss": loss_sum / max(tokens, 1)}
+
+
+class _GroupedOrder:
+    """Sample number -> example index for length-grouped batches, epoch after epoch."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self._epoch, self._order = -1, []
+
+    def __getitem__(self, sample: int) -> int:
+        epoch, position = divmod(sample, len(self.lengths))
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = length_grouped_order(self.lengths, self.batch_size, self.seed, epoch)
+        return self._order[position]
+
+
+def load_conversations(config: SFTConfig) -> tuple[list[dict], str]:
+    """Conversation records and a description of where they came from."""
+    if config.data.path is None:
+        records = instruction_conversations(World(), split="train")
+        return [{"messages": r["messages"], "source": f"built-in:{i}"} for i, r in enumerate(records)], \
+            "built-in world instructions"
+    stats = ReadStats()
+    conversations = []
+    for conversation in read_conversations(config.data.path, format=config.data.format,
+                                           on_error=config.data.on_error, stats=stats):
+        conversations.append({"messages": conversation.messages, "source": conversation.source})
+        if config.data.max_conversations and len(conversations) >= config.data.max_conversations:
+            break
+    if stats.skipped:
+        print(f"skipped {stats.skipped} malformed record(s): {stats.describe()}", file=sys.stderr)
+    return conversations, str(config.data.path)
+
+
+def tokenize_all(records: list[dict], tokenizer, config: SFTConfig) -> tuple[list, int]:
+    from ..data.conversations import Conversation
+
+    examples, skipped = [], 0
+    for record in records:
+        example = tokenize_conversation(Conversation(record["messages"], record["source"]), tokenizer,
+                                        config.data.max_length, config.data.train_on, config.data.truncation)
+        if example is None:
+            skipped += 1
+        else:
+            examples.append(example)
+    return examples, skipped
+
+
+def run(config: SFTConfig) -> TrainResult:
+    if not config.init:
+        raise OrchardError("init: sft needs a checkpoint to fine-tune, e.g. init=runs/quickstart/pretrain")
+    distributed = Distributed.from_environment(config.train.device)
+    checkpoint = load_checkpoint(config.init)
+    model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
+
+    records, source = load_conversations(config)
+    if config.data.max_conversations:
+        records = records[:config.data.max_conversations]
+    examples, too_long = tokenize_all(records, tokenizer, config)
+    if too_long:
+        print(f"skipped {too_long} conversation(s) longer than data.max_length={config.data.max_length}",
+              file=sys.stderr)
+    if len(examples) < 2:
+        raise OrchardError(f"data.path: {len(examples)} usable conversation(s) in {source}; need at least 2")
+    random.Random(config.train.seed).shuffle(examples)
+    num_val = max(1, int(len(examples) * config.data.val_fraction))
+    val, train = examples[:num_val], examples[num_val:]
+
+    if config.peft.method != "none":
+        lora = LoraConfig(r=config.peft.r, alpha=config.peft.alpha, dropout=config.peft.dropout,
+                          target_modules=config.peft.target_modules, use_rslora=config.peft.rslora,
+                          use_dora=config.peft.method == "dora")
+        add_lora(model, lora, seed=config.train.seed)
+    trainable, total = trainable_parameter_count(model)
+    print(f"training {trainable:,} of {total:,} parameters ({trainable / total:.2%})", file=sys.stderr)
+
+    method = ConversationLanguageModeling(train, val, config, tokenizer.pad_id)
+    supervised = sum(sum(1 for label in e.labels if label != -100) for e in train)
+    data_record = {"source": source, "conversations": len(records), "train": len(train), "val": len(val),
+                   "skipped_too_long": too_long, "supervised_tokens": supervised}
+    record = new_record("sft" if config.peft.method == "none" else f"sft-{config.peft.method}",
+                        to_dict(config), data_record, parent=checkpoint.path)
+    record["parameters"] = {"trainable": trainable, "total": total}
+    trainer = Trainer(config.train, model, method, tokenizer, Path(config.out), record,
+                      flops_per_token=model.config.training_flops_per_token(config.data.max_length),
+                      distributed=distributed)
+    return trainer.fit()

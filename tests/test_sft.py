@@ -1,0 +1,102 @@
+"""`orchard sft`: full and LoRA fine-tuning through the shared engine, adapter checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from orchard.checkpoint import load_checkpoint, save_checkpoint
+from orchard.cli.main import main
+from orchard.config import load_config
+from orchard.data.synthetic import write_instruction_corpus
+from orchard.methods import sft
+from orchard.model import CausalLM, ModelConfig
+from orchard.tokenizer import Tokenizer
+
+SENTENCES = ["Where does Tom Snow live? Tom Snow lives in Greenfield.", "汤姆·斯诺住在绿野镇。",
+             "What is 12 + 7? 19", "Mira Stone has a pet cat."] * 20
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft-base")
+    tokenizer = Tokenizer.train(iter(SENTENCES), vocab_size=400)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = CausalLM(config)
+    model.reset_parameters(seed=0)
+    save_checkpoint(root / "base", model, tokenizer, record={"stage": "test"})
+    corpus = write_instruction_corpus(root / "chat.jsonl", split="train", num_conversations=120)
+    return {"dir": root / "base", "corpus": corpus}
+
+
+def run_sft(base, out, *overrides):
+    config = load_config(sft.SFTConfig, None, [
+        f"init={base['dir']}", f"out={out}", f"data.path={base['corpus']}", "data.max_length=256",
+        "train.batch_size=4", "train.eval_every=0", "train.precision=fp32", "train.log_every=1",
+        "train.warmup_steps=2", *overrides])
+    return sft.run(config)
+
+
+def losses(run_dir):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line["loss"] for line in lines if "loss" in line]
+
+
+def test_full_sft_lowers_the_loss_and_records_its_parent(base, tmp_path):
+    result = run_sft(base, tmp_path / "full", "train.max_steps=20", "train.lr=5e-3")
+    curve = losses(tmp_path / "full")
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.5, curve
+    record = json.loads((result.final_dir / "orchard.json").read_text())
+    assert record["stage"] == "sft" and record["parent"]["path"] == str(base["dir"].resolve())
+    assert record["parameters"]["trainable"] == record["parameters"]["total"]
+
+
+def test_lora_trains_only_adapters_and_saves_only_them(base, tmp_path):
+    result = run_sft(base, tmp_path / "lora", "train.max_steps=12", "train.lr=1e-2", "peft.method=lora", "peft.r=4")
+    curve = losses(tmp_path / "lora")
+    assert curve[-1] < curve[0]
+    final = result.final_dir
+    assert not (final / "model.safetensors").exists()  # the base stays where it is
+    assert (final / "adapters.safetensors").is_file() and (final / "peft" / "adapter_config.json").is_file()
+    record = json.loads((final / "orchard.json").read_text())
+    assert record["stage"] == "sft-lora" and record["parameters"]["trainable"] < record["parameters"]["total"] / 5
+    # Loading the adapter checkpoint gives the base with the trained adapter applied.
+    tuned, original = load_checkpoint(final), load_checkpoint(base["dir"])
+    ids = torch.tensor([[5, 9, 12, 7]])
+    with torch.no_grad():
+        assert not torch.allclose(tuned.model(ids).logits, original.model(ids).logits)
+    assert torch.equal(tuned.model.model.embed_tokens.weight, original.model.model.embed_tokens.weight)
+
+
+def test_interrupted_lora_run_resumes_to_the_same_adapter(base, tmp_path, monkeypatch):
+    steps = ["train.max_steps=8", "train.save_every=4", "train.lr=1e-2", "peft.method=lora", "peft.r=4"]
+    reference = run_sft(base, tmp_path / "reference", *steps)
+    original = sft.ConversationLanguageModeling.batch
+
+    def crash_at_6(self, step, *args):
+        if step == 6:
+            raise KeyboardInterrupt
+        return original(self, step, *args)
+
+    monkeypatch.setattr(sft.ConversationLanguageModeling, "batch", crash_at_6)
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(base, tmp_path / "resumed", *steps)
+    monkeypatch.setattr(sft.ConversationLanguageModeling, "batch", original)
+    resumed = run_sft(base, tmp_path / "resumed", *steps)
+    assert resumed.resumed_from == 4
+    assert (resumed.final_dir / "adapters.safetensors").read_bytes() == \
+           (reference.final_dir / "adapters.safetensors").read_bytes()
+
+
+def test_sft_cli_and_bad_records(base, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}\n')
+    code = main(["sft", f"init={base['dir']}", f"data.path={bad}", f"out={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("orchard: error:") and "bad.jsonl:1" in err[-1]
+    assert not (tmp_path / "run" / "final").exists()
+    assert main(["sft", "train.max_steps=2"]) == 2
+    assert "init" in capsys.readouterr().err
