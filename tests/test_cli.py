@@ -310,10 +310,11 @@ def test_chat_reply_ends_at_the_turn_end_token(trained):
 def test_quickstart_writes_a_report_with_metrics_plot_and_samples(tmp_path):
     from orchard.cli.quickstart import run_quickstart
 
-    report = run_quickstart(tmp_path / "qs", max_time=2.0)
+    report = run_quickstart(tmp_path / "qs", max_time=2.0, sft_steps=3, eval_items=16)
     text = report.read_text(encoding="utf-8")
     assert "validation loss before training" in text and "validation bits per byte" in text
     assert "fact recall (English)" in text and "arithmetic (Chinese)" in text
+    assert "## Fine-tuning" in text and "LoRA r=8" in text and "full SFT" in text
     assert (tmp_path / "qs" / "pretrain_loss.png").read_bytes()[:4] == b"\x89PNG"
     assert "](pretrain_loss.png)" in text
     assert text.count("```text") == 5  # one sample per prompt

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +101,54 @@ def test_sft_cli_and_bad_records(base, tmp_path, capsys):
     assert not (tmp_path / "run" / "final").exists()
     assert main(["sft", "train.max_steps=2"]) == 2
     assert "init" in capsys.readouterr().err
+
+
+def test_several_adapters_share_one_base_in_one_batch(base, tmp_path, capsys):
+    run_sft(base, tmp_path / "a", "train.max_steps=3", "train.lr=5e-2", "peft.method=lora", "peft.r=2")
+    run_sft(base, tmp_path / "b", "train.max_steps=3", "train.lr=5e-2", "peft.method=lora", "peft.r=4",
+            "train.seed=7")
+    capsys.readouterr()
+    argv = ["generate", str(base["dir"]), "--prompt", "Tom", "--temperature", "0", "--max-new-tokens", "6",
+            "--adapter", f"first={tmp_path / 'a'}", "--adapter", f"second={tmp_path / 'b'}"]
+    assert main(argv) == 0
+    batched = capsys.readouterr().out
+    assert "--- first" in batched and "--- second" in batched
+    # Each row of the batch equals that adapter's checkpoint run alone.
+    for name in ("a", "b"):
+        assert main(["generate", str(tmp_path / name), "--prompt", "Tom", "--temperature", "0",
+                     "--max-new-tokens", "6"]) == 0
+        alone = capsys.readouterr().out.strip()
+        label = "first" if name == "a" else "second"
+        assert batched.split(f"--- {label}\n")[1].split("\n---")[0].strip() == alone
+
+
+def test_exporting_an_adapter_checkpoint_merges_it(base, tmp_path):
+    from orchard.interop.export import export_hf
+
+    result = run_sft(base, tmp_path / "lora", "train.max_steps=3", "train.lr=5e-2", "peft.method=lora")
+    merged_dir = export_hf(result.final_dir, tmp_path / "merged")
+    merged, adapted = load_checkpoint(merged_dir), load_checkpoint(result.final_dir)
+    ids = torch.tensor([[3, 8, 21, 5, 40]])
+    with torch.no_grad():
+        assert (merged.model(ids).logits - adapted.model(ids).logits).abs().max() < 1e-5
+    assert not any(".lora." in key for key in merged.model.state_dict())
+
+
+ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sft"
+
+
+@pytest.mark.skipif(not ALPACA.is_dir(), reason=f"Alpaca data not found under {ALPACA} (shared data is read, never copied)")
+@pytest.mark.parametrize("name", ["alpaca_data.json.gz", "alpaca_data_zh.json.gz"])
+def test_alpaca_sets_train_with_right_masks(base, tmp_path, name):
+    from orchard.data.conversations import read_conversations, tokenize_conversation
+
+    path = ALPACA / name
+    tokenizer = load_checkpoint(base["dir"]).tokenizer
+    with_input = next(c for c in read_conversations(path, on_error="skip") if "\n\n" in c.messages[0]["content"])
+    example = tokenize_conversation(with_input, tokenizer, max_length=4096)
+    supervised = [t for t, label in zip(example.input_ids, example.labels) if label != -100]
+    assert tokenizer.decode(supervised, skip_special_tokens=False) == with_input.messages[-1]["content"] + "<|im_end|>"
+    run_sft(base, tmp_path / "run", f"data.path={path}", "data.max_conversations=300", "data.on_error=skip",
+            "train.max_steps=15", "train.lr=1e-2")
+    curve = losses(tmp_path / "run")
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, curve

@@ -340,21 +340,44 @@ def _load_adapter_checkpoint(path: Path, device, dtype) -> Checkpoint:
     return Checkpoint(path=path, model=base.model.eval(), tokenizer=base.tokenizer, record=record)
 
 
-def restore_adapters(model: CausalLM, path: Path, create: bool = False) -> None:
-    """Load an adapter checkpoint's tensors into `model` (adding the adapters first with `create`)."""
+def restore_adapters(model: CausalLM, path: Path, create: bool = False, rename: str | None = None) -> list[str]:
+    """Load an adapter checkpoint's tensors into `model`, adding the adapters first with `create`
+    (under the name `rename` when given, so several checkpoints' adapters can share one base).
+    Returns the adapter names."""
     from .peft.lora import LoraConfig, add_lora, set_active_adapters
 
     settings = json.loads((path / ADAPTER_SETTINGS_FILE).read_text(encoding="utf-8"))
+    if rename is not None:
+        if len(settings) != 1:
+            raise OrchardError(f"{path}: holds {len(settings)} adapters; cannot load them under one name")
+        (old_name,) = settings
+        settings = {rename: settings[old_name]}
+    tensors = load_file(path / ADAPTER_WEIGHTS_FILE)
+    if rename is not None:
+        tensors = {k.replace(f".lora.{old_name}.", f".lora.{rename}."): v for k, v in tensors.items()}
     if create:
         for name, fields in settings.items():
             add_lora(model, LoraConfig(**fields), name=name)
         set_active_adapters(model, list(settings))
-    tensors = load_file(path / ADAPTER_WEIGHTS_FILE)
-    expected = set(adapter_tensors(model))
+    expected = {k for k in adapter_tensors(model) if any(f".lora.{name}." in k for name in settings)}
     if set(tensors) != expected:
         missing = sorted(expected - set(tensors)) or sorted(set(tensors) - expected)
         raise OrchardError(f"{path / ADAPTER_WEIGHTS_FILE}: adapters do not match the model ({missing[0]})")
     model.load_state_dict(tensors, strict=False)
+    return list(settings)
+
+
+def attach_adapter_checkpoint(model: CausalLM, base_path: Path, adapter_path: str | Path, name: str) -> None:
+    """Add the adapters of another adapter checkpoint to an already loaded base, as `name`,
+    refusing adapters that were trained on a different base."""
+    adapter_dir = resolve_checkpoint(adapter_path)
+    if not is_adapter_checkpoint(adapter_dir):
+        raise OrchardError(f"{adapter_dir}: not an adapter checkpoint (no {ADAPTER_WEIGHTS_FILE})")
+    parent = read_record(adapter_dir).get("parent") or {}
+    base_sha = read_record(base_path).get("weights_sha256")
+    if parent.get("weights_sha256") and base_sha and parent["weights_sha256"] != base_sha:
+        raise OrchardError(f"{adapter_dir}: trained on the base {parent.get('path')}, not on {base_path}")
+    restore_adapters(model, adapter_dir, create=True, rename=name)
 
 
 def restore_trained_weights(model: CausalLM, path: Path) -> None:

@@ -68,6 +68,9 @@ def generate(args) -> None:
 
     sampling = _sampling_config(args)
     checkpoint = load_checkpoint(args.checkpoint)
+    if args.adapter:
+        _generate_with_adapters(checkpoint, args, sampling)
+        return
     for sample in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {sample + 1}")
@@ -85,6 +88,27 @@ def generate(args) -> None:
         sys.stdout.write("\n")
         if sampling.seed is not None:
             sampling.seed += 1
+
+
+def _generate_with_adapters(checkpoint, args, sampling) -> None:
+    """Several adapters on one base, in one batch: row i of the batch uses adapter i."""
+    from ..checkpoint import attach_adapter_checkpoint
+    from ..model.generation import generate_text
+    from ..peft.lora import adapter_routing
+
+    names = []
+    for spec in args.adapter:
+        name, _, path = spec.rpartition("=")
+        name = name or Path(path).name
+        attach_adapter_checkpoint(checkpoint.model, checkpoint.path, path, name)
+        names.append(name)
+    with adapter_routing(checkpoint.model, names):
+        try:
+            outputs = generate_text(checkpoint.model, checkpoint.tokenizer, [args.prompt] * len(names), sampling)
+        except ValueError as error:
+            raise OrchardError(str(error)) from None
+    for name, output in zip(names, outputs):
+        print(f"--- {name}\n{args.prompt}{output}")
 
 
 def chat_end_ids(checkpoint_dir: Path, tokenizer) -> list[int]:

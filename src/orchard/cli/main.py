@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory or Hub id")
     generate.add_argument("--prompt", required=True, help="text to continue")
     generate.add_argument("--num-samples", type=int, default=1, help="independent samples (default 1)")
+    generate.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                          help="an adapter checkpoint trained on this base (repeatable: the adapters share "
+                               "the base and run side by side in one batch)")
     _add_sampling_arguments(generate)
 
     chat = commands.add_parser("chat", help="talk to a model in the terminal",

@@ -4,8 +4,10 @@ Stages so far:
 1. pretrain a tokenizer and a small model on the synthetic bilingual world;
 2. evaluate it (validation loss, perplexity, bits per byte; fact recall and arithmetic by greedy
    completion) and sample from it in English and Chinese;
-3. export it for transformers (a Hugging Face directory) and llama.cpp (GGUF f16 and q8_0);
-4. write `report.md` with the metrics, the loss curve, the samples and the exports.
+3. fine-tune it on the world's instruction conversations, fully and with LoRA, and compare
+   held-out exact-match accuracy;
+4. export it for transformers (a Hugging Face directory) and llama.cpp (GGUF f16 and q8_0);
+5. write `report.md` with the metrics, the loss curve, the samples and the exports.
 Each stage is a normal orchard run in its own directory under `--out`, so running quickstart again
 resumes (or skips) what is already done.
 """
@@ -15,16 +17,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..checkpoint import load_checkpoint
-from ..config import Duration
-from ..data.synthetic import World
+from ..checkpoint import load_checkpoint, read_record
+from ..config import Duration, load_config
+from ..data.synthetic import World, exact_match_items
 from ..errors import OrchardError
-from ..evaluation.completion import arithmetic_items, completion_accuracy, fact_completion_items
+from ..evaluation.completion import (arithmetic_items, chat_exact_match, completion_accuracy,
+                                    fact_completion_items)
 from ..evaluation.report import Report, plot_loss_curves, read_metrics
 from ..interop.export import export_hf
 from ..interop.gguf import export_gguf
 from ..lineage import ancestry
-from ..methods import pretrain
+from ..methods import pretrain, sft
 from ..model import ModelConfig
 from ..model.generation import SamplingConfig, generate_text
 from ..training import TrainConfig
@@ -45,20 +48,20 @@ def quickstart_config(out: Path, max_time: float) -> pretrain.PretrainConfig:
     )
 
 
-def run_quickstart(out: Path, max_time: float = 240.0) -> Path:
+def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eval_items: int = 200) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     report = Report("orchard quickstart", out)
     report.text("The whole pipeline that exists so far, on orchard's built-in synthetic bilingual world "
                 "(stories, facts about generated people, arithmetic in English and Chinese).")
 
     # 1. Pretraining
-    print("[1/3] pretraining on the built-in world", file=sys.stderr)
+    print("[1/4] pretraining on the built-in world", file=sys.stderr)
     config = quickstart_config(out, max_time)
     result = pretrain.run(config)
     metrics = result.state.metrics
 
     # 2. Evaluation and samples
-    print("[2/3] evaluating and sampling", file=sys.stderr)
+    print("[2/4] evaluating and sampling", file=sys.stderr)
     checkpoint = load_checkpoint(result.final_dir)
     world = World()
     tasks = {
@@ -100,8 +103,33 @@ def run_quickstart(out: Path, max_time: float = 240.0) -> Path:
     report.text(f"Checkpoint: `{result.final_dir}` (try `orchard generate {result.final_dir} --prompt \"Tom Snow\"`, "
                 f"`orchard chat {result.final_dir}`, `orchard info {result.final_dir}`).")
 
-    # 3. Export for other tools
-    print("[3/3] exporting for transformers and llama.cpp", file=sys.stderr)
+    # 3. Fine-tuning: full SFT and LoRA from the same pretrained checkpoint
+    print("[3/4] fine-tuning on instruction conversations (full, then LoRA)", file=sys.stderr)
+    held_out = exact_match_items(world, "held_out")[:eval_items]
+    runs = {"pretrained (no fine-tuning)": result.final_dir}
+    for label, overrides in [("full SFT", ["train.lr=1e-4"]),
+                             ("LoRA r=8 (attention)", ["peft.method=lora", "peft.r=8", "train.lr=2e-3",
+                                                       "peft.target_modules=[q_proj,k_proj,v_proj,o_proj]"])]:
+        name = "lora" if "peft.method=lora" in overrides else "sft"
+        sft_config = load_config(sft.SFTConfig, None, [
+            f"init={result.final_dir}", f"out={out / name}", "data.max_length=256", f"train.max_steps={sft_steps}",
+            "train.eval_every=50", "train.save_every=50", *overrides])
+        runs[label] = sft.run(sft_config).final_dir
+    rows = []
+    for label, run_dir in runs.items():
+        tuned = load_checkpoint(run_dir)
+        trainable = read_record(run_dir).get("parameters", {}).get("trainable")
+        total = tuned.model.num_parameters()
+        accuracy = chat_exact_match(tuned.model, tuned.tokenizer, held_out).accuracy
+        rows.append([label, f"{accuracy:.1%}", f"{trainable:,} ({trainable / total:.2%})" if trainable else "-",
+                     str(run_dir)])
+    report.heading("Fine-tuning")
+    report.text(f"Held-out questions about the world's facts and arithmetic word problems ({len(held_out)} of them, "
+                "English and Chinese), answered in the chat format; greedy replies, exact match on the answer.")
+    report.table(["model", "held-out exact match", "trained parameters", "checkpoint"], rows)
+
+    # 4. Export for other tools
+    print("[4/4] exporting for transformers and llama.cpp", file=sys.stderr)
     report.heading("Export")
     rows = [["Hugging Face directory", str(export_hf(result.final_dir, out / "export" / "hf")),
              _size(out / "export" / "hf" / "model.safetensors")]]

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (RECORD_FILE, WEIGHTS_INDEX_FILE, atomic_directory, checked_weights, read_model_config,
+from ..checkpoint import (RECORD_FILE, WEIGHTS_INDEX_FILE, atomic_directory, checked_weights, is_adapter_checkpoint,
+                          load_checkpoint, read_model_config, save_checkpoint,
                           resolve_checkpoint, weights_files, write_json)
+from ..errors import OrchardError
 from ..model import CausalLM
 
 # Copied as they are when present. orchard.json (the lineage) goes along, since transformers ignores
@@ -27,6 +29,8 @@ def export_hf(checkpoint_dir: Path, out_dir: Path) -> Path:
     """Write the checkpoint (or run's final checkpoint) `checkpoint_dir` to `out_dir` as a Hugging
     Face model directory, atomically; returns `out_dir`."""
     source = resolve_checkpoint(checkpoint_dir)
+    if is_adapter_checkpoint(source):
+        return _export_merged(source, Path(out_dir))
     config = read_model_config(source)
     with torch.device("meta"):
         model = CausalLM(config)
@@ -45,4 +49,20 @@ def export_hf(checkpoint_dir: Path, out_dir: Path) -> Path:
 
     out_dir = Path(out_dir)
     atomic_directory(out_dir, write)
+    return out_dir
+
+
+def _export_merged(source: Path, out_dir: Path) -> Path:
+    """An adapter checkpoint is exported as its base with the adapter merged in: a plain model that
+    any tool runs (the adapter alone, in PEFT's format, is in the checkpoint's `peft/` folder)."""
+    from ..peft.lora import adapter_configs, merge_adapter, remove_adapter
+
+    checkpoint = load_checkpoint(source)
+    (name, *others) = adapter_configs(checkpoint.model)
+    if others:
+        raise OrchardError(f"{source}: holds several adapters; export merges exactly one")
+    merge_adapter(checkpoint.model, name)
+    remove_adapter(checkpoint.model, name)  # a merged adapter's removal keeps the merged weights
+    record = {**checkpoint.record, "merged_adapter": str(source)}
+    save_checkpoint(out_dir, checkpoint.model, checkpoint.tokenizer, record)
     return out_dir
