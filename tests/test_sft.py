@@ -152,3 +152,23 @@ def test_alpaca_sets_train_with_right_masks(base, tmp_path, name):
             "train.max_steps=15", "train.lr=1e-2")
     curve = losses(tmp_path / "run")
     assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, curve
+
+
+def test_qlora_trains_adapters_on_an_nf4_base(tmp_path):
+    pytest.importorskip("torchao", reason="QLoRA's NF4 weights come from torchao, which is not installed")
+    from orchard.peft.quantized import quantize_base_nf4
+
+    model = CausalLM(ModelConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2))
+    model.reset_parameters(seed=0)
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        before = model(ids).logits
+    quantized = quantize_base_nf4(model, ["q_proj", "gate_proj", "up_proj", "down_proj"])
+    assert quantized == ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj",
+                         "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]
+    assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == "NF4Tensor"
+    with torch.no_grad():
+        after = model(ids).logits
+    # 4-bit weights change the function a little, not a lot.
+    assert 0 < (after - before).abs().max() < 0.1 * before.abs().max()

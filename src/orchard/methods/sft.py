@@ -9,8 +9,9 @@ the built-in world's instruction conversations. Read top to bottom, a run is:
    truncated by dropping old turns, never the answer;
 3. packed into `data.max_length`-token sequences without attention or positions leaking across
    conversations (block-diagonal masks, positions restarting at each one), or padded one per row;
-4. with `peft.method=lora|dora`, adapters attached to the frozen base (only they train and are
-   saved); otherwise every weight trains;
+4. with `peft.method=lora|dora|qlora`, adapters attached to the frozen base (only they train and
+   are saved; qlora first stores the base's targeted layers in 4-bit NF4); otherwise every
+   weight trains;
 5. the shared engine, with this module's batches and loss (summed token cross-entropy over
    supervised tokens), validated by the loss on held-out conversations.
 """
@@ -34,6 +35,7 @@ from ..data.synthetic import World, instruction_conversations
 from ..errors import OrchardError
 from ..lineage import new_record
 from ..peft.lora import LoraConfig, add_lora, trainable_parameter_count
+from ..peft.quantized import quantize_base_nf4
 from ..training import TrainConfig, Trainer, TrainResult
 from ..training.distributed import Distributed
 from .losses import token_cross_entropy
@@ -65,8 +67,9 @@ class ConversationDataConfig:
 
 @dataclass
 class PeftConfig:
-    method: Literal["none", "lora", "dora"] = "none"
-    """none: full fine-tuning; lora or dora: train adapters on the frozen base."""
+    method: Literal["none", "lora", "dora", "qlora"] = "none"
+    """none: full fine-tuning; lora or dora: train adapters on the frozen base; qlora: LoRA on a
+    base whose targeted layers are frozen in 4-bit NF4 (needs torchao)."""
     r: int = 8
     """Adapter rank."""
     alpha: float = 16.0
@@ -203,6 +206,9 @@ def run(config: SFTConfig) -> TrainResult:
     num_val = max(1, int(len(examples) * config.data.val_fraction))
     val, train = examples[:num_val], examples[num_val:]
 
+    if config.peft.method == "qlora":
+        quantized = quantize_base_nf4(model, config.peft.target_modules)
+        print(f"stored {len(quantized)} linear layers of the frozen base in NF4", file=sys.stderr)
     if config.peft.method != "none":
         lora = LoraConfig(r=config.peft.r, alpha=config.peft.alpha, dropout=config.peft.dropout,
                           target_modules=config.peft.target_modules, use_rslora=config.peft.rslora,

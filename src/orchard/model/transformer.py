@@ -2,9 +2,10 @@
 
 Pre-norm RMSNorm, rotary position embeddings (optionally Llama 3.1- or linearly scaled), SwiGLU MLP,
 grouped-query attention through `scaled_dot_product_attention`, optional q/k/v bias (Qwen2), optional
-per-head q/k RMSNorm (Qwen3), tied or untied embeddings. Module and
-parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so a state dict
-moves between orchard and `transformers` without renaming.
+per-head q/k RMSNorm (Qwen3), tied or untied embeddings. One generic hook, `Attention.extra_kv`,
+lets a parameter-efficient method (prefix tuning) add keys and values that every query attends to.
+Module and parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so a
+state dict moves between orchard and `transformers` without renaming.
 
 This file knows nothing about training: no losses, no optimizers. Shapes in comments use
 B batch, T new tokens, S tokens attended to (cache + new), H query heads, K key/value heads,
@@ -14,6 +15,7 @@ D head dimension.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +139,13 @@ class Attention(nn.Module):
         # Qwen3 normalises each head's queries and keys (over D) before the rotation.
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        # Extra keys/values every query may attend to (prefix tuning sets it; None, the default, adds
+        # nothing): called with the layer's input x (B, T, d), it returns (keys, values), each
+        # (K, P, D), (1, K, P, D) or (B, K, P, D), placed before the sequence's keys as they are: not
+        # rotated (the sequence's positions still start at 0), not written to the cache (whose length
+        # counts real tokens only), and visible to every query whatever the mask. A plain attribute,
+        # not a module, so it adds nothing to the state dict.
+        self.extra_kv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
@@ -150,6 +159,8 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)                                   # (B, K, S, D)
+        if self.extra_kv is not None:
+            k, v, mask = self._with_extra_kv(x, k, v, mask)                               # (B, K, P+S, D)
         if self.num_kv_heads != self.num_heads:
             # Each key/value head serves a group of query heads.
             group = self.num_heads // self.num_kv_heads
@@ -159,6 +170,20 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _with_extra_kv(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`extra_kv`'s P keys/values before the S others, and the mask with P visible columns first."""
+        extra_k, extra_v = self.extra_kv(x)
+        B, _, S, _ = k.shape
+        T = x.shape[1]
+        k = torch.cat([extra_k.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
+        v = torch.cat([extra_v.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+        if mask is None:  # SDPA's is_causal would align the diagonal to the extra keys: spell it out
+            mask = torch.ones(T, S, dtype=torch.bool, device=k.device).tril(S - T)[None, None]
+        visible = torch.ones if mask.dtype == torch.bool else torch.zeros  # boolean or additive mask
+        extra = visible(*mask.shape[:-1], extra_k.shape[-2], dtype=mask.dtype, device=mask.device)
+        return k, v, torch.cat([extra, mask], dim=-1)
 
 
 class MLP(nn.Module):

@@ -200,7 +200,7 @@ def _config_of(model: nn.Module, name: str) -> LoraConfig:
     return next(iter(_layers_of(model, name).values()))[1].config
 
 
-def _targets(model: nn.Module, patterns: list[str]) -> dict[str, nn.Linear]:
+def target_linears(model: nn.Module, patterns: list[str]) -> dict[str, nn.Linear]:
     """The linear layers `patterns` select (see LoraConfig.target_modules), by name."""
     compiled = []
     for pattern in patterns:
@@ -258,7 +258,7 @@ def add_lora(model: nn.Module, config: LoraConfig, name: str = "default", seed: 
     Every parameter already in the model is frozen; the new adapter becomes the active one, and the
     only trainable one. A starts as nn.Linear's kaiming-uniform init (from `seed` when given), B at
     zero, so the model computes exactly what it did before until B is trained."""
-    layers = _targets(model, config.target_modules)
+    layers = target_linears(model, config.target_modules)
     _attach(model, config, name, layers, seed)
     return list(layers)
 
