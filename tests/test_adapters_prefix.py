@@ -36,11 +36,9 @@ LAYERS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 2, 32, 4, 2, 8
 IDS = torch.randint(3, VOCAB, (3, 10), generator=torch.Generator().manual_seed(0))
 
 
-def base_model(**overrides) -> CausalLM:
-    settings = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
-                    num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=64)
-    settings.update(overrides)
-    model = CausalLM(ModelConfig(**settings))
+def base_model() -> CausalLM:
+    model = CausalLM(ModelConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
+                                 num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=64))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # random norms too, so a norm applied in the wrong place shows
         for name, parameter in model.named_parameters():
@@ -157,8 +155,8 @@ def test_removing_adapters_restores_the_model():
 
 
 def test_adapter_config_and_targets_are_checked():
-    for bad in [dict(bottleneck=0), dict(bottleneck=2.0), dict(placement="beside"), dict(dropout=1.0),
-                dict(targets=[]), dict(scaling=math.nan)]:
+    for bad in [{"bottleneck": 0}, {"bottleneck": 2.0}, {"placement": "beside"}, {"dropout": 1.0},
+                {"targets": []}, {"scaling": math.nan}]:
         with pytest.raises(OrchardError):
             AdapterConfig(**bad)
     model = base_model()
@@ -256,7 +254,7 @@ def test_prefix_with_padding_and_packing_equals_sequences_alone():
         assert torch.allclose(padded[row, longest - len(s):], alone[row], atol=1e-5)
 
     # Packed: the three in one row with SFT's block-diagonal mask (plus padding), and a second row.
-    packed = PackedExample(input_ids=sum(seqs, []), labels=[-100] * 12,
+    packed = PackedExample(input_ids=[t for s in seqs for t in s], labels=[-100] * 12,
                            position_ids=[i for s in seqs for i in range(len(s))],
                            document_ids=[d for d, s in enumerate(seqs) for _ in s])
     single = PackedExample(input_ids=seqs[1], labels=[-100] * 3, position_ids=[0, 1, 2], document_ids=[0] * 3)
@@ -387,11 +385,36 @@ def test_prefix_adapters_and_lora_compose_and_come_off():
 
 
 def test_prefix_config_is_checked():
-    for bad in [dict(num_virtual_tokens=0), dict(num_virtual_tokens=True), dict(projection_hidden=0),
-                dict(num_virtual_tokens=2, init_token_ids=[1]), dict(num_virtual_tokens=1, init_token_ids=[-1])]:
+    for bad in [{"num_virtual_tokens": 0}, {"num_virtual_tokens": True}, {"projection_hidden": 0},
+                {"num_virtual_tokens": 2, "init_token_ids": [1]}, {"num_virtual_tokens": 1, "init_token_ids": [-1]}]:
         with pytest.raises(OrchardError):
             PrefixConfig(**bad)
     with pytest.raises(OrchardError, match="vocabulary"):
         add_prefix(base_model(), PrefixConfig(num_virtual_tokens=1, init_token_ids=[VOCAB]))
     with pytest.raises(OrchardError, match="positions"):
         add_prefix(base_model(), PrefixConfig(num_virtual_tokens=65))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' deprecations, called by PEFT
+@torch.no_grad()
+def test_prefix_equals_peft_prefix_tuning_with_keys_rotated_back_by_p():
+    """PEFT puts the prefix in the KV cache, so its real tokens start at position P; orchard's start
+    at 0 and its prefix keys are not rotated. A PEFT prefix key k is orchard's R(-P) k."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    model = base_model()
+    hf = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(**model.config.to_hf_dict())).eval()
+    hf.load_state_dict(model.state_dict(), strict=False)
+    P = 5
+    peft_model = peft.get_peft_model(hf, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)).eval()
+    embedding = peft_model.prompt_encoder["default"].embedding.weight
+    embedding.copy_(torch.randn(embedding.shape, generator=torch.Generator().manual_seed(2)))
+    kv = embedding.view(P, LAYERS * 2, KV_HEADS, HEAD_DIM).permute(1, 2, 0, 3)  # (2 L, K, P, D)
+    add_prefix(model, PrefixConfig(num_virtual_tokens=P))
+    cos, sin = model.model.rotary(torch.full((1, 1), P))
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.prefix.key.copy_(apply_rotary(kv[2 * i][None], cos, -sin)[0])  # R(-P): sin -> -sin
+        layer.self_attn.prefix.value.copy_(kv[2 * i + 1])
+    expected = peft_model(input_ids=IDS, attention_mask=torch.ones_like(IDS)).logits
+    assert torch.allclose(logits(model), expected, atol=1e-5)

@@ -172,3 +172,29 @@ def test_qlora_trains_adapters_on_an_nf4_base(tmp_path):
         after = model(ids).logits
     # 4-bit weights change the function a little, not a lot.
     assert 0 < (after - before).abs().max() < 0.1 * before.abs().max()
+
+
+@pytest.mark.parametrize("method", ["dora", "adapter", "prefix"])
+def test_every_peft_method_saves_only_its_parameters_and_reloads(base, tmp_path, method):
+    result = run_sft(base, tmp_path / method, "train.max_steps=4", "train.save_every=2", "train.lr=2e-2",
+                     f"peft.method={method}", "peft.bottleneck=8", "peft.num_virtual_tokens=4")
+    final = result.final_dir
+    assert not (final / "model.safetensors").exists() and not (final / "peft").exists()
+    record = json.loads((final / "orchard.json").read_text())
+    assert record["parameters"]["trainable"] < record["parameters"]["total"] / 4
+    tuned = load_checkpoint(final)
+    again = load_checkpoint(final)
+    ids = torch.tensor([[5, 9, 12, 7, 30]])
+    with torch.no_grad():
+        logits = tuned.model(ids).logits
+        assert torch.equal(logits, again.model(ids).logits)  # reloading is deterministic
+        assert not torch.allclose(logits, load_checkpoint(base["dir"]).model(ids).logits)
+    # Resuming from the step-2 checkpoint ends where the uninterrupted run ended.
+    (final.parent / "step-000004").rename(final.parent / "moved")
+    import shutil
+    shutil.rmtree(final)
+    resumed = run_sft(base, tmp_path / method, "train.max_steps=4", "train.save_every=2", "train.lr=2e-2",
+                      f"peft.method={method}", "peft.bottleneck=8", "peft.num_virtual_tokens=4")
+    assert resumed.resumed_from == 2
+    assert (resumed.final_dir / "adapters.safetensors").read_bytes() == \
+           (final.parent / "moved" / "adapters.safetensors").read_bytes()

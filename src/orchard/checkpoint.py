@@ -33,7 +33,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import to_dict
 from .errors import OrchardError
 from .model import CausalLM, ModelConfig
 from .tokenizer import Tokenizer
@@ -107,7 +106,9 @@ def model_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
 
 
 def _is_adapter_tensor(name: str) -> bool:
-    return ".lora." in name
+    from .peft.settings import is_peft_tensor
+
+    return is_peft_tensor(name)
 
 
 def adapter_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
@@ -123,15 +124,16 @@ def is_adapter_checkpoint(path: Path) -> bool:
 def _write_adapters(tmp: Path, model: CausalLM, base: dict | None) -> str:
     """An adapter checkpoint: orchard's own file (exact, DoRA included) and, for plain LoRA, the
     same adapter in PEFT's format for transformers users. Returns the adapter file's hash."""
-    from .peft.lora import adapter_configs, save_adapter
+    from .peft.lora import save_adapter
+    from .peft.settings import describe
 
-    configs = adapter_configs(model)
+    settings = describe(model)
     tensors = {k: v.to("cpu") for k, v in adapter_tensors(model).items()}
     save_file(tensors, tmp / ADAPTER_WEIGHTS_FILE, metadata={"format": "pt"})
-    write_json(tmp / ADAPTER_SETTINGS_FILE, {name: to_dict(config) for name, config in configs.items()})
-    if len(configs) == 1 and not next(iter(configs.values())).use_dora:
-        peft_dir = tmp / PEFT_DIR
-        save_adapter(model, next(iter(configs)), peft_dir, base_model_name_or_path=(base or {}).get("path"))
+    write_json(tmp / ADAPTER_SETTINGS_FILE, settings)
+    lora = settings.get("lora", {})
+    if list(settings) == ["lora"] and len(lora) == 1 and not next(iter(lora.values()))["use_dora"]:
+        save_adapter(model, next(iter(lora)), tmp / PEFT_DIR, base_model_name_or_path=(base or {}).get("path"))
     return file_sha256(tmp / ADAPTER_WEIGHTS_FILE)
 
 
@@ -344,27 +346,26 @@ def restore_adapters(model: CausalLM, path: Path, create: bool = False, rename: 
     """Load an adapter checkpoint's tensors into `model`, adding the adapters first with `create`
     (under the name `rename` when given, so several checkpoints' adapters can share one base).
     Returns the adapter names."""
-    from .peft.lora import LoraConfig, add_lora, set_active_adapters
+    from .peft.settings import rebuild
 
     settings = json.loads((path / ADAPTER_SETTINGS_FILE).read_text(encoding="utf-8"))
-    if rename is not None:
-        if len(settings) != 1:
-            raise OrchardError(f"{path}: holds {len(settings)} adapters; cannot load them under one name")
-        (old_name,) = settings
-        settings = {rename: settings[old_name]}
+    lora = settings.get("lora", {})
     tensors = load_file(path / ADAPTER_WEIGHTS_FILE)
     if rename is not None:
+        if list(settings) != ["lora"] or len(lora) != 1:
+            raise OrchardError(f"{path}: only a checkpoint with a single LoRA adapter can join other adapters "
+                               f"on one base")
+        (old_name,) = lora
         tensors = {k.replace(f".lora.{old_name}.", f".lora.{rename}."): v for k, v in tensors.items()}
+    before = set(adapter_tensors(model))
     if create:
-        for name, fields in settings.items():
-            add_lora(model, LoraConfig(**fields), name=name)
-        set_active_adapters(model, list(settings))
-    expected = {k for k in adapter_tensors(model) if any(f".lora.{name}." in k for name in settings)}
+        rebuild(model, settings, rename)
+    expected = set(adapter_tensors(model)) - before if create else set(adapter_tensors(model))
     if set(tensors) != expected:
         missing = sorted(expected - set(tensors)) or sorted(set(tensors) - expected)
         raise OrchardError(f"{path / ADAPTER_WEIGHTS_FILE}: adapters do not match the model ({missing[0]})")
     model.load_state_dict(tensors, strict=False)
-    return list(settings)
+    return [rename] if rename is not None else list(lora)
 
 
 def attach_adapter_checkpoint(model: CausalLM, base_path: Path, adapter_path: str | Path, name: str) -> None:

@@ -9,7 +9,7 @@ the built-in world's instruction conversations. Read top to bottom, a run is:
    truncated by dropping old turns, never the answer;
 3. packed into `data.max_length`-token sequences without attention or positions leaking across
    conversations (block-diagonal masks, positions restarting at each one), or padded one per row;
-4. with `peft.method=lora|dora|qlora`, adapters attached to the frozen base (only they train and
+4. with `peft.method=lora|dora|qlora|adapter|prefix`, adapters attached to the frozen base (only they train and
    are saved; qlora first stores the base's targeted layers in 4-bit NF4); otherwise every
    weight trains;
 5. the shared engine, with this module's batches and loss (summed token cross-entropy over
@@ -35,6 +35,8 @@ from ..data.synthetic import World, instruction_conversations
 from ..errors import OrchardError
 from ..lineage import new_record
 from ..peft.lora import LoraConfig, add_lora, trainable_parameter_count
+from ..peft.adapters import AdapterConfig, add_adapters
+from ..peft.prefix import PrefixConfig, add_prefix
 from ..peft.quantized import quantize_base_nf4
 from ..training import TrainConfig, Trainer, TrainResult
 from ..training.distributed import Distributed
@@ -67,9 +69,10 @@ class ConversationDataConfig:
 
 @dataclass
 class PeftConfig:
-    method: Literal["none", "lora", "dora", "qlora"] = "none"
-    """none: full fine-tuning; lora or dora: train adapters on the frozen base; qlora: LoRA on a
-    base whose targeted layers are frozen in 4-bit NF4 (needs torchao)."""
+    method: Literal["none", "lora", "dora", "qlora", "adapter", "prefix"] = "none"
+    """none: full fine-tuning; lora or dora: low-rank adapters on the frozen base; qlora: LoRA on a
+    base whose targeted layers are frozen in 4-bit NF4 (needs torchao); adapter: bottleneck
+    adapters; prefix: trainable key/value prefixes in every attention layer."""
     r: int = 8
     """Adapter rank."""
     alpha: float = 16.0
@@ -81,6 +84,14 @@ class PeftConfig:
     """Linear layers to adapt: names (the last part of a module's name) or regular expressions."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
+    bottleneck: int = 64
+    """Width of a bottleneck adapter (peft.method=adapter)."""
+    placement: Literal["serial", "parallel"] = "serial"
+    """Bottleneck adapter after its module (serial, Houlsby) or beside it (parallel, He et al.)."""
+    adapter_targets: list[str] = field(default_factory=lambda: ["mlp"])
+    """Modules that get a bottleneck adapter: mlp and/or self_attn."""
+    num_virtual_tokens: int = 16
+    """Prefix length in every attention layer (peft.method=prefix)."""
 
 
 @dataclass
@@ -209,7 +220,13 @@ def run(config: SFTConfig) -> TrainResult:
     if config.peft.method == "qlora":
         quantized = quantize_base_nf4(model, config.peft.target_modules)
         print(f"stored {len(quantized)} linear layers of the frozen base in NF4", file=sys.stderr)
-    if config.peft.method != "none":
+    if config.peft.method == "adapter":
+        add_adapters(model, AdapterConfig(bottleneck=config.peft.bottleneck, placement=config.peft.placement,
+                                          dropout=config.peft.dropout, targets=config.peft.adapter_targets),
+                     seed=config.train.seed)
+    elif config.peft.method == "prefix":
+        add_prefix(model, PrefixConfig(num_virtual_tokens=config.peft.num_virtual_tokens), seed=config.train.seed)
+    elif config.peft.method != "none":
         lora = LoraConfig(r=config.peft.r, alpha=config.peft.alpha, dropout=config.peft.dropout,
                           target_modules=config.peft.target_modules, use_rslora=config.peft.rslora,
                           use_dora=config.peft.method == "dora")

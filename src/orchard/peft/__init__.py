@@ -19,7 +19,13 @@ from .lora import (
     trainable_parameter_count,
     unmerge_adapter,
 )
-from .prefix import PrefixConfig, add_prefix, fold_prefix_projection, has_prefix, remove_prefix
+from .prefix import (
+    PrefixConfig,
+    add_prefix,
+    fold_prefix_projection,
+    has_prefix,
+    remove_prefix,
+)
 
 __all__ = ["AdapterConfig", "LoraConfig", "PrefixConfig", "adapter_configs", "adapter_modules", "adapter_routing",
            "adapter_state_dict", "add_adapters", "add_lora", "add_prefix", "fold_prefix_projection", "has_prefix",

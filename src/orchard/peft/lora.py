@@ -249,6 +249,7 @@ def _attach(model: nn.Module, config: LoraConfig, name: str, layers: dict[str, n
             linear.lora = LoraAdapters()
             linear.register_forward_hook(linear.lora.hook)
         linear.lora[name] = LoraAdapter(linear, config, generator)
+        linear.lora.train(linear.training)  # dropout follows the model's mode, as for any new child
     set_active_adapters(model, name)
 
 

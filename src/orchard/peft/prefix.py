@@ -113,7 +113,7 @@ class PrefixEncoder(nn.Module):
         tanh features, which is exact when projection_hidden >= P (the P feature rows are then
         independent, but for measure-zero bad luck)."""
         last = self.transform[2]
-        L, _, K, P, D = prefixes.shape
+        P = prefixes.shape[3]
         target = prefixes.permute(3, 0, 1, 2, 4).reshape(P, -1).double()            # (P, L 2 K D)
         hidden = torch.tanh(self.transform[0](self.embedding.weight)).double()      # (P, hidden)
         bias = target.mean(0)

@@ -169,7 +169,8 @@ RESUMABLE_CHANGES = {"out", "train.max_steps", "train.max_tokens", "train.max_ti
 
 def _first_difference(old, new, ignore: set[str], prefix: str = "") -> tuple[str, object, object] | None:
     if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
+        # A key the old record lacks was added by a later orchard version: nothing to compare.
+        for key in sorted(set(old) & set(new)):
             dotted = f"{prefix}.{key}" if prefix else key
             if dotted in ignore:
                 continue
