@@ -1,4 +1,4 @@
-"""Fine-tuning methods side by side: trainable parameters, tokens/s and peak memory, and orchard's
+"""Fine-tuning methods side by side (full, LoRA, DoRA, bottleneck adapters, prefix tuning): trainable parameters, tokens/s and peak memory, and orchard's
 LoRA beside Hugging Face PEFT's on the same model, data and settings.
 
     python benchmarks/finetune_methods.py [--steps 8] [--precision bf16]
@@ -31,7 +31,7 @@ CONFIG = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_
               num_key_value_heads=8, max_position_embeddings=512, tie_word_embeddings=True)
 BATCH, SEQ_LEN, RANK, ALPHA = 8, 256, 8, 16.0
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = ["full", "lora", "dora", "peft-lora"]
+METHODS = ["full", "lora", "dora", "adapter", "prefix", "peft-lora"]
 
 
 def batches(tokenizer, count: int) -> list[dict]:
@@ -48,6 +48,14 @@ def orchard_model(method: str, vocab_size: int):
         from orchard.peft.lora import LoraConfig, add_lora
 
         add_lora(model, LoraConfig(r=RANK, alpha=ALPHA, target_modules=TARGETS, use_dora=method == "dora"), seed=0)
+    elif method == "adapter":
+        from orchard.peft.adapters import AdapterConfig, add_adapters
+
+        add_adapters(model, AdapterConfig(bottleneck=64), seed=0)
+    elif method == "prefix":
+        from orchard.peft.prefix import PrefixConfig, add_prefix
+
+        add_prefix(model, PrefixConfig(num_virtual_tokens=16), seed=0)
     return model, lambda batch: model(batch["input_ids"], attention_mask=batch["attention_mask"],
                                       position_ids=batch["position_ids"]).logits
 
