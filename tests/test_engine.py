@@ -118,6 +118,13 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "-m", "orchard.cli.main", "pretrain", *common, "train.batch_size=2", f"out={tmp_path / 'two'}"]
     completed = subprocess.run(torchrun, env=env, capture_output=True, text=True)
+    if completed.returncode != 0:
+        # About one full-suite run in five, a gloo worker aborted during start-up or teardown on this
+        # shared 2-core machine (never reproduced alone). The launch is retried once; the loss
+        # comparison below is never relaxed.
+        print("first torchrun attempt failed:\n" + completed.stderr[-3000:])
+        shutil.rmtree(tmp_path / "two", ignore_errors=True)
+        completed = subprocess.run(torchrun, env=env, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr[-3000:]
     one = [m["loss"] for m in metrics(tmp_path / "one") if "loss" in m]
     two = [m["loss"] for m in metrics(tmp_path / "two") if "loss" in m]
