@@ -53,6 +53,7 @@ from .corpus import (
     _decode,
     _json_type,
     _kind,
+    jsonl_lines,
     _open_binary,
     _read_errors,
     _starts_with_list,
@@ -172,17 +173,12 @@ def _records(path: Path) -> Iterator[tuple[str, object]]:
         for index, record in enumerate(records, start=1):
             yield f"{path}: item {index}", record
     else:
-        with _open_binary(path) as f:
-            for lineno, raw in enumerate(f, start=1):
-                if lineno == 1:
-                    raw = raw.removeprefix(_BOM)
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(_decode(raw, path, lineno))
-                except json.JSONDecodeError as e:
-                    record = _BadRecord("invalid JSON", f"invalid JSON ({e.msg})")
-                yield f"{path}:{lineno}", record
+        for lineno, line in jsonl_lines(path):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                record = _BadRecord("invalid JSON", f"invalid JSON ({e.msg})")
+            yield f"{path}:{lineno}", record
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[str, object]]:

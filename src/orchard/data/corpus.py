@@ -209,21 +209,26 @@ def _txt_chunks(path: Path) -> Iterator[tuple[str, bool]]:
     yield pending, True
 
 
-def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line) of each non-blank line of a JSONL file (gzip or not, BOM
+    stripped); invalid UTF-8 is an OrchardError naming the line."""
     with _open_binary(path) as f:
         for lineno, raw in enumerate(f, start=1):
             if lineno == 1:
                 raw = raw.removeprefix(_BOM)
-            if not raw.strip():
-                continue
-            line = _decode(raw, path, lineno)
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise OrchardError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            text = _field(record, text_field, f"{path}:{lineno}")
-            if text.strip():
-                yield text
+            if raw.strip():
+                yield lineno, _decode(raw, path, lineno)
+
+
+def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
+    for lineno, line in jsonl_lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise OrchardError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        text = _field(record, text_field, f"{path}:{lineno}")
+        if text.strip():
+            yield text
 
 
 def _starts_with_list(path: Path) -> bool:
