@@ -1,0 +1,45 @@
+"""Preference-optimisation losses as pure functions of sequence log-probabilities.
+
+Each takes per-example log-probabilities of the chosen and rejected responses (summed over their
+tokens for DPO and IPO as the papers define them; averaged per token for SimPO and ORPO, which are
+length-normalised) and returns per-example losses. The batch construction that produces the
+log-probabilities belongs to the method that uses them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             beta: float = 0.1, label_smoothing: float = 0.0) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023), sigmoid form, with conservative label smoothing ε (cDPO):
+    -(1-ε) log σ(β h) - ε log σ(-β h), where h = (chosen - ref_chosen) - (rejected - ref_rejected)."""
+    margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+    return -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+
+
+def ipo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             beta: float = 0.1) -> torch.Tensor:
+    """IPO (Azar et al. 2023): (h - 1/(2β))², with h the same log-ratio difference as DPO (unscaled);
+    β plays the role of the paper's τ."""
+    h = (chosen - ref_chosen) - (rejected - ref_rejected)
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def simpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, beta: float = 2.0, gamma: float = 0.5,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """SimPO (Meng et al. 2024), reference-free: -log σ(β (chosen - rejected) - γ) on per-token
+    average log-probabilities, with the same label smoothing as DPO."""
+    margin = beta * (chosen_mean - rejected_mean) - gamma
+    return -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+
+
+def orpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, chosen_nll: torch.Tensor,
+              weight: float = 0.1) -> torch.Tensor:
+    """ORPO (Hong et al. 2024): the chosen response's NLL minus λ log σ(log odds ratio), where the
+    odds of a response are p/(1-p) with p its per-token average probability."""
+    log_odds = (chosen_mean - rejected_mean) - (torch.log1p(-torch.exp(chosen_mean))
+                                                - torch.log1p(-torch.exp(rejected_mean)))
+    return chosen_nll - weight * F.logsigmoid(log_odds)
