@@ -198,24 +198,27 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise OrchardError(f"{path}: not a checkpoint (no config.json and {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE})")
 
 
+def read_json(path: Path, missing: str = "no such file") -> dict:
+    """A JSON object from a file; a missing, unreadable or non-object file is a one-line error."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OrchardError(f"{path}: {missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise OrchardError(f"{path}: invalid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise OrchardError(f"{path}: expected a JSON object")
+    return data
+
+
 def read_record(path: Path) -> dict:
     record_file = path / RECORD_FILE
-    if not record_file.is_file():
-        return {}
-    try:
-        return json.loads(record_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise OrchardError(f"{record_file}: invalid JSON ({error})") from None
+    return read_json(record_file) if record_file.is_file() else {}
 
 
 def read_model_config(path: Path) -> ModelConfig:
     config_file = path / "config.json"
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise OrchardError(f"{config_file}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise OrchardError(f"{config_file}: invalid JSON ({error})") from None
+    data = read_json(config_file)
     try:
         return ModelConfig.from_hf_dict(data)
     except (TypeError, ValueError) as error:

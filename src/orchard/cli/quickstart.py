@@ -121,8 +121,8 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
         tuned = load_checkpoint(run_dir)
         trainable = read_record(run_dir).get("parameters", {}).get("trainable")
         total = tuned.model.num_parameters()
-        accuracies_ = [chat_exact_match(tuned.model, tuned.tokenizer, items).accuracy for items in (seen, held_out)]
-        rows.append([label, *(f"{a:.1%}" for a in accuracies_),
+        scores = [chat_exact_match(tuned.model, tuned.tokenizer, items).accuracy for items in (seen, held_out)]
+        rows.append([label, *(f"{a:.1%}" for a in scores),
                      f"{trainable:,} ({trainable / total:.2%})" if trainable else "-", str(run_dir)])
     report.heading("Fine-tuning")
     report.text(f"Questions about the world's facts and arithmetic word problems ({len(held_out)} of each kind of "

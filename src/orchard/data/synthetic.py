@@ -37,6 +37,15 @@ def _check_lang(lang: str) -> None:
         raise ValueError(f"unknown language {lang!r}; expected one of {', '.join(LANGUAGES)}")
 
 
+def _checked_languages(languages) -> list[str]:
+    languages = list(languages)
+    if not languages:
+        raise ValueError("languages must not be empty")
+    for lang in languages:
+        _check_lang(lang)
+    return languages
+
+
 def _article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
@@ -417,11 +426,7 @@ def generate_documents(
     """
     if num_documents < 0:
         raise ValueError(f"num_documents must be >= 0, got {num_documents}")
-    languages = list(languages)
-    if not languages:
-        raise ValueError("languages must not be empty")
-    for lang in languages:
-        _check_lang(lang)
+    languages = _checked_languages(languages)
     kinds = list(DOCUMENT_KINDS) if kinds is None else list(kinds)
     if not kinds:
         raise ValueError("kinds must not be empty")
@@ -540,11 +545,7 @@ def _instruction_items(world: World, split: str, seed: int, languages, num_conve
     """(messages ending with the assistant's answer, expected answer string) for every conversation."""
     if split not in _SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(_SPLITS)}")
-    languages = list(languages)
-    if not languages:
-        raise ValueError("languages must not be empty")
-    for lang in languages:
-        _check_lang(lang)
+    languages = _checked_languages(languages)
     kept, held = world.split_facts(held_out_fraction)
     facts = kept if split == "train" else held
     if not facts:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (RECORD_FILE, WEIGHTS_INDEX_FILE, atomic_directory, checked_weights, is_adapter_checkpoint,
-                          load_checkpoint, read_model_config, save_checkpoint,
+from ..checkpoint import (ADAPTER_SETTINGS_FILE, RECORD_FILE, WEIGHTS_INDEX_FILE, atomic_directory, checked_weights, is_adapter_checkpoint,
+                          load_checkpoint, read_json, read_model_config, save_checkpoint,
                           resolve_checkpoint, weights_files, write_json)
 from ..errors import OrchardError
 from ..model import CausalLM
@@ -52,21 +52,13 @@ def export_hf(checkpoint_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def read_settings(source: Path) -> dict:
-    import json
-
-    from ..checkpoint import ADAPTER_SETTINGS_FILE
-
-    return json.loads((source / ADAPTER_SETTINGS_FILE).read_text(encoding="utf-8"))
-
-
 def _export_merged(source: Path, out_dir: Path) -> Path:
     """An adapter checkpoint is exported as its base with the adapter merged in: a plain model that
     any tool runs (the adapter alone, in PEFT's format, is in the checkpoint's `peft/` folder)."""
     from ..peft.lora import adapter_configs, merge_adapter, remove_adapter
 
     checkpoint = load_checkpoint(source)
-    if any(key in read_settings(source) for key in ("bottleneck", "prefix")):
+    if any(key in read_json(source / ADAPTER_SETTINGS_FILE) for key in ("bottleneck", "prefix")):
         raise OrchardError(f"{source}: bottleneck adapters and prefixes cannot be merged into the base's weights; "
                            f"export works for LoRA and DoRA checkpoints")
     (name, *others) = adapter_configs(checkpoint.model)

@@ -162,14 +162,9 @@ def save_lora_adapter(directory, config: LoraAdapterConfig,
 
 
 def _read_config(config_file: Path) -> LoraAdapterConfig:
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise OrchardError(f"{config_file}: no such file (not a PEFT adapter directory)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise OrchardError(f"{config_file}: invalid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise OrchardError(f"{config_file}: expected a JSON object")
+    from ..checkpoint import read_json  # checkpoint imports this module's users; import late
+
+    data = read_json(config_file, missing="no such file (not a PEFT adapter directory)")
     peft_type = data.get("peft_type")
     if peft_type != "LORA":
         raise OrchardError(f"{config_file}: peft_type is {peft_type!r}; only LoRA adapters (\"LORA\") are supported")

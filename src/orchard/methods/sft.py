@@ -168,7 +168,8 @@ class _GroupedOrder:
 def load_conversations(config: SFTConfig) -> tuple[list[dict], str]:
     """Conversation records and a description of where they came from."""
     if config.data.path is None:
-        records = instruction_conversations(World(), split="train")
+        records = instruction_conversations(World(), split="train",
+                                            num_conversations=config.data.max_conversations)
         return [{"messages": r["messages"], "source": f"built-in:{i}"} for i, r in enumerate(records)], \
             "built-in world instructions"
     stats = ReadStats()
@@ -205,8 +206,6 @@ def run(config: SFTConfig) -> TrainResult:
     model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
 
     records, source = load_conversations(config)
-    if config.data.max_conversations:
-        records = records[:config.data.max_conversations]
     examples, too_long = tokenize_all(records, tokenizer, config)
     if too_long:
         print(f"skipped {too_long} conversation(s) longer than data.max_length={config.data.max_length}",
