@@ -112,9 +112,15 @@ def _is_adapter_tensor(name: str) -> bool:
 
 
 def adapter_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
-    """Every adapter tensor under its module path (`...q_proj.lora.default.A`), DoRA magnitudes included."""
-    return {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()
-            if _is_adapter_tensor(name)}
+    """Every adapter tensor under its module path (`...q_proj.lora.default.A`), DoRA magnitudes
+    included, and a trainable score head trained with them."""
+    from .peft.settings import has_trained_head
+
+    tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()
+               if _is_adapter_tensor(name)}
+    if tensors and has_trained_head(model):
+        tensors.update({f"score.{name}": t.detach().contiguous() for name, t in model.score.state_dict().items()})
+    return tensors
 
 
 def is_adapter_checkpoint(path: Path) -> bool:

@@ -152,6 +152,13 @@ def build(cls: type[T], data: Any, prefix: str = "") -> T:
     hints = _type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
+    for f in dataclasses.fields(cls):
+        # A section set only in part keeps the other values of its parent's default, e.g. a method's
+        # own TrainConfig(lr=1e-5, ...) when a recipe sets only train.max_steps.
+        if isinstance(data.get(f.name), dict) and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                data = {**data, f.name: _merged(to_dict(default), data[f.name])}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
@@ -164,6 +171,14 @@ def build(cls: type[T], data: Any, prefix: str = "") -> T:
     except ValueError as error:
         message = str(error)
         raise OrchardError(message if "." in message.split(":")[0] else f"{prefix or 'config'}: {message}") from None
+
+
+def _merged(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merged(merged[key], value) if isinstance(merged.get(key), dict) and isinstance(value, dict) \
+            else value
+    return merged
 
 
 def to_dict(config: Any) -> Any:

@@ -39,27 +39,19 @@ def tokenizer_train(args) -> None:
     print(f"saved a {tokenizer.vocab_size}-token tokenizer to {args.out}")
 
 
-def _train(args, config_cls, run) -> None:
+def train(args, module: str, config_name: str) -> None:
+    """Any training command: load its config (recipe, then key=value overrides) and run it."""
+    import importlib
+
     from ..config import load_config
 
+    method = importlib.import_module(f"orchard.methods.{module}")
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe and "=" in recipe and not Path(recipe).exists():
         recipe, overrides = None, [recipe] + overrides  # no recipe, only overrides
-    result = run(load_config(config_cls, recipe, overrides))
+    result = method.run(load_config(getattr(method, config_name), recipe, overrides))
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.state.metrics.items())
     print(f"{result.final_dir}: {result.state.step} steps, {result.state.tokens:,} tokens; {metrics}")
-
-
-def pretrain(args) -> None:
-    from ..methods.pretrain import PretrainConfig, run
-
-    _train(args, PretrainConfig, run)
-
-
-def sft(args) -> None:
-    from ..methods.sft import SFTConfig, run
-
-    _train(args, SFTConfig, run)
 
 
 def generate(args) -> None:

@@ -39,10 +39,44 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed for repeatable samples")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ..methods.pretrain import PretrainConfig
-    from ..methods.sft import SFTConfig
+TRAINING_COMMANDS = {
+    # name: (module under orchard.methods, its config class, one-line help, description, example overrides)
+    "pretrain": ("pretrain", "PretrainConfig", "pretrain a model on text",
+                 "Pretrain a model. With no recipe and no data.path it trains a small model on the built-in "
+                 "synthetic world.", "train.max_steps=200"),
+    "sft": ("sft", "SFTConfig", "fine-tune on conversations (full, LoRA, DoRA, QLoRA, adapters, prefix)",
+            "Supervised fine-tuning of init=CHECKPOINT on conversations, with the loss on assistant tokens only. "
+            "peft.method=lora|dora|... trains adapters on the frozen base and saves only them. With no data.path "
+            "it uses the built-in world's instruction conversations.",
+            "init=runs/quickstart/pretrain peft.method=lora"),
+    "reward": ("reward", "RewardConfig", "train a reward model on preference pairs (Bradley-Terry)",
+               "Train a scalar reward head on init=CHECKPOINT so that chosen replies score above rejected ones; "
+               "reports held-out pairwise accuracy. With no data.path it uses the built-in world's pairs.",
+               "init=runs/quickstart/sft"),
+    "dpo": ("dpo", "DPOConfig", "align on preference pairs with DPO, IPO, SimPO or ORPO",
+            "Offline preference optimisation of init=CHECKPOINT (loss=dpo|ipo|simpo|orpo). The reference model's "
+            "log-probabilities are computed once and cached. With no data.path it uses the built-in world's pairs.",
+            "init=runs/quickstart/sft loss=dpo beta=0.1"),
+    "grpo": ("grpo", "GRPOConfig", "online RL with group-relative advantages (GRPO, DAPO, Dr. GRPO)",
+             "Sample num_generations replies per prompt, score them with the rewards, and push the policy "
+             "towards the better ones of each group. With no data.path it uses the built-in world's questions "
+             "with the exact-match reward.", "init=runs/quickstart/sft rewards=[exact_match]"),
+    # "ppo": ("ppo", "PPOConfig", "online RL with a value head and GAE (PPO, as in RLHF)",
+    #             "Proximal policy optimisation of init=CHECKPOINT with a learned value head, GAE, clipped losses and "
+    #             "a KL penalty to the reference. With no data.path it uses the built-in world's questions.",
+    #             "init=runs/quickstart/sft rewards=[model:runs/quickstart/reward/final]"),
+}
 
+
+def _training_commands():
+    import importlib
+
+    for name, (module, config_name, help_text, description, example) in TRAINING_COMMANDS.items():
+        config_cls = getattr(importlib.import_module(f"orchard.methods.{module}"), config_name)
+        yield name, help_text, description, config_cls, example
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orchard", formatter_class=HelpFormatter,
         description="Train a language model through its whole life, each stage reusing the last.",
@@ -68,22 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     train_tok.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size (default 4096)")
     train_tok.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet records")
 
-    pretrain = commands.add_parser("pretrain", formatter_class=HelpFormatter, help="pretrain a model on text",
-                                   description="Pretrain a model. With no recipe and no data.path it trains a "
-                                               "small model on the built-in synthetic world. Running the same "
-                                               "command again resumes from the last checkpoint.",
-                                   epilog=_recipe_help(PretrainConfig))
-    pretrain.add_argument("recipe", nargs="?", help="a recipe YAML (see recipes/)")
-    pretrain.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=200")
-
-    sft = commands.add_parser("sft", formatter_class=HelpFormatter, help="fine-tune on conversations (full or LoRA/DoRA)",
-                              description="Supervised fine-tuning of init=CHECKPOINT on conversations, with the loss "
-                                          "on assistant tokens only. peft.method=lora|dora trains adapters on the "
-                                          "frozen base and saves only them. With no data.path it uses the built-in "
-                                          "world's instruction conversations. Running the same command again resumes.",
-                              epilog=_recipe_help(SFTConfig))
-    sft.add_argument("recipe", nargs="?", help="a recipe YAML (see recipes/)")
-    sft.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. init=runs/quickstart/pretrain peft.method=lora")
+    for name, help_text, description, config_cls, example in _training_commands():
+        sub = commands.add_parser(name, formatter_class=HelpFormatter, help=help_text,
+                                  description=description + " Running the same command again resumes from the "
+                                                            "last checkpoint.",
+                                  epilog=_recipe_help(config_cls))
+        sub.add_argument("recipe", nargs="?", help="a recipe YAML (see recipes/)")
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help=f"e.g. {example}")
 
     generate = commands.add_parser("generate", help="continue a prompt (streams tokens)",
                                    description="Sample a continuation of --prompt from a checkpoint.")
@@ -152,9 +177,11 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int | None:
     from . import commands
 
+    if args.command in TRAINING_COMMANDS:
+        module, config_name = TRAINING_COMMANDS[args.command][:2]
+        return commands.train(args, module, config_name)
     handler = {
-        "quickstart": commands.quickstart, "tokenizer": commands.tokenizer_train, "pretrain": commands.pretrain,
-        "sft": commands.sft,
+        "quickstart": commands.quickstart, "tokenizer": commands.tokenizer_train,
         "generate": commands.generate, "chat": commands.chat, "eval": commands.evaluate, "info": commands.info,
         "export": commands.export,
     }[args.command]

@@ -40,9 +40,10 @@ import bisect
 import json
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -53,10 +54,10 @@ from .corpus import (
     _decode,
     _json_type,
     _kind,
-    jsonl_lines,
     _open_binary,
     _read_errors,
     _starts_with_list,
+    jsonl_lines,
     resolve_paths,
 )
 
@@ -67,6 +68,7 @@ TRUNCATION = ("error", "skip", "truncate_prompt")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system"}
 _PARQUET_BATCH_ROWS = 256
+T = TypeVar("T")
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -82,8 +84,9 @@ class Conversation:
 
 @dataclass
 class ReadStats:
-    """What `read_conversations` (and `tokenize_conversations`) kept and skipped; pass one in and
-    read it after the iterator is exhausted."""
+    """What `read_conversations` (and `tokenize_conversations`, and the readers of
+    `orchard.data.preferences`) kept and skipped; pass one in and read it after the iterator is
+    exhausted."""
 
     read: int = 0
     """Records seen (kept or skipped)."""
@@ -92,7 +95,8 @@ class ReadStats:
     reasons: Counter = field(default_factory=Counter)
     """Skipped records by reason: "unknown role", "missing field", "non-string content",
     "no assistant turn", "empty assistant turn", "unrecognised record", "not an object",
-    "invalid JSON", "too long"."""
+    "invalid JSON", "too long"; preference pairs and prompts add "identical responses", "no user turn",
+    "no final assistant turn" and "no final answer"."""
     truncated: int = 0
     """Conversations whose oldest turns were dropped to fit ``max_length``."""
 
@@ -129,6 +133,21 @@ def read_conversations(paths, format: str = "auto", on_error: str = "error", sta
     """
     if format not in FORMATS:
         raise OrchardError(f"data.format: unknown format {format!r}; expected one of {', '.join(FORMATS)}")
+    for source, messages in read_records(paths, lambda record: _parse_record(record, format), on_error, stats,
+                                         key, what="conversations"):
+        yield Conversation(messages, source)
+
+
+def read_records(paths, parse: Callable[[object], T], on_error: str = "error", stats: ReadStats | None = None,
+                 key: str = "data.path", what: str = "records") -> Iterator[tuple[str, T]]:
+    """``(source, parse(record))`` for every record of the files ``paths`` names: the reading and
+    error handling shared by every reader of JSON records (conversations, preference pairs, prompts).
+
+    ``parse`` raises `_BadRecord` for a record it rejects; ``on_error`` "error" turns that into an
+    OrchardError naming the record's source, "skip" counts it in ``stats.reasons``. Problems with a
+    file itself (a .txt file, unreadable, invalid UTF-8, a broken JSON list, no records) always
+    raise; ``what`` names the records in the .txt error.
+    """
     if on_error not in ("error", "skip"):
         raise OrchardError(f"data.on_error: expected 'error' or 'skip', got {on_error!r}")
     stats = stats if stats is not None else ReadStats()
@@ -136,7 +155,7 @@ def read_conversations(paths, format: str = "auto", on_error: str = "error", sta
     for path in files:
         kind = _kind(path)
         if kind == ".txt":
-            raise OrchardError(f"{path}: conversations must be .jsonl, .json or .parquet files, not .txt")
+            raise OrchardError(f"{path}: {what} must be .jsonl, .json or .parquet files, not .txt")
     for path in files:
         found = False
         with _read_errors(path):
@@ -146,14 +165,14 @@ def read_conversations(paths, format: str = "auto", on_error: str = "error", sta
                 try:
                     if isinstance(record, _BadRecord):
                         raise record
-                    messages = _parse_record(record, format)
+                    parsed = parse(record)
                 except _BadRecord as bad:
                     if on_error == "error":
                         raise OrchardError(f"{source}: {bad.message}") from None
                     stats.skip(bad.reason)
                     continue
                 stats.kept += 1
-                yield Conversation(messages, source)
+                yield source, parsed
         if not found:
             raise OrchardError(f"{path}: file is empty")
 
@@ -258,13 +277,13 @@ def _system(record: dict) -> list[dict]:
     return [{"role": "system", "content": system}] if system else []
 
 
-def _parse_messages(record: dict) -> list[dict]:
+def _parse_messages(record: dict, list_key: str = "messages") -> list[dict]:
     messages = []
-    for i, turn in enumerate(_turns(record, "messages")):
-        role = _string(turn, "role", f"messages[{i}]: ")
+    for i, turn in enumerate(_turns(record, list_key)):
+        role = _string(turn, "role", f"{list_key}[{i}]: ")
         if role not in ROLES:
-            raise _BadRecord("unknown role", f"messages[{i}]: unknown role {role!r} (expected system, user or assistant)")
-        messages.append({"role": role, "content": _string(turn, "content", f"messages[{i}]: ")})
+            raise _BadRecord("unknown role", f"{list_key}[{i}]: unknown role {role!r} (expected system, user or assistant)")
+        messages.append({"role": role, "content": _string(turn, "content", f"{list_key}[{i}]: ")})
     return messages
 
 
@@ -374,17 +393,25 @@ def _drop_oldest_exchange(messages: list[dict]) -> list[dict] | None:
     up to the next user turn), keeping the leading system messages and the final exchange (the
     last user turn before the last assistant turn, and what follows it); None when nothing is left
     to drop."""
-    head = 0
-    while head < len(messages) and messages[head]["role"] == "system":
-        head += 1
     last = _last_assistant(messages)
-    final = next((i for i in range(last - 1, head - 1, -1) if messages[i]["role"] == "user"), None)
+    prompt = drop_oldest_prompt_exchange(messages[:last])
+    return None if prompt is None else prompt + messages[last:]
+
+
+def drop_oldest_prompt_exchange(prompt: list[dict]) -> list[dict] | None:
+    """The messages before a reply without their oldest exchange, keeping the leading system
+    messages and the last user turn (and what follows it); None when nothing is left to drop.
+    Preference pairs truncate their shared prompt with it, so both replies keep the same one."""
+    head = 0
+    while head < len(prompt) and prompt[head]["role"] == "system":
+        head += 1
+    final = next((i for i in range(len(prompt) - 1, head - 1, -1) if prompt[i]["role"] == "user"), None)
     if final is None or final <= head:
         return None
     end = head + 1
-    while end < final and not (messages[end]["role"] == "user" and messages[end - 1]["role"] != "user"):
+    while end < final and not (prompt[end]["role"] == "user" and prompt[end - 1]["role"] != "user"):
         end += 1
-    return messages[:head] + messages[end:]
+    return prompt[:head] + prompt[end:]
 
 
 def _tokenize(conversation: Conversation, tokenizer, max_length: int, train_on: str,

@@ -23,3 +23,15 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 def bits_per_byte(loss_sum_nats: float, num_bytes: int) -> float:
     """Convert a summed loss in nats to bits per UTF-8 byte, comparable across tokenizers."""
     return loss_sum_nats / max(num_bytes, 1) / torch.log(torch.tensor(2.0)).item()
+
+
+def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) log-probability of each target under `logits` (B, T, V), 0 where the target is
+    IGNORE_INDEX; aligned like `token_cross_entropy`. In fp32, for the same reason.
+
+    Computed as minus the per-token cross-entropy (PyTorch's fused kernel), so sequence
+    log-probabilities for DPO and RL cost what the SFT loss costs.
+    """
+    flat = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="none")
+    return -flat.view(labels.shape)

@@ -34,10 +34,7 @@ from ..data.packing import EpochOrder, micro_batch_samples
 from ..data.synthetic import World, instruction_conversations
 from ..errors import OrchardError
 from ..lineage import new_record
-from ..peft.lora import LoraConfig, add_lora, trainable_parameter_count
-from ..peft.adapters import AdapterConfig, add_adapters
-from ..peft.prefix import PrefixConfig, add_prefix
-from ..peft.quantized import quantize_base_nf4
+from ..peft.config import PeftConfig, apply_peft
 from ..training import TrainConfig, Trainer, TrainResult
 from ..training.distributed import Distributed
 from .losses import token_cross_entropy
@@ -65,33 +62,6 @@ class ConversationDataConfig:
     """Fraction of conversations held out for validation (at least one)."""
     max_conversations: int | None = None
     """Use at most this many conversations (from the start)."""
-
-
-@dataclass
-class PeftConfig:
-    method: Literal["none", "lora", "dora", "qlora", "adapter", "prefix"] = "none"
-    """none: full fine-tuning; lora or dora: low-rank adapters on the frozen base; qlora: LoRA on a
-    base whose targeted layers are frozen in 4-bit NF4 (needs torchao); adapter: bottleneck
-    adapters; prefix: trainable key/value prefixes in every attention layer."""
-    r: int = 8
-    """Adapter rank."""
-    alpha: float = 16.0
-    """Adapter scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rslora)."""
-    dropout: float = 0.0
-    """Dropout on the adapter's input."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                              "gate_proj", "up_proj", "down_proj"])
-    """Linear layers to adapt: names (the last part of a module's name) or regular expressions."""
-    rslora: bool = False
-    """Rank-stabilised scaling alpha / sqrt(r)."""
-    bottleneck: int = 64
-    """Width of a bottleneck adapter (peft.method=adapter)."""
-    placement: Literal["serial", "parallel"] = "serial"
-    """Bottleneck adapter after its module (serial, Houlsby) or beside it (parallel, He et al.)."""
-    adapter_targets: list[str] = field(default_factory=lambda: ["mlp"])
-    """Modules that get a bottleneck adapter: mlp and/or self_attn."""
-    num_virtual_tokens: int = 16
-    """Prefix length in every attention layer (peft.method=prefix)."""
 
 
 @dataclass
@@ -216,22 +186,7 @@ def run(config: SFTConfig) -> TrainResult:
     num_val = max(1, int(len(examples) * config.data.val_fraction))
     val, train = examples[:num_val], examples[num_val:]
 
-    if config.peft.method == "qlora":
-        quantized = quantize_base_nf4(model, config.peft.target_modules)
-        print(f"stored {len(quantized)} linear layers of the frozen base in NF4", file=sys.stderr)
-    if config.peft.method == "adapter":
-        add_adapters(model, AdapterConfig(bottleneck=config.peft.bottleneck, placement=config.peft.placement,
-                                          dropout=config.peft.dropout, targets=config.peft.adapter_targets),
-                     seed=config.train.seed)
-    elif config.peft.method == "prefix":
-        add_prefix(model, PrefixConfig(num_virtual_tokens=config.peft.num_virtual_tokens), seed=config.train.seed)
-    elif config.peft.method != "none":
-        lora = LoraConfig(r=config.peft.r, alpha=config.peft.alpha, dropout=config.peft.dropout,
-                          target_modules=config.peft.target_modules, use_rslora=config.peft.rslora,
-                          use_dora=config.peft.method == "dora")
-        add_lora(model, lora, seed=config.train.seed)
-    trainable, total = trainable_parameter_count(model)
-    print(f"training {trainable:,} of {total:,} parameters ({trainable / total:.2%})", file=sys.stderr)
+    trainable, total = apply_peft(model, config.peft, config.train.seed)
 
     method = ConversationLanguageModeling(train, val, config, tokenizer.pad_id)
     supervised = sum(sum(1 for label in e.labels if label != -100) for e in train)

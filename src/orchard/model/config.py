@@ -60,12 +60,17 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = 1
     """End-of-text id; Hugging Face models may list several (Llama 3 instruct) or none."""
     pad_token_id: int | None = 2
+    num_labels: int = 0
+    """Outputs of a linear `score` head on the final hidden states (transformers'
+    ...ForSequenceClassification): 1 for a reward model or a value head, 0 for a plain language model."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.num_labels < 0:
+            raise ValueError(f"model.num_labels must not be negative, got {self.num_labels}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"model.num_key_value_heads ({self.num_key_value_heads}) must divide "
@@ -131,8 +136,11 @@ class ModelConfig:
         llama.cpp's converter). `dtype` names the dtype of the weights file.
         """
         model_type = self.model_type
+        architectures = [ARCHITECTURES[model_type]]
+        if self.num_labels:
+            architectures.append(ARCHITECTURES[model_type].replace("CausalLM", "SequenceClassification"))
         return {
-            "architectures": [ARCHITECTURES[model_type]],
+            "architectures": architectures,
             "model_type": model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -155,6 +163,7 @@ class ModelConfig:
             "pad_token_id": self.pad_token_id,
             "dtype": dtype,
             "use_cache": True,
+            **({"num_labels": self.num_labels} if self.num_labels else {}),
         }
 
     @classmethod
@@ -165,6 +174,9 @@ class ModelConfig:
         _check_supported(model_type, data)
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {**_HF_DEFAULTS, **{k: v for k, v in data.items() if k in known}}
+        # transformers gives every config a num_labels; only a sequence classifier has the head.
+        classifier = any(a.endswith("ForSequenceClassification") for a in data.get("architectures") or [])
+        kwargs["num_labels"] = int(data.get("num_labels", 1)) if classifier else 0
         if kwargs.get("num_key_value_heads") is None:  # older Llama configs: one key/value head per query head
             kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", cls.num_attention_heads)
         kwargs["qk_norm"] = model_type == "qwen3"

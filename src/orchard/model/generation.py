@@ -81,8 +81,9 @@ def next_tokens(logits: torch.Tensor, config: SamplingConfig, generator: torch.G
 @torch.no_grad()
 def generate(model: CausalLM, prompts: list[list[int]], config: SamplingConfig, eos_id: int | Sequence[int],
              pad_id: int, use_cache: bool = True, is_finished: Callable[[int, list[int]], bool] | None = None,
-             on_tokens: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
-    """Continue each prompt; returns the new tokens of each, up to (not including) an end token.
+             on_tokens: Callable[[torch.Tensor], None] | None = None, keep_end_token: bool = False) -> list[list[int]]:
+    """Continue each prompt; returns the new tokens of each, up to (not including) an end token;
+    `keep_end_token` includes it (RL trains the policy to end its replies too).
 
     `eos_id` is one end token or several (a chat model's turn ends at `<|im_end|>` as well).
 
@@ -125,6 +126,8 @@ def generate(model: CausalLM, prompts: list[list[int]], config: SamplingConfig, 
                 continue
             if token in end_ids:
                 finished[row] = True
+                if keep_end_token:
+                    outputs[row].append(token)
                 continue
             outputs[row].append(token)
             if is_finished is not None and is_finished(row, outputs[row]):

@@ -227,11 +227,14 @@ class DecoderStack(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
-    """(B, T, vocab) next-token logits (only the last `logits_to_keep` positions when asked)."""
+    logits: torch.Tensor | None
+    """(B, T, vocab) next-token logits (only the last `logits_to_keep` positions when asked; None
+    with compute_logits=False)."""
     hidden_states: tuple[torch.Tensor, ...] | None = None
     """The embeddings and each layer's output, the last one after the final norm (as Hugging Face)."""
     cache: KVCache | None = None
+    scores: torch.Tensor | None = None
+    """(B, T, num_labels) outputs of the score head at every position, when the model has one."""
 
 
 def causal_mask(attention_mask: torch.Tensor | None, position_ids: torch.Tensor, past_length: int,
@@ -263,6 +266,8 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        if config.num_labels:
+            self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         if self.lm_head.weight.device.type != "meta":  # a model built on the meta device is about to be loaded
             self.reset_parameters()
 
@@ -282,9 +287,11 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                output_hidden_states: bool = False, logits_to_keep: int = 0) -> ModelOutput:
+                output_hidden_states: bool = False, logits_to_keep: int = 0,
+                compute_logits: bool = True) -> ModelOutput:
         """`attention_mask` is either (B, S) with 1 for real tokens (padding) or a boolean (B, 1, T, S)
-        mask used as is (packed sequences); `position_ids` default to 0.. after any padding."""
+        mask used as is (packed sequences); `position_ids` default to 0.. after any padding.
+        `compute_logits=False` skips the output projection (a reward model needs only its scores)."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         explicit_mask = attention_mask is not None and attention_mask.dim() == 4
@@ -315,11 +322,23 @@ class CausalLM(nn.Module):
             hidden_states[-1] = x
         if cache is not None:
             cache.length += T
+        scores = self.score(x) if self.config.num_labels else None
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)
+        logits = self.lm_head(x) if compute_logits else None
         return ModelOutput(logits=logits, hidden_states=tuple(hidden_states) if hidden_states else None,
-                           cache=cache)
+                           cache=cache, scores=scores)
+
+    def add_score_head(self, num_labels: int = 1, seed: int | None = None) -> None:
+        """Give the model a `score` head (a reward model's or a value function's), initialised as
+        the other weights; it is trainable even when the rest of the model is frozen."""
+        self.config.num_labels = num_labels
+        parameter = self.lm_head.weight
+        self.score = nn.Linear(self.config.hidden_size, num_labels, bias=False, device=parameter.device)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            self.score.weight.copy_(torch.empty(self.score.weight.shape).normal_(
+                0.0, self.config.initializer_range, generator=generator))
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         parameter = self.lm_head.weight

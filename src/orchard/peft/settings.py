@@ -41,7 +41,16 @@ def describe(model: nn.Module) -> dict:
             raise OrchardError("a prefix still produced by its projection network is saved after "
                                "orchard.peft.fold_prefix_projection(model)")
         settings["prefix"] = {"num_virtual_tokens": prefix.key.shape[1]}
+    if settings and has_trained_head(model):
+        settings["score_head"] = {"num_labels": model.score.out_features}
     return settings
+
+
+def has_trained_head(model: nn.Module) -> bool:
+    """Whether the model has a trainable score head (a reward model's or a value function's), which
+    an adapter checkpoint then stores beside its adapters (PEFT's modules_to_save)."""
+    score = getattr(model, "score", None)
+    return score is not None and score.weight.requires_grad
 
 
 def rebuild(model: nn.Module, settings: dict, rename: str | None = None) -> None:
@@ -58,3 +67,5 @@ def rebuild(model: nn.Module, settings: dict, rename: str | None = None) -> None
         add_adapters(model, AdapterConfig(**settings["bottleneck"]))
     if "prefix" in settings:
         add_prefix(model, PrefixConfig(**settings["prefix"]))
+    if "score_head" in settings and getattr(model, "score", None) is None:
+        model.add_score_head(settings["score_head"]["num_labels"])

@@ -1,0 +1,234 @@
+"""Offline preference optimisation: DPO, IPO, SimPO and ORPO on pairs of replies.
+
+Run it with `orchard dpo init=CKPT [loss=dpo|ipo|simpo|orpo] [key=value ...]`; with no data it
+trains on the built-in world's pairs (a correct answer preferred to a wrong or unhelpful one) and
+validates on the held-out split. Read top to bottom, a run is:
+
+1. the parent checkpoint (usually an SFT model) and its chat template;
+2. pairs rendered as a chosen and a rejected sequence with one shared prompt (`methods.pairs`);
+3. for DPO and IPO, the reference model's log-probabilities of every reply, computed once with the
+   parent before training and cached in the run directory, so training holds one model in memory
+   (SimPO and ORPO need no reference);
+4. with `peft.method`, adapters on the frozen parent, else every weight trains;
+5. the shared engine: each micro-batch scores its chosen and rejected rows in one forward pass and
+   applies the loss of `preference_losses`; it logs what TRL users know (the implicit rewards of
+   chosen and rejected replies, their margin, and how often the chosen one wins) and validates
+   the same on held-out pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..checkpoint import load_checkpoint
+from ..config import to_dict
+from ..errors import OrchardError
+from ..lineage import new_record
+from ..peft.config import PeftConfig, apply_peft
+from ..training import TrainConfig, Trainer, TrainResult
+from ..training.distributed import Distributed
+from ..training.engine import resolve_device, resolve_precision
+from .losses import token_log_probs
+from .pairs import PairBatches, PreferenceDataConfig, TokenizedPair, collate_pairs, held_out_batches, load_pairs
+from .preference_losses import dpo_loss, ipo_loss, orpo_loss, simpo_loss
+
+REFERENCE_FILE = "reference_logps.pt"
+
+
+@dataclass
+class DPOConfig:
+    init: str | None = None
+    """The checkpoint to align (usually an SFT model; orchard's or a Hugging Face model)."""
+    out: str = "runs/dpo"
+    """Run directory. Running again resumes it."""
+    loss: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"
+    """dpo: sigmoid DPO (Rafailov et al.); ipo: IPO (Azar et al.); simpo: reference-free,
+    length-normalised SimPO (Meng et al.); orpo: odds-ratio preference plus the chosen reply's NLL
+    (Hong et al.)."""
+    beta: float = 0.1
+    """DPO/IPO/SimPO's beta (IPO's tau). The SimPO paper uses 2 to 2.5."""
+    label_smoothing: float = 0.0
+    """Probability that a pair's label is flipped (conservative DPO), for dpo and simpo."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma."""
+    orpo_lambda: float = 0.1
+    """Weight of ORPO's odds-ratio term beside the NLL."""
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=200, lr=5e-5, warmup_steps=10,
+                                                                   weight_decay=0.0, batch_size=8, eval_every=50,
+                                                                   save_every=50))
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"beta must be positive, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.loss in ("dpo", "ipo")
+
+
+def sequence_log_probs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed, per-token mean) log-probability of each row's supervised reply."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits
+    logps = token_log_probs(logits, batch["labels"])
+    tokens = (batch["labels"] != -100).sum(-1).clamp(min=1)
+    summed = logps.sum(-1)
+    return summed, summed / tokens
+
+
+class PreferenceOptimization:
+    """The engine's view of DPO and its relatives: batches of pairs, one of four losses."""
+
+    name = "dpo"
+
+    def __init__(self, config: DPOConfig, train: list[TokenizedPair], val: list[TokenizedPair], pad_id: int,
+                 reference: dict[str, torch.Tensor] | None):
+        self.config, self.val, self.pad_id, self.reference = config, val, pad_id, reference
+        c = config.train
+        self.batches = PairBatches(train, c.batch_size, c.grad_accum, c.seed, pad_id)
+
+    def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        batch = self.batches.batch(step, micro, rank, world)
+        if self.reference is not None:
+            batch["reference"] = self.reference["train"][batch["pair_index"]]
+        return batch
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return len(batch["pair_index"])
+
+    def pair_losses(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-pair losses, and per-pair implicit rewards of the chosen and rejected replies."""
+        c = self.config
+        summed, mean = sequence_log_probs(model, batch)
+        pairs = len(batch["pair_index"])
+        chosen, rejected = summed[:pairs], summed[pairs:]
+        chosen_mean, rejected_mean = mean[:pairs], mean[pairs:]
+        if c.uses_reference:
+            ref_chosen, ref_rejected = batch["reference"][:, 0], batch["reference"][:, 1]
+            if c.loss == "dpo":
+                losses = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, c.beta, c.label_smoothing)
+            else:
+                losses = ipo_loss(chosen, rejected, ref_chosen, ref_rejected, c.beta)
+            rewards = (c.beta * (chosen - ref_chosen).detach(), c.beta * (rejected - ref_rejected).detach())
+        elif c.loss == "simpo":
+            losses = simpo_loss(chosen_mean, rejected_mean, c.beta, c.simpo_gamma, c.label_smoothing)
+            rewards = (c.beta * chosen_mean.detach(), c.beta * rejected_mean.detach())
+        else:
+            losses = orpo_loss(chosen_mean, rejected_mean, -chosen_mean, c.orpo_lambda)
+            rewards = (c.orpo_lambda * chosen_mean.detach(), c.orpo_lambda * rejected_mean.detach())
+        return losses, {"chosen": rewards[0], "rejected": rewards[1], "logps_chosen": chosen.detach(),
+                        "logps_rejected": rejected.detach()}
+
+    def loss(self, model, batch):
+        losses, parts = self.pair_losses(model, batch)
+        margin = parts["chosen"] - parts["rejected"]
+        return losses.sum(), {"rewards/chosen": parts["chosen"].mean().item(),
+                              "rewards/rejected": parts["rejected"].mean().item(),
+                              "rewards/margins": margin.mean().item(),
+                              "rewards/accuracies": (margin > 0).float().mean().item(),
+                              "logps/chosen": parts["logps_chosen"].mean().item(),
+                              "logps/rejected": parts["logps_rejected"].mean().item()}
+
+    def evaluate(self, model) -> dict[str, float]:
+        device = next(model.parameters()).device
+        totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "reward_chosen": 0.0, "reward_rejected": 0.0}
+        pairs = 0
+        c = self.config.train
+        for batch in held_out_batches(self.val, c.batch_size, self.pad_id, c.eval_batches):
+            if self.reference is not None:
+                batch["reference"] = self.reference["val"][batch["pair_index"]]
+            batch = {k: v.to(device) for k, v in batch.items()}
+            losses, parts = self.pair_losses(model, batch)
+            margin = parts["chosen"] - parts["rejected"]
+            totals["loss"] += losses.sum().item()
+            totals["accuracy"] += (margin > 0).sum().item()
+            totals["margin"] += margin.sum().item()
+            totals["reward_chosen"] += parts["chosen"].sum().item()
+            totals["reward_rejected"] += parts["rejected"].sum().item()
+            pairs += len(batch["pair_index"])
+        return {f"val_{k}": v / max(pairs, 1) for k, v in totals.items()}
+
+
+@torch.no_grad()
+def reference_log_probs(model, pairs: list[TokenizedPair], pad_id: int, batch_size: int,
+                        autocast) -> torch.Tensor:
+    """(N, 2) summed log-probabilities of each pair's chosen and rejected reply under `model`."""
+    model.eval()
+    rows = []
+    device = next(model.parameters()).device
+    for start in range(0, len(pairs), batch_size):
+        batch = {k: v.to(device) for k, v in collate_pairs(pairs[start:start + batch_size], pad_id).items()}
+        with autocast():
+            summed, _ = sequence_log_probs(model, batch)
+        n = len(summed) // 2
+        rows.append(torch.stack([summed[:n], summed[n:]], dim=1).float().cpu())
+    model.train()
+    return torch.cat(rows)
+
+
+def _fingerprint(pairs: list[TokenizedPair], parent_sha: str | None, precision: str) -> str:
+    digest = hashlib.sha256(f"{parent_sha}:{precision}".encode())
+    for pair in pairs:
+        digest.update(str((pair.chosen.input_ids, pair.rejected.input_ids)).encode())
+    return digest.hexdigest()
+
+
+def cached_reference(out: Path, model, train, val, pad_id: int, batch_size: int, parent_sha: str | None,
+                     precision: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """The reference log-probabilities of every pair, from `out/reference_logps.pt` when it was
+    computed for these pairs by this parent at this precision, else computed now and saved."""
+    cache_file = out / REFERENCE_FILE
+    fingerprint = _fingerprint(train + val, parent_sha, precision)
+    if cache_file.is_file():
+        cached = torch.load(cache_file, weights_only=True)
+        if cached.get("fingerprint") == fingerprint:
+            return {"train": cached["train"], "val": cached["val"]}
+    model.to(device)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    reference = {"train": reference_log_probs(model, train, pad_id, batch_size, autocast),
+                 "val": reference_log_probs(model, val, pad_id, batch_size, autocast)}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")  # each process of a torchrun its own
+    torch.save({**reference, "fingerprint": fingerprint}, tmp)
+    os.replace(tmp, cache_file)
+    return reference
+
+
+def run(config: DPOConfig) -> TrainResult:
+    if not config.init:
+        raise OrchardError("init: dpo needs a checkpoint to align, e.g. init=runs/quickstart/sft")
+    distributed = Distributed.from_environment(config.train.device)
+    checkpoint = load_checkpoint(config.init)
+    model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
+    train, val, data_record = load_pairs(config.data, tokenizer, config.train.seed)
+
+    reference = None
+    if config.uses_reference:
+        device = distributed.device if distributed.active else resolve_device(config.train.device)
+        precision = resolve_precision(config.train.precision, device)
+        reference = cached_reference(Path(config.out), model, train, val, tokenizer.pad_id,
+                                     2 * config.train.batch_size, checkpoint.record.get("weights_sha256"),
+                                     precision, device)
+    trainable, total = apply_peft(model, config.peft, config.train.seed)
+    method = PreferenceOptimization(config, train, val, tokenizer.pad_id, reference)
+    stage = config.loss if config.peft.method == "none" else f"{config.loss}-{config.peft.method}"
+    record = new_record(stage, to_dict(config), data_record, parent=checkpoint.path)
+    record["parameters"] = {"trainable": trainable, "total": total}
+    tokens_per_pair = 2 * config.data.max_length
+    trainer = Trainer(config.train, model, method, tokenizer, Path(config.out), record,
+                      flops_per_token=model.config.training_flops_per_token(tokens_per_pair // 2),
+                      distributed=distributed)
+    return trainer.fit()

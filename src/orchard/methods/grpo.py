@@ -1,0 +1,170 @@
+"""GRPO: online RL with group-relative advantages (DeepSeekMath), and its DAPO and Dr. GRPO forms.
+
+Run it with `orchard grpo init=CKPT [rewards=[...]] [key=value ...]`; with no data it trains on
+the built-in world's questions, rewarded by exact match, and validates on held-out ones. Each
+optimizer step, read top to bottom:
+
+1. `batch_size` prompts per micro-batch, each answered `num_generations` times by the current
+   policy (orchard's KV-cache sampler, `methods.rollouts`);
+2. the replies scored by the weighted rewards (`orchard.rewards`: programs, a reward model, a
+   judge); a reply whose reward failed is counted and gets no advantage;
+3. advantages relative to each prompt's group: (r - mean) / std (`scale_rewards=false` leaves out
+   the std, as Dr. GRPO);
+4. the clipped surrogate loss per token (one update per rollout, so the ratio is 1 and the clip
+   guards nothing until `epsilon` matters with several micro-batches of one step), plus beta times
+   the k3 KL to the reference model (the parent; with LoRA the adapters switched off, costing no
+   memory), aggregated per sequence (GRPO), per token (DAPO) or by a constant (Dr. GRPO).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..checkpoint import load_checkpoint
+from ..config import to_dict
+from ..errors import OrchardError
+from ..lineage import new_record
+from ..model.generation import SamplingConfig
+from ..peft.config import PeftConfig, ReferenceModel, apply_peft
+from ..rewards import Rewards
+from ..training import TrainConfig, Trainer, TrainResult
+from ..training.distributed import Distributed
+from ..training.engine import resolve_device, resolve_precision
+from .rl_losses import aggregate, group_advantages, grpo_token_loss, k3_kl
+from .rollouts import Prompt, PromptDataConfig, Rollouts, completion_log_probs, load_prompts
+
+
+@dataclass
+class GRPOConfig:
+    init: str | None = None
+    """The checkpoint to train (usually an SFT model; orchard's or a Hugging Face model)."""
+    out: str = "runs/grpo"
+    """Run directory. Running again resumes it."""
+    rewards: list[str] = field(default_factory=lambda: ["exact_match"])
+    """Weighted rewards, each [WEIGHT*]SOURCE: a built-in (exact_match, numeric_match, answer_format,
+    single_line, length_penalty), module:function, model:PATH (a reward model) or judge:PATH."""
+    num_generations: int = 8
+    """Replies sampled per prompt (the group size G)."""
+    max_new_tokens: int = 64
+    """Longest reply sampled."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold of the rollouts."""
+    beta: float = 0.04
+    """Coefficient of the k3 KL to the reference; 0 drops the reference model altogether."""
+    epsilon: float = 0.2
+    """Lower clip range of the ratio: 1 - epsilon."""
+    epsilon_high: float | None = None
+    """Upper clip range: 1 + epsilon_high (DAPO's clip-higher uses 0.28); None means epsilon."""
+    loss_aggregation: Literal["sequence", "token", "dr_grpo"] = "sequence"
+    """sequence: mean over each reply's tokens, then over replies (GRPO); token: mean over all
+    tokens (DAPO); dr_grpo: token sum over replies x max_new_tokens (Dr. GRPO)."""
+    scale_rewards: bool = True
+    """Divide advantages by the group's reward std (GRPO); false as Dr. GRPO recommends."""
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=1e-5, warmup_steps=5,
+                                                                   weight_decay=0.0, batch_size=4, eval_every=25,
+                                                                   save_every=25, log_every=1))
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be at least 2 (advantages compare replies), got "
+                             f"{self.num_generations}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.beta < 0:
+            raise ValueError(f"beta must not be negative, got {self.beta}")
+        if not 0 < self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high <= 0):
+            raise ValueError(f"epsilon must be in (0, 1) and epsilon_high positive, got {self.epsilon}, "
+                             f"{self.epsilon_high}")
+
+
+class GRPO:
+    """The engine's view of GRPO: each micro-batch a fresh rollout, the clipped group-relative loss."""
+
+    name = "grpo"
+
+    def __init__(self, config: GRPOConfig, rollouts: Rollouts, val: list[Prompt], reference: ReferenceModel | None):
+        self.config, self.rollouts, self.val, self.reference = config, rollouts, val, reference
+
+    def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        batch = self.rollouts.batch(step, micro, rank, world)
+        batch["advantages"] = group_advantages(batch["rewards"], self.config.num_generations,
+                                               batch["reward_valid"], scale=self.config.scale_rewards)
+        if self.reference is not None:
+            device = self.rollouts.policy.lm_head.weight.device
+            with torch.no_grad(), self.reference.model() as reference, self.rollouts.autocast():
+                batch["ref_logps"] = completion_log_probs(
+                    reference, {k: v.to(device) for k, v in batch.items()}).cpu()
+        return batch
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(aggregate(torch.zeros(batch["completion_mask"].shape), batch["completion_mask"],
+                             self.config.loss_aggregation, self.config.max_new_tokens)[1])
+
+    def loss(self, model, batch):
+        c = self.config
+        mask = batch["completion_mask"]
+        logps = completion_log_probs(model, batch)
+        per_token = grpo_token_loss(logps, None, batch["advantages"], batch.get("ref_logps"), c.beta,
+                                    c.epsilon, c.epsilon_high if c.epsilon_high is not None else c.epsilon)
+        total, _ = aggregate(per_token, mask, c.loss_aggregation, c.max_new_tokens)
+        return total, self.metrics(batch, logps)
+
+    def metrics(self, batch, logps) -> dict[str, float]:
+        mask = batch["completion_mask"]
+        valid = batch["reward_valid"]
+        rewards = batch["rewards"][valid]
+        groups = batch["rewards"].view(-1, self.config.num_generations)
+        metrics = {"reward": rewards.mean().item() if len(rewards) else math.nan,
+                   "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+                   "reward_failures": float((~valid).sum()),
+                   "frac_reward_zero_std": (groups.std(1) == 0).float().mean().item(),
+                   "completion_length": mask.sum(1).float().mean().item()}
+        for name, column in zip(self.rollouts.rewards.names, batch["rewards_by_function"].T):
+            found = column[~torch.isnan(column)]
+            metrics[f"rewards/{name}"] = found.mean().item() if len(found) else math.nan
+        if "ref_logps" in batch:
+            kl = k3_kl(logps.detach(), batch["ref_logps"])
+            metrics["kl"] = (kl * mask).sum().item() / max(mask.sum().item(), 1)
+        return metrics
+
+    def evaluate(self, model) -> dict[str, float]:
+        return self.rollouts.evaluate(self.val)
+
+
+def run(config: GRPOConfig) -> TrainResult:
+    if not config.init:
+        raise OrchardError("init: grpo needs a checkpoint to train, e.g. init=runs/quickstart/sft")
+    distributed = Distributed.from_environment(config.train.device)
+    checkpoint = load_checkpoint(config.init)
+    model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
+    device = distributed.device if distributed.active else resolve_device(config.train.device)
+    rewards = Rewards(config.rewards, device)
+    train, val, data_record = load_prompts(config.data, tokenizer, config.train.seed)
+    if max(len(p.ids) for p in train + val) + config.max_new_tokens > model.config.max_position_embeddings:
+        raise OrchardError(f"max_new_tokens: prompts of up to data.max_prompt_length tokens plus "
+                           f"{config.max_new_tokens} new ones exceed the model's "
+                           f"{model.config.max_position_embeddings} positions")
+    reference = ReferenceModel(model, config.peft).to(device) if config.beta else None
+    trainable, total = apply_peft(model, config.peft, config.train.seed)
+    sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                              top_p=config.top_p)
+    rollouts = Rollouts(model, tokenizer, train, rewards, sampling, config.num_generations,
+                        config.train.batch_size, config.train.grad_accum, config.train.seed,
+                        resolve_precision(config.train.precision, device))
+    method = GRPO(config, rollouts, val, reference)
+    record = new_record("grpo" if config.peft.method == "none" else f"grpo-{config.peft.method}",
+                        to_dict(config), data_record, parent=checkpoint.path)
+    record["parameters"] = {"trainable": trainable, "total": total}
+    context = config.data.max_prompt_length + config.max_new_tokens
+    trainer = Trainer(config.train, model, method, tokenizer, Path(config.out), record,
+                      flops_per_token=model.config.training_flops_per_token(context), distributed=distributed)
+    return trainer.fit()

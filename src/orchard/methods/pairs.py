@@ -1,0 +1,144 @@
+"""Preference pairs as the engine sees them, shared by `orchard reward` and `orchard dpo`.
+
+A pair is read (pairwise files, HH-RLHF dialogues, or the built-in world's pairs), rendered with
+the model's chat template into a chosen and a rejected sequence that share their prompt tokens
+(labels on the reply and its turn end only), and batched as one padded batch whose first half is
+the chosen rows and second half the rejected ones, so a single forward pass scores both.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..data.conversations import ReadStats, TokenizedConversation, collate_padded
+from ..data.packing import EpochOrder, micro_batch_samples
+from ..data.preferences import PreferencePair, read_preference_pairs, tokenize_preference_pair
+from ..data.synthetic import World, preference_pairs
+from ..errors import OrchardError
+
+
+@dataclass
+class PreferenceDataConfig:
+    path: str | list[str] | None = None
+    """Pairwise .jsonl/.jsonl.gz/.json/.parquet files or globs: prompt/chosen/rejected as strings or
+    message lists, or HH-RLHF's chosen/rejected dialogues. None means the built-in world's pairs."""
+    val_path: str | list[str] | None = None
+    """Held-out pairs; None holds out data.val_fraction of data.path (the built-in world's
+    held-out split when data.path is None)."""
+    val_fraction: float = 0.1
+    """Fraction of the pairs held out when data.val_path is not given (at least one)."""
+    max_length: int = 512
+    """Most tokens of prompt plus reply; longer pairs follow data.truncation."""
+    truncation: Literal["error", "skip", "truncate_prompt"] = "truncate_prompt"
+    """Too long: stop with an error, skip the pair (counted), or drop the prompt's oldest turns."""
+    on_error: Literal["error", "skip"] = "error"
+    """A malformed record: stop with an error naming it, or skip it (counted)."""
+    max_pairs: int | None = None
+    """Use at most this many training pairs (from the start)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.max_length <= 1:
+            raise ValueError(f"data.max_length must be at least 2, got {self.max_length}")
+
+
+@dataclass
+class TokenizedPair:
+    chosen: TokenizedConversation
+    rejected: TokenizedConversation
+
+
+def _builtin(split: str, limit: int | None) -> list[PreferencePair]:
+    records = preference_pairs(World(), split=split, num_pairs=limit)
+    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"], f"built-in {split} pair {i}")
+            for i, r in enumerate(records)]
+
+
+def _read(path, config: PreferenceDataConfig, key: str, limit: int | None) -> list[PreferencePair]:
+    stats = ReadStats()
+    pairs = []
+    for pair in read_preference_pairs(path, on_error=config.on_error, stats=stats, key=key):
+        pairs.append(pair)
+        if limit and len(pairs) >= limit:
+            break
+    if stats.skipped:
+        print(f"{key}: skipped {stats.skipped} malformed record(s): {stats.describe()}", file=sys.stderr)
+    return pairs
+
+
+def _tokenize(pairs: list[PreferencePair], tokenizer, config: PreferenceDataConfig) -> tuple[list[TokenizedPair], int]:
+    tokenized, skipped = [], 0
+    for pair in pairs:
+        result = tokenize_preference_pair(pair, tokenizer, config.max_length, config.truncation)
+        if result is None:
+            skipped += 1
+        else:
+            tokenized.append(TokenizedPair(*result))
+    return tokenized, skipped
+
+
+def load_pairs(config: PreferenceDataConfig, tokenizer, seed: int) -> tuple[list[TokenizedPair], list[TokenizedPair], dict]:
+    """(train pairs, held-out pairs, a description for the lineage record)."""
+    if config.path is None:
+        train, val = _builtin("train", config.max_pairs), _builtin("held_out", None)
+        source = "built-in world preference pairs"
+    else:
+        train = _read(config.path, config, "data.path", config.max_pairs)
+        source = str(config.path)
+        if config.val_path is not None:
+            val = _read(config.val_path, config, "data.val_path", None)
+        else:
+            random.Random(seed).shuffle(train)
+            held = max(1, int(len(train) * config.val_fraction))
+            val, train = train[:held], train[held:]
+    train_tokens, skipped_train = _tokenize(train, tokenizer, config)
+    val_tokens, skipped_val = _tokenize(val, tokenizer, config)
+    if skipped_train or skipped_val:
+        print(f"skipped {skipped_train + skipped_val} pair(s) longer than data.max_length={config.max_length}",
+              file=sys.stderr)
+    if not train_tokens or not val_tokens:
+        raise OrchardError(f"data.path: {len(train_tokens)} usable training and {len(val_tokens)} held-out pair(s) "
+                           f"in {source}; need at least one of each")
+    record = {"source": source, "train_pairs": len(train_tokens), "val_pairs": len(val_tokens),
+              "skipped_too_long": skipped_train + skipped_val}
+    return train_tokens, val_tokens, record
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """One padded batch: rows 0..B-1 the chosen sequences, rows B..2B-1 the rejected ones (the
+    layout of `collate_padded`: shifted labels, attention_mask, position_ids)."""
+    return collate_padded([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+
+
+class PairBatches:
+    """Micro-batches of pairs for the engine: a pure function of (step, micro-batch, rank)."""
+
+    def __init__(self, pairs: list[TokenizedPair], batch_size: int, grad_accum: int, seed: int, pad_id: int):
+        self.pairs, self.batch_size, self.grad_accum, self.pad_id = pairs, batch_size, grad_accum, pad_id
+        self.order = EpochOrder(len(pairs), seed)
+
+    def indices(self, step: int, micro: int, rank: int, world: int) -> list[int]:
+        samples = micro_batch_samples(step, micro, rank, world, self.batch_size, self.grad_accum)
+        return [self.order[s] for s in samples]
+
+    def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        indices = self.indices(step, micro, rank, world)
+        batch = collate_pairs([self.pairs[i] for i in indices], self.pad_id)
+        batch["pair_index"] = torch.tensor(indices)
+        return batch
+
+
+def held_out_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, limit: int | None = None):
+    """Held-out pairs in order, `batch_size` at a time (at most `limit` batches)."""
+    for n, start in enumerate(range(0, len(pairs), batch_size)):
+        if limit is not None and n >= limit:
+            return
+        batch = collate_pairs(pairs[start:start + batch_size], pad_id)
+        batch["pair_index"] = torch.arange(start, min(start + batch_size, len(pairs)))
+        yield batch

@@ -1,0 +1,126 @@
+"""Reward models: a scalar head on the language model, trained on preference pairs.
+
+Run it with `orchard reward init=CKPT [key=value ...]`; with no data it trains on the built-in
+world's pairs. The result scores a (prompt, reply) at the reply's last token, and serves as the
+reward of `orchard grpo` / `orchard ppo` with `rewards=[model:PATH]` (RLHF). Read top to bottom:
+
+1. the parent checkpoint gets a `score` head (hidden size -> 1, transformers'
+   ...ForSequenceClassification layout), trainable even on a frozen base with `peft.method`;
+2. pairs as in `orchard dpo` (`methods.pairs`), chosen rows and rejected rows in one forward pass;
+3. the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin), with an optional margin
+   (a pair's `margin` field is not read: the margin is one number, as in Llama 2's binary form) and
+   optional reward centring coef * (r_chosen + r_rejected)^2 (Eisenstein et al.), which keeps scores
+   near zero so rewards from different runs are comparable;
+4. validation by pairwise accuracy: how often the held-out chosen reply scores higher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import load_checkpoint
+from ..config import to_dict
+from ..errors import OrchardError
+from ..lineage import new_record
+from ..peft.config import PeftConfig, apply_peft
+from ..rewards.models import sequence_scores
+from ..training import TrainConfig, Trainer, TrainResult
+from ..training.distributed import Distributed
+from .pairs import PairBatches, PreferenceDataConfig, TokenizedPair, held_out_batches, load_pairs
+
+
+@dataclass
+class RewardConfig:
+    init: str | None = None
+    """The checkpoint to start from (usually the SFT model the reward will judge)."""
+    out: str = "runs/reward"
+    """Run directory. Running again resumes it."""
+    margin: float = 0.0
+    """Required score gap: the loss is -log sigmoid(chosen - rejected - margin)."""
+    center_rewards_coefficient: float = 0.0
+    """Weight of (chosen + rejected)^2, which pulls scores towards zero (TRL's name)."""
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=200, lr=5e-5, warmup_steps=10,
+                                                                   weight_decay=0.0, batch_size=8, eval_every=50,
+                                                                   save_every=50))
+
+    def __post_init__(self) -> None:
+        if self.center_rewards_coefficient < 0:
+            raise ValueError(f"center_rewards_coefficient must not be negative, got {self.center_rewards_coefficient}")
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0,
+                       center_coefficient: float = 0.0) -> torch.Tensor:
+    """Per-pair reward-model loss: -log sigmoid(chosen - rejected - margin) + c (chosen + rejected)^2."""
+    return -F.logsigmoid(chosen - rejected - margin) + center_coefficient * (chosen + rejected) ** 2
+
+
+class RewardModeling:
+    """The engine's view of reward modelling: batches of pairs, the Bradley-Terry loss."""
+
+    name = "reward"
+
+    def __init__(self, config: RewardConfig, train: list[TokenizedPair], val: list[TokenizedPair], pad_id: int):
+        self.config, self.val, self.pad_id = config, val, pad_id
+        c = config.train
+        self.batches = PairBatches(train, c.batch_size, c.grad_accum, c.seed, pad_id)
+
+    def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        return self.batches.batch(step, micro, rank, world)
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return len(batch["pair_index"])
+
+    def scores(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+        pairs = len(batch["pair_index"])
+        return scores[:pairs], scores[pairs:]
+
+    def loss(self, model, batch):
+        chosen, rejected = self.scores(model, batch)
+        losses = bradley_terry_loss(chosen, rejected, self.config.margin, self.config.center_rewards_coefficient)
+        return losses.sum(), {"rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
+                              "rewards/margins": (chosen - rejected).mean().item(),
+                              "rewards/accuracies": (chosen > rejected).float().mean().item()}
+
+    def evaluate(self, model) -> dict[str, float]:
+        device = next(model.parameters()).device
+        loss = correct = margin = 0.0
+        pairs = 0
+        c = self.config.train
+        for batch in held_out_batches(self.val, c.batch_size, self.pad_id, c.eval_batches):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            chosen, rejected = self.scores(model, batch)
+            loss += bradley_terry_loss(chosen, rejected, self.config.margin,
+                                       self.config.center_rewards_coefficient).sum().item()
+            correct += (chosen > rejected).sum().item()
+            margin += (chosen - rejected).sum().item()
+            pairs += len(chosen)
+        return {"val_loss": loss / max(pairs, 1), "val_accuracy": correct / max(pairs, 1),
+                "val_margin": margin / max(pairs, 1)}
+
+
+def run(config: RewardConfig) -> TrainResult:
+    if not config.init:
+        raise OrchardError("init: reward needs a checkpoint to start from, e.g. init=runs/quickstart/sft")
+    distributed = Distributed.from_environment(config.train.device)
+    checkpoint = load_checkpoint(config.init)
+    model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
+    train, val, data_record = load_pairs(config.data, tokenizer, config.train.seed)
+    trainable, total = apply_peft(model, config.peft, config.train.seed)
+    if not model.config.num_labels:
+        model.add_score_head(1, seed=config.train.seed)  # after apply_peft, which freezes what exists
+        trainable += model.config.hidden_size
+    method = RewardModeling(config, train, val, tokenizer.pad_id)
+    record = new_record("reward" if config.peft.method == "none" else f"reward-{config.peft.method}",
+                        to_dict(config), data_record, parent=checkpoint.path)
+    record["parameters"] = {"trainable": trainable, "total": total}
+    trainer = Trainer(config.train, model, method, tokenizer, Path(config.out), record,
+                      flops_per_token=model.config.training_flops_per_token(config.data.max_length),
+                      distributed=distributed)
+    return trainer.fit()

@@ -1,0 +1,228 @@
+"""Rollouts for online RL, shared by `orchard grpo` and `orchard ppo`.
+
+Prompts (files of prompt-only records with optional reference answers, GSM8K, or the built-in
+world's questions) are rendered once with the chat template. A rollout samples replies from the
+policy with orchard's batched KV-cache sampler, scores them with the rewards, and lays them out
+for a training forward pass:
+
+    input_ids   [pad pad p p p p | c c c c <end> pad]
+                 left-padded prompt  right-padded completion
+    completion_mask                 [1 1 1 1 1     0]
+
+so the logits at columns P-1 .. P+C-2 predict the completion (P prompt columns, C completion ones),
+and the per-token tensors of `rl_losses` are the completion columns alone.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from ..data.conversations import ReadStats
+from ..data.packing import EpochOrder, micro_batch_samples
+from ..data.preferences import PromptItem, read_prompts
+from ..data.synthetic import World, verifiable_prompts
+from ..errors import OrchardError
+from ..model.generation import SamplingConfig, generate
+from ..rewards import Rewards
+from .losses import IGNORE_INDEX, token_log_probs
+
+
+@dataclass
+class PromptDataConfig:
+    path: str | list[str] | None = None
+    """Prompt files (.jsonl/.jsonl.gz/.json/.parquet): {"prompt": str or messages, "answer": ...},
+    {"messages": [...]} or GSM8K's {"question", "answer": "... #### N"}. None means the built-in
+    world's fact questions and word problems, with their answers."""
+    val_path: str | list[str] | None = None
+    """Held-out prompts; None holds out data.val_fraction of data.path (the built-in world's
+    held-out split when data.path is None)."""
+    val_fraction: float = 0.1
+    """Fraction of the prompts held out when data.val_path is not given (at least one)."""
+    max_prompt_length: int = 256
+    """Prompts longer than this many tokens are skipped (counted)."""
+    max_prompts: int | None = None
+    """Use at most this many training prompts (from the start)."""
+    eval_prompts: int = 200
+    """Held-out prompts answered (greedily) at each evaluation."""
+    on_error: str = "error"
+    """A malformed record: error (stop, naming it) or skip (counted)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.on_error not in ("error", "skip"):
+            raise ValueError(f"data.on_error must be error or skip, got {self.on_error!r}")
+
+
+@dataclass
+class Prompt:
+    messages: list[dict]
+    answer: str | None
+    ids: list[int]
+
+
+def _read(path, config: PromptDataConfig, key: str, limit: int | None) -> list[PromptItem]:
+    stats = ReadStats()
+    items = []
+    for item in read_prompts(path, on_error=config.on_error, stats=stats, key=key):
+        items.append(item)
+        if limit and len(items) >= limit:
+            break
+    if stats.skipped:
+        print(f"{key}: skipped {stats.skipped} malformed record(s): {stats.describe()}", file=sys.stderr)
+    return items
+
+
+def load_prompts(config: PromptDataConfig, tokenizer, seed: int) -> tuple[list[Prompt], list[Prompt], dict]:
+    """(training prompts, held-out prompts, a description for the lineage record)."""
+    if config.path is None:
+        world = World()
+        train = [PromptItem(r["prompt"], r["answer"], f"built-in train {i}")
+                 for i, r in enumerate(verifiable_prompts(world, "train", num_items=config.max_prompts))]
+        val = [PromptItem(r["prompt"], r["answer"], f"built-in held_out {i}")
+               for i, r in enumerate(verifiable_prompts(world, "held_out"))]
+        source = "built-in world questions"
+    else:
+        train = _read(config.path, config, "data.path", config.max_prompts)
+        source = str(config.path)
+        if config.val_path is not None:
+            val = _read(config.val_path, config, "data.val_path", None)
+        else:
+            random.Random(seed).shuffle(train)
+            held = max(1, int(len(train) * config.val_fraction))
+            val, train = train[:held], train[held:]
+
+    def render(items: list[PromptItem]) -> tuple[list[Prompt], int]:
+        prompts, too_long = [], 0
+        for item in items:
+            ids = tokenizer.encode(tokenizer.apply_chat_template(item.prompt, add_generation_prompt=True))
+            if len(ids) > config.max_prompt_length:
+                too_long += 1
+            else:
+                prompts.append(Prompt(item.prompt, item.answer, ids))
+        return prompts, too_long
+
+    (train_prompts, long_train), (val_prompts, long_val) = render(train), render(val[:config.eval_prompts])
+    if long_train or long_val:
+        print(f"skipped {long_train + long_val} prompt(s) longer than data.max_prompt_length="
+              f"{config.max_prompt_length}", file=sys.stderr)
+    if not train_prompts or not val_prompts:
+        raise OrchardError(f"data.path: {len(train_prompts)} usable training and {len(val_prompts)} held-out "
+                           f"prompt(s) in {source}; need at least one of each")
+    record = {"source": source, "train_prompts": len(train_prompts), "val_prompts": len(val_prompts),
+              "skipped_too_long": long_train + long_val}
+    return train_prompts, val_prompts, record
+
+
+def turn_end_ids(tokenizer) -> list[int]:
+    """Tokens that end a reply: end of text, and the chat template's end of turn."""
+    ids = [tokenizer.eos_id]
+    for token in ("<|im_end|>", "<|eot_id|>"):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            ids.append(token_id)
+    return ids
+
+
+class Rollouts:
+    """Samples, scores and lays out replies to the training prompts: a pure function of
+    (step, micro-batch, rank) and the policy's weights, so a resumed run samples what the
+    uninterrupted one would have."""
+
+    def __init__(self, policy, tokenizer, prompts: list[Prompt], rewards: Rewards, sampling: SamplingConfig,
+                 num_generations: int, batch_size: int, grad_accum: int, seed: int, precision: str):
+        self.policy, self.tokenizer, self.prompts, self.rewards = policy, tokenizer, prompts, rewards
+        self.sampling, self.num_generations = sampling, num_generations
+        self.batch_size, self.grad_accum, self.seed, self.precision = batch_size, grad_accum, seed, precision
+        self.order = EpochOrder(len(prompts), seed)
+        self.end_ids = turn_end_ids(tokenizer)
+
+    def autocast(self):
+        device = self.policy.lm_head.weight.device
+        return torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+
+    @torch.no_grad()
+    def sample(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[int]]:
+        was_training = self.policy.training
+        self.policy.eval()
+        with self.autocast():
+            completions = generate(self.policy, prompt_ids, sampling, self.end_ids, self.tokenizer.pad_id,
+                                   keep_end_token=True)
+        self.policy.train(was_training)
+        return completions
+
+    def texts(self, completions: list[list[int]]) -> list[str]:
+        return [self.tokenizer.decode([t for t in c if t not in self.end_ids]) for c in completions]
+
+    def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        samples = micro_batch_samples(step, micro, rank, world, self.batch_size, self.grad_accum)
+        prompts = [self.prompts[self.order[s]] for s in samples for _ in range(self.num_generations)]
+        seed = self.seed * 1_000_003 + (step * self.grad_accum + micro) * 1009 + rank
+        sampling = SamplingConfig(**{**vars(self.sampling), "seed": seed})
+        completions = self.sample([p.ids for p in prompts], sampling)
+        scored = self.rewards([p.messages for p in prompts], self.texts(completions), [p.answer for p in prompts])
+        batch = layout([p.ids for p in prompts], completions, self.tokenizer.pad_id)
+        batch["rewards"] = scored.total
+        batch["reward_valid"] = scored.valid
+        batch["rewards_by_function"] = torch.tensor(
+            [[float("nan") if v is None else v for v in scored.by_reward[name]] for name in self.rewards.names]).T
+        return batch
+
+    @torch.no_grad()
+    def evaluate(self, prompts: list[Prompt], batch_size: int = 32) -> dict[str, float]:
+        """Greedy replies to `prompts`, scored: each reward's mean over the samples it scored, the
+        weighted total's mean over valid samples, and the failures."""
+        greedy = SamplingConfig(**{**vars(self.sampling), "temperature": 0.0, "seed": None})
+        values: dict[str, list[float]] = {name: [] for name in self.rewards.names}
+        totals, failures, lengths = [], 0, []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            completions = self.sample([p.ids for p in chunk], greedy)
+            scored = self.rewards([p.messages for p in chunk], self.texts(completions), [p.answer for p in chunk])
+            for name in self.rewards.names:
+                values[name] += [v for v in scored.by_reward[name] if v is not None]
+            totals += scored.total[scored.valid].tolist()
+            failures += int((~scored.valid).sum())
+            lengths += [len(c) for c in completions]
+        metrics = {"val_reward": sum(totals) / max(len(totals), 1),
+                   "val_completion_length": sum(lengths) / max(len(lengths), 1),
+                   "val_reward_failures": float(failures)}
+        for name, found in values.items():
+            metrics[f"val_reward/{name}"] = sum(found) / max(len(found), 1)
+        return metrics
+
+
+def layout(prompt_ids: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """The training layout of the module docstring: input_ids and attention_mask (N, P + C),
+    completion_ids (N, C) with IGNORE_INDEX on padding, completion_mask (N, C)."""
+    n = len(prompt_ids)
+    P = max(len(p) for p in prompt_ids)
+    C = max(1, max(len(c) for c in completions))
+    input_ids = torch.full((n, P + C), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, P + C), dtype=torch.long)
+    completion_ids = torch.full((n, C), IGNORE_INDEX, dtype=torch.long)
+    for row, (prompt, completion) in enumerate(zip(prompt_ids, completions)):
+        input_ids[row, P - len(prompt):P] = torch.tensor(prompt)
+        attention_mask[row, P - len(prompt):P + len(completion)] = 1
+        if completion:
+            input_ids[row, P:P + len(completion)] = torch.tensor(completion)
+            completion_ids[row, :len(completion)] = torch.tensor(completion)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_ids": completion_ids,
+            "completion_mask": completion_ids != IGNORE_INDEX}
+
+
+def completion_log_probs(model, batch: dict[str, torch.Tensor], with_values: bool = False):
+    """(N, C) log-probabilities of the completion tokens under `model` (0 on padding); with
+    `with_values`, also the (N, C) score-head outputs at the positions that predict them (PPO's
+    value of the state before each token)."""
+    C = batch["completion_ids"].size(1)
+    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=C + 1)
+    logps = token_log_probs(out.logits[:, :-1], batch["completion_ids"])
+    if not with_values:
+        return logps
+    return logps, out.scores[:, -C - 1:-1, 0].float()

@@ -1,0 +1,66 @@
+"""Reward functions that ship with orchard: answer checkers, format checks, a length penalty.
+
+Each has the reward signature `fn(prompts, completions, answers, **kwargs) -> list[float | None]`
+(see `orchard.rewards`), so they combine with user functions named `module:function`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..data.synthetic import answer_matches
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def exact_match(prompts, completions, answers, **kwargs) -> list[float | None]:
+    """1 when the reply's first line contains the reference answer as a whole word (the built-in
+    world's check, `answer_matches`), else 0; no reference answer is a failure."""
+    return [None if answer is None else float(answer_matches(reply, str(answer)))
+            for reply, answer in zip(completions, answers)]
+
+
+def final_number(text: str) -> str | None:
+    """The number a reply ends on: the one after `####` if it writes one (GSM8K's form), else its
+    last number; commas and a trailing `.0` removed."""
+    tail = text.rsplit("####", 1)[1] if "####" in text else text
+    numbers = _NUMBER.findall(tail)
+    if not numbers:
+        return None
+    number = numbers[-1].replace(",", "")
+    return number[:-2] if number.endswith(".0") else number
+
+
+def numeric_match(prompts, completions, answers, **kwargs) -> list[float | None]:
+    """1 when the reply's final number (`final_number`) equals the reference answer, else 0: the
+    usual check for math word problems (GSM8K)."""
+    rewards = []
+    for reply, answer in zip(completions, answers):
+        if answer is None:
+            rewards.append(None)
+            continue
+        found = final_number(reply)
+        rewards.append(float(found is not None and found == final_number(str(answer))))
+    return rewards
+
+
+def answer_format(prompts, completions, answers, **kwargs) -> list[float | None]:
+    """1 when the reply ends its reasoning with `#### <number>` (GSM8K's answer format), else 0."""
+    return [float(re.search(r"####\s*-?\d[\d,]*(?:\.\d+)?\s*$", reply.strip()) is not None)
+            for reply in completions]
+
+
+def single_line(prompts, completions, answers, **kwargs) -> list[float | None]:
+    """1 when the reply is one non-empty line (short-answer questions), else 0."""
+    return [float(len([line for line in reply.strip().splitlines() if line.strip()]) == 1) for reply in completions]
+
+
+def length_penalty(prompts, completions, answers, **kwargs) -> list[float | None]:
+    """Minus the reply's length in words over 100 (0 for an empty reply, -1 for 100 words): weight
+    it to trade correctness for brevity."""
+    return [-len(reply.split()) / 100 for reply in completions]
+
+
+BUILTIN_REWARDS = {fn.__name__: fn for fn in (exact_match, numeric_match, answer_format, single_line,
+                                               length_penalty)}
+"""Rewards a recipe can name without a module."""
