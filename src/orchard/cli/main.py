@@ -61,10 +61,10 @@ TRAINING_COMMANDS = {
              "Sample num_generations replies per prompt, score them with the rewards, and push the policy "
              "towards the better ones of each group. With no data.path it uses the built-in world's questions "
              "with the exact-match reward.", "init=runs/quickstart/sft rewards=[exact_match]"),
-    # "ppo": ("ppo", "PPOConfig", "online RL with a value head and GAE (PPO, as in RLHF)",
-    #             "Proximal policy optimisation of init=CHECKPOINT with a learned value head, GAE, clipped losses and "
-    #             "a KL penalty to the reference. With no data.path it uses the built-in world's questions.",
-    #             "init=runs/quickstart/sft rewards=[model:runs/quickstart/reward/final]"),
+    "ppo": ("ppo", "PPOConfig", "online RL with a value head and GAE (PPO, as in RLHF)",
+            "Proximal policy optimisation of init=CHECKPOINT with a learned value head, GAE, clipped losses and "
+            "a KL penalty to the reference. With no data.path it uses the built-in world's questions.",
+            "init=runs/quickstart/sft rewards=[model:runs/quickstart/reward/final]"),
 }
 
 

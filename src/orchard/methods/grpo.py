@@ -67,6 +67,10 @@ class GRPOConfig:
     tokens (DAPO); dr_grpo: token sum over replies x max_new_tokens (Dr. GRPO)."""
     scale_rewards: bool = True
     """Divide advantages by the group's reward std (GRPO); false as Dr. GRPO recommends."""
+    num_iterations: int = 1
+    """Optimizer steps per rollout (the paper's mu): above 1, later steps reuse the replies and the
+    clipped ratio bounds how far the policy moves from the one that sampled them. train.save_every
+    must be a multiple of it, so a resumed run starts at a fresh rollout."""
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=1e-5, warmup_steps=5,
@@ -81,6 +85,11 @@ class GRPOConfig:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.beta < 0:
             raise ValueError(f"beta must not be negative, got {self.beta}")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be at least 1, got {self.num_iterations}")
+        if self.train.save_every % self.num_iterations:
+            raise ValueError(f"train.save_every ({self.train.save_every}) must be a multiple of num_iterations "
+                             f"({self.num_iterations})")
         if not 0 < self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high <= 0):
             raise ValueError(f"epsilon must be in (0, 1) and epsilon_high positive, got {self.epsilon}, "
                              f"{self.epsilon_high}")
@@ -95,14 +104,21 @@ class GRPO:
         self.config, self.rollouts, self.val, self.reference = config, rollouts, val, reference
 
     def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
-        batch = self.rollouts.batch(step, micro, rank, world)
+        return self.rollouts.reused(step, micro, rank, world, self.prepare)
+
+    def prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Advantages, and the log-probabilities the loss compares with: the reference's (for the KL)
+        and, when a rollout serves several steps, the sampling policy's (for the ratio)."""
         batch["advantages"] = group_advantages(batch["rewards"], self.config.num_generations,
                                                batch["reward_valid"], scale=self.config.scale_rewards)
-        if self.reference is not None:
-            device = self.rollouts.policy.lm_head.weight.device
-            with torch.no_grad(), self.reference.model() as reference, self.rollouts.autocast():
-                batch["ref_logps"] = completion_log_probs(
-                    reference, {k: v.to(device) for k, v in batch.items()}).cpu()
+        device = self.rollouts.policy.lm_head.weight.device
+        on_device = {k: v.to(device) for k, v in batch.items()}
+        with torch.no_grad(), self.rollouts.autocast():
+            if self.reference is not None:
+                with self.reference.model() as reference:
+                    batch["ref_logps"] = completion_log_probs(reference, on_device, self.config.temperature).cpu()
+            if self.config.num_iterations > 1:
+                batch["old_logps"] = completion_log_probs(self.rollouts.policy, on_device, self.config.temperature).cpu()
         return batch
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
@@ -112,11 +128,17 @@ class GRPO:
     def loss(self, model, batch):
         c = self.config
         mask = batch["completion_mask"]
-        logps = completion_log_probs(model, batch)
-        per_token = grpo_token_loss(logps, None, batch["advantages"], batch.get("ref_logps"), c.beta,
-                                    c.epsilon, c.epsilon_high if c.epsilon_high is not None else c.epsilon)
+        logps = completion_log_probs(model, batch, self.config.temperature)
+        epsilon_high = c.epsilon_high if c.epsilon_high is not None else c.epsilon
+        per_token = grpo_token_loss(logps, batch.get("old_logps"), batch["advantages"], batch.get("ref_logps"),
+                                    c.beta, c.epsilon, epsilon_high)
         total, _ = aggregate(per_token, mask, c.loss_aggregation, c.max_new_tokens)
-        return total, self.metrics(batch, logps)
+        metrics = self.metrics(batch, logps)
+        if "old_logps" in batch:
+            ratio = torch.exp(logps.detach() - batch["old_logps"])
+            clipped = ((ratio < 1 - c.epsilon) | (ratio > 1 + epsilon_high)) & mask
+            metrics["clip_ratio"] = clipped.sum().item() / max(mask.sum().item(), 1)
+        return total, metrics
 
     def metrics(self, batch, logps) -> dict[str, float]:
         mask = batch["completion_mask"]
@@ -159,7 +181,7 @@ def run(config: GRPOConfig) -> TrainResult:
                               top_p=config.top_p)
     rollouts = Rollouts(model, tokenizer, train, rewards, sampling, config.num_generations,
                         config.train.batch_size, config.train.grad_accum, config.train.seed,
-                        resolve_precision(config.train.precision, device))
+                        resolve_precision(config.train.precision, device), config.num_iterations)
     method = GRPO(config, rollouts, val, reference)
     record = new_record("grpo" if config.peft.method == "none" else f"grpo-{config.peft.method}",
                         to_dict(config), data_record, parent=checkpoint.path)

@@ -25,13 +25,16 @@ def bits_per_byte(loss_sum_nats: float, num_bytes: int) -> float:
     return loss_sum_nats / max(num_bytes, 1) / torch.log(torch.tensor(2.0)).item()
 
 
-def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) log-probability of each target under `logits` (B, T, V), 0 where the target is
-    IGNORE_INDEX; aligned like `token_cross_entropy`. In fp32, for the same reason.
+def token_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T) log-probability of each target under softmax(`logits` / temperature) (B, T, V), 0
+    where the target is IGNORE_INDEX; aligned like `token_cross_entropy`, in fp32 for the same
+    reason. RL scores samples drawn at a temperature under the same temperature (as TRL's
+    `selective_log_softmax`).
 
     Computed as minus the per-token cross-entropy (PyTorch's fused kernel), so sequence
     log-probabilities for DPO and RL cost what the SFT loss costs.
     """
-    flat = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
+    flat = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="none")
     return -flat.view(labels.shape)

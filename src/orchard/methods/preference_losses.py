@@ -39,7 +39,13 @@ def simpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, beta: flo
 def orpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, chosen_nll: torch.Tensor,
               weight: float = 0.1) -> torch.Tensor:
     """ORPO (Hong et al. 2024): the chosen response's NLL minus λ log σ(log odds ratio), where the
-    odds of a response are p/(1-p) with p its per-token average probability."""
-    log_odds = (chosen_mean - rejected_mean) - (torch.log1p(-torch.exp(chosen_mean))
-                                                - torch.log1p(-torch.exp(rejected_mean)))
-    return chosen_nll - weight * F.logsigmoid(log_odds)
+    odds of a response are p/(1-p) with p its per-token average probability.
+
+    -log σ(log odds) is computed as log1p(e^r (e^-c - 1) / (1 - e^r)) (c, r the chosen and rejected
+    means), which equals it exactly but stays finite, with a finite gradient, when the chosen reply
+    is certain (c = 0), where log(1 - e^c) is -inf. The rejected mean is kept below -1e-6 for the
+    same reason.
+    """
+    rejected_mean = rejected_mean.clamp(max=-1e-6)
+    ratio = torch.exp(rejected_mean) * torch.expm1(-chosen_mean) / -torch.expm1(rejected_mean)
+    return chosen_nll + weight * torch.log1p(ratio)

@@ -135,12 +135,25 @@ class Rollouts:
     uninterrupted one would have."""
 
     def __init__(self, policy, tokenizer, prompts: list[Prompt], rewards: Rewards, sampling: SamplingConfig,
-                 num_generations: int, batch_size: int, grad_accum: int, seed: int, precision: str):
+                 num_generations: int, batch_size: int, grad_accum: int, seed: int, precision: str,
+                 num_iterations: int = 1):
         self.policy, self.tokenizer, self.prompts, self.rewards = policy, tokenizer, prompts, rewards
         self.sampling, self.num_generations = sampling, num_generations
         self.batch_size, self.grad_accum, self.seed, self.precision = batch_size, grad_accum, seed, precision
+        self.num_iterations = num_iterations
         self.order = EpochOrder(len(prompts), seed)
         self.end_ids = turn_end_ids(tokenizer)
+        self._prepared: dict[tuple[int, int, int], dict[str, torch.Tensor]] = {}
+
+    def reused(self, step: int, micro: int, rank: int, world: int, prepare) -> dict[str, torch.Tensor]:
+        """The micro-batch of rollout step // num_iterations, sampled and `prepare`d (advantages,
+        old log-probabilities, ...) on its first step and reused for the next num_iterations - 1
+        optimizer steps (GRPO's mu, PPO's epochs), where the clipped ratio starts to matter."""
+        key = (step // self.num_iterations, micro, rank)
+        if key not in self._prepared:
+            self._prepared = {k: v for k, v in self._prepared.items() if k[0] == key[0]}
+            self._prepared[key] = prepare(self.batch(key[0], micro, rank, world))
+        return self._prepared[key]
 
     def autocast(self):
         device = self.policy.lm_head.weight.device
@@ -216,13 +229,15 @@ def layout(prompt_ids: list[list[int]], completions: list[list[int]], pad_id: in
             "completion_mask": completion_ids != IGNORE_INDEX}
 
 
-def completion_log_probs(model, batch: dict[str, torch.Tensor], with_values: bool = False):
-    """(N, C) log-probabilities of the completion tokens under `model` (0 on padding); with
+def completion_log_probs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0,
+                         with_values: bool = False):
+    """(N, C) log-probabilities of the completion tokens under `model` at the sampling temperature
+    (0 on padding); with
     `with_values`, also the (N, C) score-head outputs at the positions that predict them (PPO's
     value of the state before each token)."""
     C = batch["completion_ids"].size(1)
     out = model(batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=C + 1)
-    logps = token_log_probs(out.logits[:, :-1], batch["completion_ids"])
+    logps = token_log_probs(out.logits[:, :-1], batch["completion_ids"], temperature)
     if not with_values:
         return logps
     return logps, out.scores[:, -C - 1:-1, 0].float()

@@ -1,0 +1,182 @@
+"""PPO for language models (InstructGPT's RLHF recipe): a policy with a value head, GAE, clipped
+policy and value losses, and a per-token KL penalty to the reference.
+
+Run it with `orchard ppo init=CKPT rewards=[model:REWARD_MODEL] [key=value ...]`; any reward of
+`orchard.rewards` works (with no data it trains on the built-in world's questions, rewarded by
+exact match). Each optimizer step, read top to bottom:
+
+1. `batch_size` prompts per micro-batch, one reply each, sampled by the current policy;
+2. the reply's score from the rewards; the policy's log-probabilities and value estimates, and the
+   reference's log-probabilities, at every reply token;
+3. per-token rewards: -kl_coef * (log pi - log pi_ref) at every token, the score added at the last
+   (optionally scaled by the batch's std first: reward whitening);
+4. GAE advantages (whitened over the batch) and returns;
+5. the clipped surrogate on the policy and the clipped squared error on the value head (weighted
+   by vf_coef), averaged over reply tokens. With num_iterations > 1 a rollout serves several
+   steps and both clips bound how far each moves from the rollout.
+
+The value head is a `score` head on the policy's last hidden state (shared trunk, as TRL's
+AutoModelForCausalLMWithValueHead); it is saved with the policy (with LoRA, beside the adapters).
+A reply whose reward failed is left out of the loss and counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_checkpoint
+from ..config import to_dict
+from ..errors import OrchardError
+from ..lineage import new_record
+from ..model.generation import SamplingConfig
+from ..peft.config import PeftConfig, ReferenceModel, apply_peft
+from ..rewards import Rewards
+from ..training import TrainConfig, Trainer, TrainResult
+from ..training.distributed import Distributed
+from ..training.engine import resolve_device, resolve_precision
+from .rl_losses import aggregate, clipped_surrogate, clipped_value_loss, gae, token_rewards_with_kl, whiten
+from .rollouts import Prompt, PromptDataConfig, Rollouts, completion_log_probs, load_prompts
+
+
+@dataclass
+class PPOConfig:
+    init: str | None = None
+    """The checkpoint to train (usually an SFT model)."""
+    out: str = "runs/ppo"
+    """Run directory. Running again resumes it."""
+    rewards: list[str] = field(default_factory=lambda: ["exact_match"])
+    """Weighted rewards, each [WEIGHT*]SOURCE (see `orchard grpo --help`); RLHF uses model:PATH."""
+    max_new_tokens: int = 64
+    """Longest reply sampled."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+    kl_coef: float = 0.05
+    """Per-token KL penalty to the reference, subtracted from the reward."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """GAE's lambda."""
+    cliprange: float = 0.2
+    """Clip range of the policy ratio."""
+    cliprange_value: float = 0.2
+    """How far the value head may move from its rollout-time estimate."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    whiten_rewards: bool = False
+    """Scale the per-token rewards by their batch std before GAE (as TRL's whiten_rewards)."""
+    num_iterations: int = 1
+    """Optimizer steps per rollout (PPO epochs); train.save_every must be a multiple of it."""
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=1e-5, warmup_steps=5,
+                                                                   weight_decay=0.0, batch_size=16, eval_every=25,
+                                                                   save_every=25, log_every=1))
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.kl_coef < 0 or self.vf_coef < 0:
+            raise ValueError(f"kl_coef and vf_coef must not be negative, got {self.kl_coef}, {self.vf_coef}")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be at least 1, got {self.num_iterations}")
+        if self.train.save_every % self.num_iterations:
+            raise ValueError(f"train.save_every ({self.train.save_every}) must be a multiple of num_iterations "
+                             f"({self.num_iterations})")
+
+
+class PPO:
+    """The engine's view of PPO: each micro-batch a fresh rollout with values and advantages."""
+
+    name = "ppo"
+
+    def __init__(self, config: PPOConfig, rollouts: Rollouts, val: list[Prompt], reference: ReferenceModel):
+        self.config, self.rollouts, self.val, self.reference = config, rollouts, val, reference
+
+    def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        return self.rollouts.reused(step, micro, rank, world, self.prepare)
+
+    def prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        c = self.config
+        policy = self.rollouts.policy
+        device = policy.lm_head.weight.device
+        on_device = {k: v.to(device) for k, v in batch.items()}
+        with torch.no_grad(), self.rollouts.autocast():
+            was_training = policy.training
+            policy.eval()
+            old_logps, old_values = completion_log_probs(policy, on_device, c.temperature, with_values=True)
+            policy.train(was_training)
+            with self.reference.model() as reference:
+                ref_logps = completion_log_probs(reference, on_device, self.config.temperature)
+        mask = batch["completion_mask"] & batch["reward_valid"][:, None]
+        old_logps, old_values, ref_logps = old_logps.float().cpu(), old_values.float().cpu(), ref_logps.float().cpu()
+        rewards = token_rewards_with_kl(batch["rewards"], old_logps, ref_logps, mask, c.kl_coef)
+        if c.whiten_rewards and mask.sum() > 1:
+            rewards = whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
+        if mask.sum() > 1:
+            advantages = whiten(advantages, mask)
+        batch.update(loss_mask=mask, old_logps=old_logps, old_values=old_values, ref_logps=ref_logps,
+                     advantages=advantages, returns=returns)
+        return batch
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["loss_mask"].sum())
+
+    def loss(self, model, batch):
+        c = self.config
+        mask = batch["loss_mask"]
+        logps, values = completion_log_probs(model, batch, c.temperature, with_values=True)
+        policy_loss, _ = aggregate(clipped_surrogate(logps, batch["old_logps"], batch["advantages"],
+                                                     c.cliprange, c.cliprange), mask, "token")
+        value_loss, _ = aggregate(clipped_value_loss(values, batch["old_values"], batch["returns"],
+                                                     c.cliprange_value), mask, "token")
+        tokens = max(mask.sum().item(), 1)
+        valid = batch["reward_valid"]
+        ratio = torch.exp(logps.detach() - batch["old_logps"])
+        metrics = {"reward": batch["rewards"][valid].mean().item() if valid.any() else math.nan,
+                   "reward_failures": float((~valid).sum()),
+                   "kl": ((batch["old_logps"] - batch["ref_logps"]) * mask).sum().item() / tokens,
+                   "policy_loss": policy_loss.item() / tokens, "value_loss": value_loss.item() / tokens,
+                   "clip_ratio": (((ratio - 1).abs() > c.cliprange) & mask).sum().item() / tokens,
+                   "completion_length": batch["completion_mask"].sum(1).float().mean().item()}
+        return policy_loss + c.vf_coef * value_loss, metrics
+
+    def evaluate(self, model) -> dict[str, float]:
+        return self.rollouts.evaluate(self.val)
+
+
+def run(config: PPOConfig) -> TrainResult:
+    if not config.init:
+        raise OrchardError("init: ppo needs a checkpoint to train, e.g. init=runs/quickstart/sft")
+    distributed = Distributed.from_environment(config.train.device)
+    checkpoint = load_checkpoint(config.init)
+    model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
+    device = distributed.device if distributed.active else resolve_device(config.train.device)
+    rewards = Rewards(config.rewards, device)
+    train, val, data_record = load_prompts(config.data, tokenizer, config.train.seed)
+    if max(len(p.ids) for p in train + val) + config.max_new_tokens > model.config.max_position_embeddings:
+        raise OrchardError(f"max_new_tokens: prompts plus {config.max_new_tokens} new tokens exceed the model's "
+                           f"{model.config.max_position_embeddings} positions")
+    reference = ReferenceModel(model, config.peft).to(device)
+    trainable, total = apply_peft(model, config.peft, config.train.seed)
+    if not model.config.num_labels:
+        model.add_score_head(1, seed=config.train.seed)  # the value head, trainable on a frozen base too
+        trainable += model.config.hidden_size
+    sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
+    rollouts = Rollouts(model, tokenizer, train, rewards, sampling, 1, config.train.batch_size,
+                        config.train.grad_accum, config.train.seed,
+                        resolve_precision(config.train.precision, device), config.num_iterations)
+    method = PPO(config, rollouts, val, reference)
+    record = new_record("ppo" if config.peft.method == "none" else f"ppo-{config.peft.method}",
+                        to_dict(config), data_record, parent=checkpoint.path)
+    record["parameters"] = {"trainable": trainable, "total": total}
+    context = config.data.max_prompt_length + config.max_new_tokens
+    trainer = Trainer(config.train, model, method, tokenizer, Path(config.out), record,
+                      flops_per_token=model.config.training_flops_per_token(context), distributed=distributed)
+    return trainer.fit()
