@@ -6,8 +6,10 @@ Stages so far:
    completion) and sample from it in English and Chinese;
 3. fine-tune it on the world's instruction conversations, fully and with LoRA, and compare
    held-out exact-match accuracy;
-4. export it for transformers (a Hugging Face directory) and llama.cpp (GGUF f16 and q8_0);
-5. write `report.md` with the metrics, the loss curve, the samples and the exports.
+4. align the fine-tuned model: a reward model and DPO on the world's preference pairs, GRPO with
+   the exact-match reward on its questions, each reported before and after on held-out data;
+5. export it for transformers (a Hugging Face directory) and llama.cpp (GGUF f16 and q8_0);
+6. write `report.md` with the metrics, the curves, the samples and the exports.
 Each stage is a normal orchard run in its own directory under `--out`, so running quickstart again
 resumes (or skips) what is already done.
 """
@@ -23,11 +25,11 @@ from ..data.synthetic import World, exact_match_items
 from ..errors import OrchardError
 from ..evaluation.completion import (arithmetic_items, chat_exact_match, completion_accuracy,
                                     fact_completion_items)
-from ..evaluation.report import Report, plot_loss_curves, read_metrics
+from ..evaluation.report import Report, plot_loss_curves, plot_metrics, read_metrics
 from ..interop.export import export_hf
 from ..interop.gguf import export_gguf
 from ..lineage import ancestry
-from ..methods import pretrain, sft
+from ..methods import dpo, grpo, pretrain, reward, sft
 from ..model import ModelConfig
 from ..model.generation import SamplingConfig, generate_text
 from ..training import TrainConfig
@@ -55,13 +57,13 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
                 "(stories, facts about generated people, arithmetic in English and Chinese).")
 
     # 1. Pretraining
-    print("[1/4] pretraining on the built-in world", file=sys.stderr)
+    print("[1/5] pretraining on the built-in world", file=sys.stderr)
     config = quickstart_config(out, max_time)
     result = pretrain.run(config)
     metrics = result.state.metrics
 
     # 2. Evaluation and samples
-    print("[2/4] evaluating and sampling", file=sys.stderr)
+    print("[2/5] evaluating and sampling", file=sys.stderr)
     checkpoint = load_checkpoint(result.final_dir)
     world = World()
     tasks = {
@@ -104,7 +106,7 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
                 f"`orchard chat {result.final_dir}`, `orchard info {result.final_dir}`).")
 
     # 3. Fine-tuning: full SFT and LoRA from the same pretrained checkpoint
-    print("[3/4] fine-tuning on instruction conversations (full, then LoRA)", file=sys.stderr)
+    print("[3/5] fine-tuning on instruction conversations (full, then LoRA)", file=sys.stderr)
     seen = exact_match_items(world, "train")[:eval_items]
     held_out = exact_match_items(world, "held_out")[:eval_items]
     runs = {"pretrained (no fine-tuning)": result.final_dir}
@@ -114,6 +116,7 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
         name = "lora" if "peft.method=lora" in overrides else "sft"
         sft_config = load_config(sft.SFTConfig, None, [
             f"init={result.final_dir}", f"out={out / name}", "data.max_length=256", f"train.max_steps={sft_steps}",
+            "train.batch_size=16",
             "train.eval_every=50", "train.save_every=50", *overrides])
         runs[label] = sft.run(sft_config).final_dir
     rows = []
@@ -132,8 +135,12 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
     report.table(["model", "exact match, trained questions", "exact match, held-out questions",
                   "trained parameters", "checkpoint"], rows)
 
-    # 4. Export for other tools
-    print("[4/4] exporting for transformers and llama.cpp", file=sys.stderr)
+    # 4. Alignment, from the full SFT model
+    print("[4/5] aligning the fine-tuned model: reward model, DPO, GRPO", file=sys.stderr)
+    align(out, report, runs["full SFT"], held_out)
+
+    # 5. Export for other tools
+    print("[5/5] exporting for transformers and llama.cpp", file=sys.stderr)
     report.heading("Export")
     rows = [["Hugging Face directory", str(export_hf(result.final_dir, out / "export" / "hf")),
              _size(out / "export" / "hf" / "model.safetensors")]]
@@ -145,6 +152,50 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
             rows.append([f"GGUF {dtype} (llama.cpp)", f"skipped: {error}", ""])
     report.table(["format", "path", "weights"], rows)
     return report.write()
+
+
+ALIGNMENT_STAGES = {
+    # stage: (method, its config, overrides, the held-out metric before/after, its description, curves to plot)
+    "reward": (reward.run, reward.RewardConfig, ["train.max_steps=60", "train.lr=1e-4", "train.eval_every=20", "train.save_every=20"],
+               "val_accuracy", "held-out pairwise accuracy (chosen scored above rejected)",
+               {"training pairwise accuracy": "rewards/accuracies", "held-out pairwise accuracy": "val_accuracy"}),
+    "dpo": (dpo.run, dpo.DPOConfig, ["train.max_steps=60", "train.lr=1e-4", "train.eval_every=20", "train.save_every=20"],
+            "val_likelihood_accuracy", "held-out pairs whose chosen reply the model finds more likely per token",
+            {"training reward accuracy": "rewards/accuracies", "held-out reward accuracy": "val_accuracy",
+             "held-out likelihood accuracy": "val_likelihood_accuracy"}),
+    "grpo": (grpo.run, grpo.GRPOConfig, ["train.max_steps=30", "train.lr=2e-5", "train.batch_size=4", "num_generations=8",
+                    "max_new_tokens=32", "train.eval_every=10", "train.save_every=10", "data.eval_prompts=200"],
+             "val_reward/exact_match", "held-out exact match (greedy)",
+             {"mean reward of the sampled replies": "reward", "held-out exact match": "val_reward/exact_match"}),
+}
+
+
+def align(out: Path, report: Report, sft_dir: Path, held_out: list) -> None:
+    """The alignment stages from the SFT checkpoint, with one table row and one plot each."""
+    rows, images = [], []
+    for stage, (run, config_cls, overrides, metric, description, curves) in ALIGNMENT_STAGES.items():
+        config = load_config(config_cls, None, [f"init={sft_dir}", f"out={out / stage}", "train.log_every=1",
+                                                *overrides])
+        result = run(config)
+        rows_ = read_metrics(Path(config.out) / "metrics.jsonl")
+        before = next((r[metric] for r in rows_ if metric in r), float("nan"))
+        after = result.state.metrics.get(metric, float("nan"))
+        training = ancestry(result.final_dir)[0].get("training", {})
+        rows.append([stage, description, f"{before:.1%}", f"{after:.1%}", training.get("steps"),
+                     f"{training.get('wall_seconds', 0):.0f}", str(result.final_dir)])
+        images.append((plot_metrics(Path(config.out) / "metrics.jsonl", out / f"{stage}_curves.png",
+                                    f"{stage} from the SFT model", curves, "fraction"), f"{stage} curves"))
+    dpo_model = load_checkpoint(out / "dpo" / "final")
+    dpo_exact = chat_exact_match(dpo_model.model, dpo_model.tokenizer, held_out).accuracy
+    report.heading("Alignment")
+    report.text("Each stage starts from the full SFT model. The reward model and DPO train on the world's "
+                "preference pairs (a correct answer preferred to a wrong or an unhelpful one) and are measured on "
+                "held-out pairs about facts they never saw in a pair; GRPO samples 8 replies per question, is "
+                "rewarded by exact match, and is measured by greedy exact match on held-out questions.")
+    report.table(["stage", "held-out metric", "before", "after", "steps", "wall time (s)", "checkpoint"], rows)
+    report.text(f"Held-out exact match of the DPO model: {dpo_exact:.1%}.")
+    for png, caption in images:
+        report.image(png, caption)
 
 
 def _size(path: Path) -> str:

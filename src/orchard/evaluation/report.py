@@ -24,16 +24,22 @@ def read_metrics(metrics_file: Path) -> list[dict]:
 
 def plot_loss_curves(metrics_file: Path, png: Path, title: str) -> Path:
     """Training loss per step and validation loss at each evaluation, on one plot."""
+    return plot_metrics(metrics_file, png, title, {"training loss": "loss", "validation loss": "val_loss"},
+                        "cross-entropy (nats/token)")
+
+
+def plot_metrics(metrics_file: Path, png: Path, title: str, series: dict[str, str], ylabel: str) -> Path:
+    """One line per `series` entry (legend label -> metrics.jsonl key) against the step; keys
+    logged only at evaluations are drawn with markers."""
     rows = read_metrics(metrics_file)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if train:
-        ax.plot(*zip(*train), label="training loss", linewidth=1.2)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss", linewidth=1.5, markersize=4)
+    for label, key in series.items():
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if points:
+            style = "o-" if key.startswith("val_") else "-"
+            ax.plot(*zip(*points), style, label=label, linewidth=1.2 if style == "-" else 1.5, markersize=4)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

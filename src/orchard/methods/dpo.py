@@ -127,7 +127,8 @@ class PreferenceOptimization:
             losses = orpo_loss(chosen_mean, rejected_mean, -chosen_mean, c.orpo_lambda)
             rewards = (c.orpo_lambda * chosen_mean.detach(), c.orpo_lambda * rejected_mean.detach())
         return losses, {"chosen": rewards[0], "rejected": rewards[1], "logps_chosen": chosen.detach(),
-                        "logps_rejected": rejected.detach()}
+                        "logps_rejected": rejected.detach(), "mean_chosen": chosen_mean.detach(),
+                        "mean_rejected": rejected_mean.detach()}
 
     def loss(self, model, batch):
         losses, parts = self.pair_losses(model, batch)
@@ -141,7 +142,8 @@ class PreferenceOptimization:
 
     def evaluate(self, model) -> dict[str, float]:
         device = next(model.parameters()).device
-        totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "reward_chosen": 0.0, "reward_rejected": 0.0}
+        totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "reward_chosen": 0.0, "reward_rejected": 0.0,
+                  "likelihood_accuracy": 0.0}
         pairs = 0
         c = self.config.train
         for batch in held_out_batches(self.val, c.batch_size, self.pad_id, c.eval_batches):
@@ -155,6 +157,9 @@ class PreferenceOptimization:
             totals["margin"] += margin.sum().item()
             totals["reward_chosen"] += parts["chosen"].sum().item()
             totals["reward_rejected"] += parts["rejected"].sum().item()
+            # Whether the model itself (not its change since the reference) finds the chosen reply
+            # more likely per token: meaningful before training too, when implicit rewards are all 0.
+            totals["likelihood_accuracy"] += (parts["mean_chosen"] > parts["mean_rejected"]).sum().item()
             pairs += len(batch["pair_index"])
         return {f"val_{k}": v / max(pairs, 1) for k, v in totals.items()}
 

@@ -86,7 +86,9 @@ def _tokenize(pairs: list[PreferencePair], tokenizer, config: PreferenceDataConf
 def load_pairs(config: PreferenceDataConfig, tokenizer, seed: int) -> tuple[list[TokenizedPair], list[TokenizedPair], dict]:
     """(train pairs, held-out pairs, a description for the lineage record)."""
     if config.path is None:
-        train, val = _builtin("train", config.max_pairs), _builtin("held_out", None)
+        train = _builtin("train", config.max_pairs)
+        val = (_builtin("held_out", None) if config.val_path is None
+               else _read(config.val_path, config, "data.val_path", None))
         source = "built-in world preference pairs"
     else:
         train = _read(config.path, config, "data.path", config.max_pairs)

@@ -116,6 +116,7 @@ def run(config: RewardConfig) -> TrainResult:
     if not model.config.num_labels:
         model.add_score_head(1, seed=config.train.seed)  # after apply_peft, which freezes what exists
         trainable += model.config.hidden_size
+        total += model.config.hidden_size  # the head is part of the model too: never more trainable than total
     method = RewardModeling(config, train, val, tokenizer.pad_id)
     record = new_record("reward" if config.peft.method == "none" else f"reward-{config.peft.method}",
                         to_dict(config), data_record, parent=checkpoint.path)

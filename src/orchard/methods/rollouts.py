@@ -84,8 +84,9 @@ def load_prompts(config: PromptDataConfig, tokenizer, seed: int) -> tuple[list[P
         world = World()
         train = [PromptItem(r["prompt"], r["answer"], f"built-in train {i}")
                  for i, r in enumerate(verifiable_prompts(world, "train", num_items=config.max_prompts))]
-        val = [PromptItem(r["prompt"], r["answer"], f"built-in held_out {i}")
-               for i, r in enumerate(verifiable_prompts(world, "held_out"))]
+        val = ([PromptItem(r["prompt"], r["answer"], f"built-in held_out {i}")
+                for i, r in enumerate(verifiable_prompts(world, "held_out"))] if config.val_path is None
+               else _read(config.val_path, config, "data.val_path", None))
         source = "built-in world questions"
     else:
         train = _read(config.path, config, "data.path", config.max_prompts)

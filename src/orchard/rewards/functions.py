@@ -23,11 +23,11 @@ def exact_match(prompts, completions, answers, **kwargs) -> list[float | None]:
 def final_number(text: str) -> str | None:
     """The number a reply ends on: the one after `####` if it writes one (GSM8K's form), else its
     last number; commas and a trailing `.0` removed."""
-    tail = text.rsplit("####", 1)[1] if "####" in text else text
-    numbers = _NUMBER.findall(tail)
+    marked = "####" in text
+    numbers = _NUMBER.findall(text.rsplit("####", 1)[1] if marked else text)
     if not numbers:
         return None
-    number = numbers[-1].replace(",", "")
+    number = (numbers[0] if marked else numbers[-1]).replace(",", "")  # "#### 42 (in 3 steps)" is 42
     return number[:-2] if number.endswith(".0") else number
 
 

@@ -108,3 +108,16 @@ class JudgeScorer:
 
     def __call__(self, prompts, completions, answers=None, **kwargs) -> list[float | None]:
         return [parse_grade(text) for text in self.judgements(prompts, completions)]
+
+    def win_rate(self, prompts, replies: list[str], baseline: list[str]) -> dict[str, float]:
+        """How often the judge grades `replies` above `baseline` (the same prompts' replies from
+        another model): wins plus half the ties, over the prompts where both grades parsed."""
+        grades = self(prompts, replies)
+        baseline_grades = self(prompts, baseline)
+        pairs = [(a, b) for a, b in zip(grades, baseline_grades) if a is not None and b is not None]
+        wins = sum(a > b for a, b in pairs)
+        ties = sum(a == b for a, b in pairs)
+        return {"win_rate": (wins + ties / 2) / max(len(pairs), 1), "wins": wins, "ties": ties,
+                "losses": len(pairs) - wins - ties, "unparsed": len(prompts) - len(pairs),
+                "mean_grade": sum(a for a, _ in pairs) / max(len(pairs), 1),
+                "baseline_mean_grade": sum(b for _, b in pairs) / max(len(pairs), 1)}
