@@ -340,6 +340,27 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     return Checkpoint(path=path, model=model.to(device).eval(), tokenizer=tokenizer, record=read_record(path))
 
 
+def load_merged(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """A checkpoint as one plain model, every weight trainable: an adapter checkpoint's LoRA (or
+    DoRA) merged into its base. What a stage that trains further, or an export, starts from."""
+    from .peft.lora import adapter_configs, merge_adapter, remove_adapter
+
+    checkpoint = load_checkpoint(path, device)
+    if not is_adapter_checkpoint(checkpoint.path):
+        return checkpoint
+    if any(key in read_json(checkpoint.path / ADAPTER_SETTINGS_FILE) for key in ("bottleneck", "prefix")):
+        raise OrchardError(f"{checkpoint.path}: bottleneck adapters and prefixes cannot be merged into the base's "
+                           f"weights; this works for LoRA and DoRA checkpoints")
+    names = list(adapter_configs(checkpoint.model))
+    if len(names) != 1:
+        raise OrchardError(f"{checkpoint.path}: holds {len(names)} adapters; merging needs exactly one")
+    merge_adapter(checkpoint.model, names[0])
+    remove_adapter(checkpoint.model, names[0])  # a merged adapter's removal keeps the merged weights
+    checkpoint.model.requires_grad_(True)
+    checkpoint.record = {**checkpoint.record, "merged_adapter": str(checkpoint.path)}
+    return checkpoint
+
+
 def _load_adapter_checkpoint(path: Path, device, dtype) -> Checkpoint:
     """The base named by the record's parent, with this checkpoint's adapters attached and active."""
     record = read_record(path)

@@ -13,10 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (ADAPTER_SETTINGS_FILE, RECORD_FILE, WEIGHTS_INDEX_FILE, atomic_directory, checked_weights, is_adapter_checkpoint,
-                          load_checkpoint, read_json, read_model_config, save_checkpoint,
-                          resolve_checkpoint, weights_files, write_json)
-from ..errors import OrchardError
+from ..checkpoint import (RECORD_FILE, WEIGHTS_INDEX_FILE, atomic_directory, checked_weights, is_adapter_checkpoint,
+                          load_merged, read_model_config, resolve_checkpoint, save_checkpoint, weights_files, write_json)
 from ..model import CausalLM
 
 # Copied as they are when present. orchard.json (the lineage) goes along, since transformers ignores
@@ -55,17 +53,6 @@ def export_hf(checkpoint_dir: Path, out_dir: Path) -> Path:
 def _export_merged(source: Path, out_dir: Path) -> Path:
     """An adapter checkpoint is exported as its base with the adapter merged in: a plain model that
     any tool runs (the adapter alone, in PEFT's format, is in the checkpoint's `peft/` folder)."""
-    from ..peft.lora import adapter_configs, merge_adapter, remove_adapter
-
-    checkpoint = load_checkpoint(source)
-    if any(key in read_json(source / ADAPTER_SETTINGS_FILE) for key in ("bottleneck", "prefix")):
-        raise OrchardError(f"{source}: bottleneck adapters and prefixes cannot be merged into the base's weights; "
-                           f"export works for LoRA and DoRA checkpoints")
-    (name, *others) = adapter_configs(checkpoint.model)
-    if others:
-        raise OrchardError(f"{source}: holds several adapters; export merges exactly one")
-    merge_adapter(checkpoint.model, name)
-    remove_adapter(checkpoint.model, name)  # a merged adapter's removal keeps the merged weights
-    record = {**checkpoint.record, "merged_adapter": str(source)}
-    save_checkpoint(out_dir, checkpoint.model, checkpoint.tokenizer, record)
+    checkpoint = load_merged(source)
+    save_checkpoint(out_dir, checkpoint.model, checkpoint.tokenizer, checkpoint.record)
     return out_dir

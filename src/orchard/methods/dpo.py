@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_merged
 from ..config import to_dict
 from ..errors import OrchardError
 from ..lineage import new_record
@@ -216,7 +216,7 @@ def run(config: DPOConfig) -> TrainResult:
     if not config.init:
         raise OrchardError("init: dpo needs a checkpoint to align, e.g. init=runs/quickstart/sft")
     distributed = Distributed.from_environment(config.train.device)
-    checkpoint = load_checkpoint(config.init)
+    checkpoint = load_merged(config.init)
     model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
     train, val, data_record = load_pairs(config.data, tokenizer, config.train.seed)
 

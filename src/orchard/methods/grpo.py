@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_merged
 from ..config import to_dict
 from ..errors import OrchardError
 from ..lineage import new_record
@@ -166,7 +166,7 @@ def run(config: GRPOConfig) -> TrainResult:
     if not config.init:
         raise OrchardError("init: grpo needs a checkpoint to train, e.g. init=runs/quickstart/sft")
     distributed = Distributed.from_environment(config.train.device)
-    checkpoint = load_checkpoint(config.init)
+    checkpoint = load_merged(config.init)
     model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
     device = distributed.device if distributed.active else resolve_device(config.train.device)
     rewards = Rewards(config.rewards, device)

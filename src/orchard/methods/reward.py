@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_merged
 from ..config import to_dict
 from ..errors import OrchardError
 from ..lineage import new_record
@@ -109,7 +109,7 @@ def run(config: RewardConfig) -> TrainResult:
     if not config.init:
         raise OrchardError("init: reward needs a checkpoint to start from, e.g. init=runs/quickstart/sft")
     distributed = Distributed.from_environment(config.train.device)
-    checkpoint = load_checkpoint(config.init)
+    checkpoint = load_merged(config.init)
     model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
     train, val, data_record = load_pairs(config.data, tokenizer, config.train.seed)
     trainable, total = apply_peft(model, config.peft, config.train.seed)

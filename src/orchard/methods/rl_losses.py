@@ -33,7 +33,6 @@ convention differences.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 AGGREGATIONS = ("sequence", "token", "dr_grpo")
 

@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_merged
 from ..config import to_dict
 from ..data.conversations import (ReadStats, collate_packed, collate_padded, length_grouped_order,
                                   pack_conversations, read_conversations, tokenize_conversation)
@@ -172,7 +172,7 @@ def run(config: SFTConfig) -> TrainResult:
     if not config.init:
         raise OrchardError("init: sft needs a checkpoint to fine-tune, e.g. init=runs/quickstart/pretrain")
     distributed = Distributed.from_environment(config.train.device)
-    checkpoint = load_checkpoint(config.init)
+    checkpoint = load_merged(config.init)
     model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
 
     records, source = load_conversations(config)
