@@ -24,8 +24,7 @@ import torch
 
 from orchard.checkpoint import load_checkpoint
 from orchard.config import Duration, load_config
-from orchard.data.synthetic import World, exact_match_items, preference_pairs
-from orchard.data.synthetic import _write_jsonl as write_jsonl
+from orchard.data.synthetic import World, exact_match_items, preference_pairs, write_jsonl
 from orchard.evaluation.completion import chat_exact_match
 from orchard.evaluation.report import read_metrics
 from orchard.methods import dpo, grpo, sft
@@ -61,7 +60,8 @@ def main() -> None:
     if "dpo" in args.only:
         config = load_config(dpo.DPOConfig, None, [
             f"init={sft_dir}", f"out={out / 'dpo'}", f"train.max_time={budget}", "train.max_steps=100000",
-            "train.lr=1e-4", "train.eval_every=50", "train.save_every=100", "train.progress=false"])
+            "train.lr=1e-4", "train.eval_every=50", "train.save_every=100", "train.eval_batches=50",
+            "train.progress=false"])
         result = dpo.run(config)
         metrics = Path(config.out) / "metrics.jsonl"
         for key, label in (("val_accuracy", "DPO: held-out preference accuracy (implicit reward)"),
@@ -71,10 +71,10 @@ def main() -> None:
     if "grpo" in args.only:
         config = load_config(grpo.GRPOConfig, None, [
             f"init={sft_dir}", f"out={out / 'grpo'}", f"train.max_time={budget}", "train.max_steps=100000",
-            "train.lr=5e-5", "max_new_tokens=32", "train.eval_every=50", "train.save_every=50",
+            "train.lr=1e-4", "train.batch_size=8", "max_new_tokens=32", "train.eval_every=50", "train.save_every=50",
             "data.eval_prompts=400", "train.progress=false"])
         result = grpo.run(config)
-        rows.append(["GRPO: held-out exact match (greedy, 400 questions)",
+        rows.append([f"GRPO: held-out exact match (greedy, {len(held_out)} questions)",
                      first(Path(config.out) / "metrics.jsonl", "val_reward/exact_match"),
                      result.state.metrics["val_reward/exact_match"], result.state.step])
 
@@ -87,8 +87,8 @@ def main() -> None:
         judge_dir = sft.run(judge_config).final_dir
         config = load_config(grpo.GRPOConfig, None, [
             f"init={sft_dir}", f"out={out / 'rlaif'}", f"rewards=[judge:{judge_dir}]", f"train.max_time={budget}",
-            "train.max_steps=100000", "train.lr=5e-5", "max_new_tokens=32", "train.eval_every=50",
-            "train.save_every=50", "data.eval_prompts=100", "train.progress=false"])
+            "train.max_steps=100000", "train.lr=1e-4", "train.batch_size=8", "max_new_tokens=32",
+            "train.eval_every=50", "train.save_every=50", "data.eval_prompts=100", "train.progress=false"])
         result = grpo.run(config)
         started = time.perf_counter()
         judge = JudgeScorer(str(judge_dir))

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from orchard.config import load_config
-from orchard.data.synthetic import _write_jsonl as write_jsonl
+from orchard.data.synthetic import write_jsonl
 from orchard.evaluation.report import read_metrics
 from orchard.methods import dpo, grpo, sft
 

@@ -449,7 +449,7 @@ def generate_documents(
     return stream()
 
 
-def _write_jsonl(path: str | os.PathLike, records) -> Path:
+def write_jsonl(path: str | os.PathLike, records) -> Path:
     """Write ``records`` (dicts) as JSONL lines to ``path`` atomically, creating its directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -470,7 +470,7 @@ def _write_jsonl(path: str | os.PathLike, records) -> Path:
 def write_corpus(path: str | os.PathLike, num_documents: int, seed: int = 0, **kwargs) -> Path:
     """Write ``{"text": ...}`` JSONL lines atomically; ``kwargs`` go to ``generate_documents``."""
     documents = generate_documents(num_documents, seed=seed, **kwargs)  # bad arguments fail here
-    return _write_jsonl(path, ({"text": text} for text in documents))
+    return write_jsonl(path, ({"text": text} for text in documents))
 
 
 # --- instruction data ----------------------------------------------------------------------------
@@ -662,7 +662,7 @@ def write_instruction_corpus(path: str | os.PathLike, world: World | None = None
     ``kwargs`` go to `instruction_conversations`; ``world`` defaults to ``World()``."""
     records = instruction_conversations(world if world is not None else World(), split=split, seed=seed,
                                         **kwargs)  # bad arguments fail before anything is written
-    return _write_jsonl(path, records)
+    return write_jsonl(path, records)
 
 
 # --- preference pairs and verifiable prompts -------------------------------------------------------
@@ -743,7 +743,7 @@ def write_preference_corpus(path: str | os.PathLike, world: World | None = None,
     ``world`` defaults to ``World()``. `orchard.data.preferences.read_preference_pairs` reads it."""
     records = preference_pairs(world if world is not None else World(), split=split, seed=seed,
                                **kwargs)  # bad arguments fail before anything is written
-    return _write_jsonl(path, records)
+    return write_jsonl(path, records)
 
 
 def verifiable_prompts(world: World, split: str = "train", seed: int = 0,

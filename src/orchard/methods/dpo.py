@@ -181,10 +181,12 @@ def reference_log_probs(model, pairs: list[TokenizedPair], pad_id: int, batch_si
     return torch.cat(rows)
 
 
-def _fingerprint(pairs: list[TokenizedPair], parent_sha: str | None, precision: str) -> str:
+def _fingerprint(splits: dict[str, list[TokenizedPair]], parent_sha: str | None, precision: str) -> str:
     digest = hashlib.sha256(f"{parent_sha}:{precision}".encode())
-    for pair in pairs:
-        digest.update(str((pair.chosen.input_ids, pair.rejected.input_ids)).encode())
+    for name, pairs in splits.items():
+        digest.update(f"{name}:{len(pairs)}".encode())
+        for pair in pairs:
+            digest.update(str((pair.chosen.input_ids, pair.rejected.input_ids)).encode())
     return digest.hexdigest()
 
 
@@ -193,7 +195,7 @@ def cached_reference(out: Path, model, train, val, pad_id: int, batch_size: int,
     """The reference log-probabilities of every pair, from `out/reference_logps.pt` when it was
     computed for these pairs by this parent at this precision, else computed now and saved."""
     cache_file = out / REFERENCE_FILE
-    fingerprint = _fingerprint(train + val, parent_sha, precision)
+    fingerprint = _fingerprint({"train": train, "val": val}, parent_sha, precision)
     if cache_file.is_file():
         cached = torch.load(cache_file, weights_only=True)
         if cached.get("fingerprint") == fingerprint:
