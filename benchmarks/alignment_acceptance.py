@@ -16,6 +16,7 @@ Prints one table of before/after figures; the runs stay in --out for `orchard in
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,24 @@ from orchard.rewards.models import JudgeScorer, judge_conversations
 
 def first(metrics_file: Path, key: str) -> float:
     return next((row[key] for row in read_metrics(metrics_file) if key in row), float("nan"))
+
+
+def off_topic_conversations(world: World, seed: int = 0) -> list[dict]:
+    """Judge training on the mistake fine-tuned models make most here: a true statement about the
+    person asked about that answers another question (graded 0), beside the right answer (10)."""
+    rng = random.Random(seed)
+    kept, _ = world.split_facts()
+    conversations = []
+    for fact in kept:
+        others = [other for other in world.facts_about(fact.subject) if other.relation != fact.relation]
+        if not others:
+            continue
+        for lang in ("en", "zh"):
+            pair = {"prompt": [{"role": "user", "content": fact.question(lang)}],
+                    "chosen": [{"role": "assistant", "content": fact.sentence(lang)}],
+                    "rejected": [{"role": "assistant", "content": rng.choice(others).sentence(lang)}]}
+            conversations += judge_conversations([pair])
+    return conversations
 
 
 def greedy_replies(checkpoint_dir: Path, items: list) -> list[str]:
@@ -80,7 +99,8 @@ def main() -> None:
 
     if "rlaif" in args.only:
         judge_data = out / "judge_conversations.jsonl"
-        write_jsonl(judge_data, judge_conversations(preference_pairs(World(), "train")))
+        write_jsonl(judge_data, judge_conversations(preference_pairs(World(), "train"))
+                    + off_topic_conversations(World()))
         judge_config = load_config(sft.SFTConfig, None, [
             f"init={args.pretrain}", f"out={out / 'judge'}", f"data.path={judge_data}", "data.max_length=256",
             "train.max_steps=300", "train.batch_size=16", "train.lr=1e-3", "train.progress=false"])
