@@ -160,7 +160,7 @@ ALIGNMENT_STAGES = {
                "val_accuracy", "held-out pairwise accuracy (chosen scored above rejected)",
                {"training pairwise accuracy": "rewards/accuracies", "held-out pairwise accuracy": "val_accuracy"}),
     "dpo": (dpo.run, dpo.DPOConfig, ["train.max_steps=60", "train.lr=1e-4", "train.eval_every=20", "train.save_every=20"],
-            "val_likelihood_accuracy", "held-out pairs whose chosen reply the model finds more likely per token",
+            "val_accuracy", "held-out preference accuracy (implicit reward: chosen gained more likelihood than rejected)",
             {"training reward accuracy": "rewards/accuracies", "held-out reward accuracy": "val_accuracy",
              "held-out likelihood accuracy": "val_likelihood_accuracy"}),
     "grpo": (grpo.run, grpo.GRPOConfig, ["train.max_steps=30", "train.lr=2e-5", "train.batch_size=4", "num_generations=8",
@@ -187,13 +187,18 @@ def align(out: Path, report: Report, sft_dir: Path, held_out: list) -> None:
                                     f"{stage} from the SFT model", curves, "fraction"), f"{stage} curves"))
     dpo_model = load_checkpoint(out / "dpo" / "final")
     dpo_exact = chat_exact_match(dpo_model.model, dpo_model.tokenizer, held_out).accuracy
+    dpo_metrics = Path(out / "dpo" / "metrics.jsonl")
+    likelihood = [row["val_likelihood_accuracy"] for row in read_metrics(dpo_metrics) if "val_likelihood_accuracy" in row]
     report.heading("Alignment")
     report.text("Each stage starts from the full SFT model. The reward model and DPO train on the world's "
                 "preference pairs (a correct answer preferred to a wrong or an unhelpful one) and are measured on "
                 "held-out pairs about facts they never saw in a pair; GRPO samples 8 replies per question, is "
                 "rewarded by exact match, and is measured by greedy exact match on held-out questions.")
     report.table(["stage", "held-out metric", "before", "after", "steps", "wall time (s)", "checkpoint"], rows)
-    report.text(f"Held-out exact match of the DPO model: {dpo_exact:.1%}.")
+    report.text(f"DPO: held-out pairs whose chosen reply the model itself finds more likely per token, "
+                f"{likelihood[0]:.1%} before and {likelihood[-1]:.1%} after; held-out exact match of the DPO "
+                f"model {dpo_exact:.1%}. The held-out questions ask about facts no fine-tuning data mentions, so "
+                "what alignment can reach there is bounded by what pretraining taught (see the README).")
     for png, caption in images:
         report.image(png, caption)
 
