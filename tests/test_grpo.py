@@ -17,7 +17,7 @@ import torch
 from orchard.checkpoint import load_checkpoint
 from orchard.cli.main import main
 from orchard.config import load_config
-from orchard.methods import grpo
+from orchard.methods import grpo, rollouts
 from orchard.methods.grpo import GRPO, GRPOConfig
 from orchard.methods.losses import IGNORE_INDEX
 from orchard.methods.rollouts import PromptDataConfig, Rollouts, completion_log_probs, layout, load_prompts
@@ -253,7 +253,7 @@ def test_beta_zero_builds_no_reference(chat_base, tmp_path, monkeypatch):
     def no_reference(*args, **kwargs):
         raise AssertionError("a reference model was built")
 
-    monkeypatch.setattr(grpo, "ReferenceModel", no_reference)
+    monkeypatch.setattr(rollouts, "ReferenceModel", no_reference)
     run_grpo(chat_base, tmp_path / "run", "beta=0", "train.max_steps=2", "loss_aggregation=token")
     steps = [line for line in lines(tmp_path / "run") if "loss" in line]
     assert len(steps) == 2 and not any("kl" in line for line in steps)

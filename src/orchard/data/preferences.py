@@ -28,6 +28,9 @@ answer containing ``####`` is a worked solution and its final number is the answ
 
 from __future__ import annotations
 
+import random
+import sys
+
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -248,3 +251,30 @@ def _answer(record: dict) -> str | None:
     if answer is None:
         raise _BadRecord("no final answer", "field 'answer' has '####' but no number after its last one")
     return answer
+
+
+def read_split(read, path, val_path, on_error: str, limit: int | None, val_fraction: float,
+               seed: int) -> tuple[list, list]:
+    """(training records, held-out records) for a method's `data` section: `read` (e.g.
+    `read_prompts`) over `path` (at most `limit` records) and over `val_path`; with no `val_path`,
+    a seeded `val_fraction` of `path`'s records (at least one) is held out. Skipped records are
+    counted on stderr."""
+    train = read_limited(read, path, on_error, "data.path", limit)
+    if val_path is not None:
+        return train, read_limited(read, val_path, on_error, "data.val_path", None)
+    random.Random(seed).shuffle(train)
+    held = max(1, int(len(train) * val_fraction))
+    return train[held:], train[:held]
+
+
+def read_limited(read, path, on_error: str, key: str, limit: int | None) -> list:
+    """The first `limit` records `read` yields from `path` (all with None), skips reported."""
+    stats = ReadStats()
+    records = []
+    for record in read(path, on_error=on_error, stats=stats, key=key):
+        records.append(record)
+        if limit and len(records) >= limit:
+            break
+    if stats.skipped:
+        print(f"{key}: skipped {stats.skipped} malformed record(s): {stats.describe()}", file=sys.stderr)
+    return records

@@ -20,23 +20,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 
-from ..checkpoint import load_merged
-from ..config import to_dict
-from ..errors import OrchardError
-from ..lineage import new_record
-from ..model.generation import SamplingConfig
-from ..peft.config import PeftConfig, ReferenceModel, apply_peft
-from ..rewards import Rewards
-from ..training import TrainConfig, Trainer, TrainResult
-from ..training.distributed import Distributed
-from ..training.engine import resolve_device, resolve_precision
+from ..peft.config import PeftConfig, ReferenceModel
+from ..training import TrainConfig, TrainResult
 from .rl_losses import aggregate, group_advantages, grpo_token_loss, k3_kl
-from .rollouts import Prompt, PromptDataConfig, Rollouts, completion_log_probs, load_prompts
+from .rollouts import Prompt, PromptDataConfig, Rollouts, completion_log_probs, prepare_online_run, train_online
 
 
 @dataclass
@@ -163,30 +154,5 @@ class GRPO:
 
 
 def run(config: GRPOConfig) -> TrainResult:
-    if not config.init:
-        raise OrchardError("init: grpo needs a checkpoint to train, e.g. init=runs/quickstart/sft")
-    distributed = Distributed.from_environment(config.train.device)
-    checkpoint = load_merged(config.init)
-    model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
-    device = distributed.device if distributed.active else resolve_device(config.train.device)
-    rewards = Rewards(config.rewards, device)
-    train, val, data_record = load_prompts(config.data, tokenizer, config.train.seed)
-    if max(len(p.ids) for p in train + val) + config.max_new_tokens > model.config.max_position_embeddings:
-        raise OrchardError(f"max_new_tokens: prompts of up to data.max_prompt_length tokens plus "
-                           f"{config.max_new_tokens} new ones exceed the model's "
-                           f"{model.config.max_position_embeddings} positions")
-    reference = ReferenceModel(model, config.peft).to(device) if config.beta else None
-    trainable, total = apply_peft(model, config.peft, config.train.seed)
-    sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                              top_p=config.top_p)
-    rollouts = Rollouts(model, tokenizer, train, rewards, sampling, config.num_generations,
-                        config.train.batch_size, config.train.grad_accum, config.train.seed,
-                        resolve_precision(config.train.precision, device), config.num_iterations)
-    method = GRPO(config, rollouts, val, reference)
-    record = new_record("grpo" if config.peft.method == "none" else f"grpo-{config.peft.method}",
-                        to_dict(config), data_record, parent=checkpoint.path)
-    record["parameters"] = {"trainable": trainable, "total": total}
-    context = config.data.max_prompt_length + config.max_new_tokens
-    trainer = Trainer(config.train, model, method, tokenizer, Path(config.out), record,
-                      flops_per_token=model.config.training_flops_per_token(context), distributed=distributed)
-    return trainer.fit()
+    online = prepare_online_run(config, "grpo", config.num_generations, keep_reference=config.beta != 0)
+    return train_online(config, online, GRPO(config, online.rollouts, online.val, online.reference))

@@ -8,16 +8,16 @@ the chosen rows and second half the rejected ones, so a single forward pass scor
 
 from __future__ import annotations
 
-import random
 import sys
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from ..data.conversations import ReadStats, TokenizedConversation, collate_padded
+from ..data.conversations import TokenizedConversation, collate_padded
 from ..data.packing import EpochOrder, micro_batch_samples
-from ..data.preferences import PreferencePair, read_preference_pairs, tokenize_preference_pair
+from ..data.preferences import (PreferencePair, read_limited, read_preference_pairs, read_split,
+                                tokenize_preference_pair)
 from ..data.synthetic import World, preference_pairs
 from ..errors import OrchardError
 
@@ -60,18 +60,6 @@ def _builtin(split: str, limit: int | None) -> list[PreferencePair]:
             for i, r in enumerate(records)]
 
 
-def _read(path, config: PreferenceDataConfig, key: str, limit: int | None) -> list[PreferencePair]:
-    stats = ReadStats()
-    pairs = []
-    for pair in read_preference_pairs(path, on_error=config.on_error, stats=stats, key=key):
-        pairs.append(pair)
-        if limit and len(pairs) >= limit:
-            break
-    if stats.skipped:
-        print(f"{key}: skipped {stats.skipped} malformed record(s): {stats.describe()}", file=sys.stderr)
-    return pairs
-
-
 def _tokenize(pairs: list[PreferencePair], tokenizer, config: PreferenceDataConfig) -> tuple[list[TokenizedPair], int]:
     tokenized, skipped = [], 0
     for pair in pairs:
@@ -88,17 +76,12 @@ def load_pairs(config: PreferenceDataConfig, tokenizer, seed: int) -> tuple[list
     if config.path is None:
         train = _builtin("train", config.max_pairs)
         val = (_builtin("held_out", None) if config.val_path is None
-               else _read(config.val_path, config, "data.val_path", None))
+               else read_limited(read_preference_pairs, config.val_path, config.on_error, "data.val_path", None))
         source = "built-in world preference pairs"
     else:
-        train = _read(config.path, config, "data.path", config.max_pairs)
+        train, val = read_split(read_preference_pairs, config.path, config.val_path, config.on_error,
+                                config.max_pairs, config.val_fraction, seed)
         source = str(config.path)
-        if config.val_path is not None:
-            val = _read(config.val_path, config, "data.val_path", None)
-        else:
-            random.Random(seed).shuffle(train)
-            held = max(1, int(len(train) * config.val_fraction))
-            val, train = train[:held], train[held:]
     train_tokens, skipped_train = _tokenize(train, tokenizer, config)
     val_tokens, skipped_val = _tokenize(val, tokenizer, config)
     if skipped_train or skipped_val:

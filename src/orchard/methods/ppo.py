@@ -24,22 +24,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_merged
-from ..config import to_dict
-from ..errors import OrchardError
-from ..lineage import new_record
-from ..model.generation import SamplingConfig
-from ..peft.config import PeftConfig, ReferenceModel, apply_peft
-from ..rewards import Rewards
-from ..training import TrainConfig, Trainer, TrainResult
-from ..training.distributed import Distributed
-from ..training.engine import resolve_device, resolve_precision
+from ..peft.config import PeftConfig, ReferenceModel
+from ..training import TrainConfig, TrainResult
 from .rl_losses import aggregate, clipped_surrogate, clipped_value_loss, gae, token_rewards_with_kl, whiten
-from .rollouts import Prompt, PromptDataConfig, Rollouts, completion_log_probs, load_prompts
+from .rollouts import Prompt, PromptDataConfig, Rollouts, completion_log_probs, prepare_online_run, train_online
 
 
 @dataclass
@@ -152,31 +143,5 @@ class PPO:
 
 
 def run(config: PPOConfig) -> TrainResult:
-    if not config.init:
-        raise OrchardError("init: ppo needs a checkpoint to train, e.g. init=runs/quickstart/sft")
-    distributed = Distributed.from_environment(config.train.device)
-    checkpoint = load_merged(config.init)
-    model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
-    device = distributed.device if distributed.active else resolve_device(config.train.device)
-    rewards = Rewards(config.rewards, device)
-    train, val, data_record = load_prompts(config.data, tokenizer, config.train.seed)
-    if max(len(p.ids) for p in train + val) + config.max_new_tokens > model.config.max_position_embeddings:
-        raise OrchardError(f"max_new_tokens: prompts plus {config.max_new_tokens} new tokens exceed the model's "
-                           f"{model.config.max_position_embeddings} positions")
-    reference = ReferenceModel(model, config.peft).to(device)
-    trainable, total = apply_peft(model, config.peft, config.train.seed)
-    if not model.config.num_labels:
-        model.add_score_head(1, seed=config.train.seed)  # the value head, trainable on a frozen base too
-        trainable += model.config.hidden_size
-    sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
-    rollouts = Rollouts(model, tokenizer, train, rewards, sampling, 1, config.train.batch_size,
-                        config.train.grad_accum, config.train.seed,
-                        resolve_precision(config.train.precision, device), config.num_iterations)
-    method = PPO(config, rollouts, val, reference)
-    record = new_record("ppo" if config.peft.method == "none" else f"ppo-{config.peft.method}",
-                        to_dict(config), data_record, parent=checkpoint.path)
-    record["parameters"] = {"trainable": trainable, "total": total}
-    context = config.data.max_prompt_length + config.max_new_tokens
-    trainer = Trainer(config.train, model, method, tokenizer, Path(config.out), record,
-                      flops_per_token=model.config.training_flops_per_token(context), distributed=distributed)
-    return trainer.fit()
+    online = prepare_online_run(config, "ppo", 1, keep_reference=True, value_head=True)
+    return train_online(config, online, PPO(config, online.rollouts, online.val, online.reference))

@@ -15,20 +15,26 @@ and the per-token tensors of `rl_losses` are the completion columns alone.
 
 from __future__ import annotations
 
-import random
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from ..data.conversations import ReadStats
+from ..checkpoint import load_merged
+from ..config import to_dict
 from ..data.packing import EpochOrder, micro_batch_samples
-from ..data.preferences import PromptItem, read_prompts
+from ..data.preferences import PromptItem, read_limited, read_prompts, read_split
 from ..data.synthetic import World, verifiable_prompts
 from ..errors import OrchardError
+from ..lineage import new_record
 from ..model.generation import SamplingConfig, generate
+from ..peft.config import ReferenceModel, apply_peft
 from ..rewards import Rewards
+from ..training import Trainer, TrainResult
+from ..training.distributed import Distributed
+from ..training.engine import resolve_device, resolve_precision
 from .losses import IGNORE_INDEX, token_log_probs
 
 
@@ -66,18 +72,6 @@ class Prompt:
     ids: list[int]
 
 
-def _read(path, config: PromptDataConfig, key: str, limit: int | None) -> list[PromptItem]:
-    stats = ReadStats()
-    items = []
-    for item in read_prompts(path, on_error=config.on_error, stats=stats, key=key):
-        items.append(item)
-        if limit and len(items) >= limit:
-            break
-    if stats.skipped:
-        print(f"{key}: skipped {stats.skipped} malformed record(s): {stats.describe()}", file=sys.stderr)
-    return items
-
-
 def load_prompts(config: PromptDataConfig, tokenizer, seed: int) -> tuple[list[Prompt], list[Prompt], dict]:
     """(training prompts, held-out prompts, a description for the lineage record)."""
     if config.path is None:
@@ -86,17 +80,12 @@ def load_prompts(config: PromptDataConfig, tokenizer, seed: int) -> tuple[list[P
                  for i, r in enumerate(verifiable_prompts(world, "train", num_items=config.max_prompts))]
         val = ([PromptItem(r["prompt"], r["answer"], f"built-in held_out {i}")
                 for i, r in enumerate(verifiable_prompts(world, "held_out"))] if config.val_path is None
-               else _read(config.val_path, config, "data.val_path", None))
+               else read_limited(read_prompts, config.val_path, config.on_error, "data.val_path", None))
         source = "built-in world questions"
     else:
-        train = _read(config.path, config, "data.path", config.max_prompts)
+        train, val = read_split(read_prompts, config.path, config.val_path, config.on_error, config.max_prompts,
+                                config.val_fraction, seed)
         source = str(config.path)
-        if config.val_path is not None:
-            val = _read(config.val_path, config, "data.val_path", None)
-        else:
-            random.Random(seed).shuffle(train)
-            held = max(1, int(len(train) * config.val_fraction))
-            val, train = train[:held], train[held:]
 
     def render(items: list[PromptItem]) -> tuple[list[Prompt], int]:
         prompts, too_long = [], 0
@@ -228,6 +217,61 @@ def layout(prompt_ids: list[list[int]], completions: list[list[int]], pad_id: in
             completion_ids[row, :len(completion)] = torch.tensor(completion)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_ids": completion_ids,
             "completion_mask": completion_ids != IGNORE_INDEX}
+
+
+@dataclass
+class OnlineRun:
+    """What GRPO and PPO build alike before their method: the policy (adapters attached), its
+    rollouts, held-out prompts, the reference, and the lineage facts."""
+
+    checkpoint: object
+    model: object
+    distributed: Distributed
+    rollouts: Rollouts
+    val: list[Prompt]
+    reference: ReferenceModel | None
+    record: dict
+
+
+def prepare_online_run(config, stage: str, num_generations: int, keep_reference: bool,
+                       value_head: bool = False) -> OnlineRun:
+    """Load `config.init` (merged), its rewards and prompts, keep a reference if asked (before any
+    adapter is attached), attach `config.peft` and, for PPO, a value head; `config` is a GRPO or
+    PPO config (init, rewards, data, max_new_tokens, temperature, num_iterations, peft, train)."""
+    if not config.init:
+        raise OrchardError(f"init: {stage} needs a checkpoint to train, e.g. init=runs/quickstart/sft")
+    distributed = Distributed.from_environment(config.train.device)
+    checkpoint = load_merged(config.init)
+    model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
+    device = distributed.device if distributed.active else resolve_device(config.train.device)
+    rewards = Rewards(config.rewards, device)
+    train, val, data_record = load_prompts(config.data, tokenizer, config.train.seed)
+    if max(len(p.ids) for p in train + val) + config.max_new_tokens > model.config.max_position_embeddings:
+        raise OrchardError(f"max_new_tokens: prompts of up to data.max_prompt_length tokens plus "
+                           f"{config.max_new_tokens} new ones exceed the model's "
+                           f"{model.config.max_position_embeddings} positions")
+    reference = ReferenceModel(model, config.peft).to(device) if keep_reference else None
+    trainable, total = apply_peft(model, config.peft, config.train.seed)
+    if value_head and not model.config.num_labels:
+        model.add_score_head(1, seed=config.train.seed)  # trainable on a frozen base too
+        trainable, total = trainable + model.config.hidden_size, total + model.config.hidden_size
+    sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                              top_p=getattr(config, "top_p", 1.0))
+    rollouts = Rollouts(model, tokenizer, train, rewards, sampling, num_generations, config.train.batch_size,
+                        config.train.grad_accum, config.train.seed,
+                        resolve_precision(config.train.precision, device), config.num_iterations)
+    record = new_record(stage if config.peft.method == "none" else f"{stage}-{config.peft.method}",
+                        to_dict(config), data_record, parent=checkpoint.path)
+    record["parameters"] = {"trainable": trainable, "total": total}
+    return OnlineRun(checkpoint, model, distributed, rollouts, val, reference, record)
+
+
+def train_online(config, run: OnlineRun, method) -> TrainResult:
+    context = config.data.max_prompt_length + config.max_new_tokens
+    trainer = Trainer(config.train, run.model, method, run.checkpoint.tokenizer, Path(config.out), run.record,
+                      flops_per_token=run.model.config.training_flops_per_token(context),
+                      distributed=run.distributed)
+    return trainer.fit()
 
 
 def completion_log_probs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0,
