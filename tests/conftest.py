@@ -55,3 +55,24 @@ def chat_base(tmp_path_factory):
                            pairs=write_preference_corpus(root / "pairs.jsonl", world, "train", num_pairs=48),
                            val_pairs=write_preference_corpus(root / "val_pairs.jsonl", world, "held_out",
                                                              num_pairs=16))
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """Write a module of reward functions into the working directory; returns its (unique) name."""
+    import sys
+    import uuid
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # Rewards puts "" first; undone after the test
+    names = []
+
+    def write(source: str) -> str:
+        name = f"user_rewards_{uuid.uuid4().hex[:8]}"
+        (tmp_path / f"{name}.py").write_text(source)
+        names.append(name)
+        return name
+
+    yield write
+    for name in names:
+        sys.modules.pop(name, None)

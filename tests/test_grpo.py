@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import uuid
 from types import SimpleNamespace
 
 import pytest
@@ -26,24 +24,6 @@ from orchard.peft.config import PeftConfig, ReferenceModel, apply_peft
 from orchard.rewards import Rewards
 
 IDS = torch.tensor([[5, 9, 12, 7, 30, 41]])
-
-
-@pytest.fixture
-def user_module(tmp_path, monkeypatch):
-    """Write a module of reward functions into the working directory; returns its (unique) name."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", list(sys.path))  # Rewards puts "" first; undone after the test
-    names = []
-
-    def write(source: str) -> str:
-        name = f"grpo_rewards_{uuid.uuid4().hex[:8]}"
-        (tmp_path / f"{name}.py").write_text(source)
-        names.append(name)
-        return name
-
-    yield write
-    for name in names:
-        sys.modules.pop(name, None)
 
 
 def run_grpo(chat_base, out, *overrides):

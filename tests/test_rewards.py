@@ -5,7 +5,6 @@ errors as one line, and judges (grade parsing, training conversations, a tiny ju
 from __future__ import annotations
 
 import sys
-import uuid
 
 import pytest
 import torch
@@ -26,24 +25,6 @@ Q = [{"role": "user", "content": "Where does Tom Snow live?"}]
 def call(function, completions, answers=None):
     answers = answers if answers is not None else [None] * len(completions)
     return function(prompts=[Q] * len(completions), completions=completions, answers=answers)
-
-
-@pytest.fixture
-def user_module(tmp_path, monkeypatch):
-    """Write a module of reward functions into the working directory; returns its (unique) name."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", list(sys.path))  # Rewards puts "" first; undone after the test
-    names = []
-
-    def write(source: str) -> str:
-        name = f"user_rewards_{uuid.uuid4().hex[:8]}"
-        (tmp_path / f"{name}.py").write_text(source)
-        names.append(name)
-        return name
-
-    yield write
-    for name in names:
-        sys.modules.pop(name, None)
 
 
 # --- built-in functions ------------------------------------------------------------------------------
