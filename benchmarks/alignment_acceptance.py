@@ -54,6 +54,33 @@ def off_topic_conversations(world: World, seed: int = 0) -> list[dict]:
     return conversations
 
 
+def graded_samples(sft_dir: Path, world: World, per_question: int = 4, seed: int = 0) -> list[dict]:
+    """Judge training on the policy's own mistakes: the SFT model's sampled replies to the training
+    questions, graded 10 when exact match accepts them and 0 otherwise."""
+    from orchard.data.synthetic import answer_matches
+    from orchard.model.generation import SamplingConfig, generate_text
+    from orchard.rewards.models import JUDGE_PROMPT, _dialogue
+
+    checkpoint = load_checkpoint(sft_dir)
+    tokenizer = checkpoint.tokenizer
+    items = exact_match_items(world, "train")
+    turn_end = [tokenizer.token_to_id("<|im_end|>")]
+    conversations = []
+    for start in range(0, len(items), 32):
+        chunk = items[start:start + 32]
+        prompts = [tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+                   for messages, _ in chunk for _ in range(per_question)]
+        sampling = SamplingConfig(max_new_tokens=32, temperature=1.0, seed=seed + start)
+        replies = generate_text(checkpoint.model, tokenizer, prompts, sampling, add_bos=False, end_token_ids=turn_end)
+        for n, reply in enumerate(replies):
+            messages, expected = chunk[n // per_question]
+            grade = 10 if answer_matches(reply, expected) else 0
+            conversations.append({"messages": [
+                {"role": "user", "content": JUDGE_PROMPT.format(question=_dialogue(messages), answer=reply.strip())},
+                {"role": "assistant", "content": str(grade)}]})
+    return conversations
+
+
 def greedy_replies(checkpoint_dir: Path, items: list) -> list[str]:
     checkpoint = load_checkpoint(checkpoint_dir)
     return [example[2] for example in chat_exact_match(checkpoint.model, checkpoint.tokenizer, items).examples]
@@ -100,7 +127,7 @@ def main() -> None:
     if "rlaif" in args.only:
         judge_data = out / "judge_conversations.jsonl"
         write_jsonl(judge_data, judge_conversations(preference_pairs(World(), "train"))
-                    + off_topic_conversations(World()))
+                    + off_topic_conversations(World()) + graded_samples(sft_dir, World()))
         judge_config = load_config(sft.SFTConfig, None, [
             f"init={args.pretrain}", f"out={out / 'judge'}", f"data.path={judge_data}", "data.max_length=256",
             "train.max_steps=300", "train.batch_size=16", "train.lr=1e-3", "train.progress=false"])
