@@ -31,16 +31,22 @@ def parent_entry(checkpoint_dir: str | Path) -> dict:
     return {"path": str(checkpoint_dir), "weights_sha256": sha}
 
 
-def new_record(stage: str, recipe: dict, data: dict, parent: str | Path | None = None) -> dict:
-    return {
+def new_record(stage: str, recipe: dict, data: dict, parent: str | Path | None = None,
+               peft_method: str = "none", parameters: tuple[int, int] | None = None) -> dict:
+    """A stage's lineage record before training. A stage that trains adapters is named after them
+    ("sft-lora"); `parameters` is (trainable, total)."""
+    record = {
         "format": FORMAT,
         "orchard_version": __version__,
-        "stage": stage,
+        "stage": stage if peft_method == "none" else f"{stage}-{peft_method}",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "parent": parent_entry(parent) if parent else None,
         "recipe": recipe,
         "data": data,
     }
+    if parameters is not None:
+        record["parameters"] = {"trainable": parameters[0], "total": parameters[1]}
+    return record
 
 
 def ancestry(checkpoint_dir: str | Path) -> list[dict]:

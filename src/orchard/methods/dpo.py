@@ -35,7 +35,8 @@ from ..training import TrainConfig, Trainer, TrainResult
 from ..training.distributed import Distributed
 from ..training.engine import resolve_device, resolve_precision
 from .losses import token_log_probs
-from .pairs import PairBatches, PreferenceDataConfig, TokenizedPair, collate_pairs, held_out_batches, load_pairs
+from .pairs import (PairBatches, PreferenceDataConfig, TokenizedPair, collate_pairs, held_out_batches, load_pairs,
+                    pair_training_defaults)
 from .preference_losses import dpo_loss, ipo_loss, orpo_loss, simpo_loss
 
 REFERENCE_FILE = "reference_logps.pt"
@@ -61,9 +62,7 @@ class DPOConfig:
     """Weight of ORPO's odds-ratio term beside the NLL."""
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=200, lr=5e-5, warmup_steps=10,
-                                                                   weight_decay=0.0, batch_size=8, eval_every=50,
-                                                                   save_every=50))
+    train: TrainConfig = field(default_factory=pair_training_defaults)
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
@@ -231,11 +230,9 @@ def run(config: DPOConfig) -> TrainResult:
                                      precision, device)
     trainable, total = apply_peft(model, config.peft, config.train.seed)
     method = PreferenceOptimization(config, train, val, tokenizer.pad_id, reference)
-    stage = config.loss if config.peft.method == "none" else f"{config.loss}-{config.peft.method}"
-    record = new_record(stage, to_dict(config), data_record, parent=checkpoint.path)
-    record["parameters"] = {"trainable": trainable, "total": total}
-    tokens_per_pair = 2 * config.data.max_length
+    record = new_record(config.loss, to_dict(config), data_record, parent=checkpoint.path,
+                        peft_method=config.peft.method, parameters=(trainable, total))
     trainer = Trainer(config.train, model, method, tokenizer, Path(config.out), record,
-                      flops_per_token=model.config.training_flops_per_token(tokens_per_pair // 2),
+                      flops_per_token=model.config.training_flops_per_token(config.data.max_length),
                       distributed=distributed)
     return trainer.fit()

@@ -20,6 +20,7 @@ from ..data.preferences import (PreferencePair, read_limited, read_preference_pa
                                 tokenize_preference_pair)
 from ..data.synthetic import World, preference_pairs
 from ..errors import OrchardError
+from ..training import TrainConfig
 
 
 @dataclass
@@ -46,6 +47,12 @@ class PreferenceDataConfig:
             raise ValueError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
         if self.max_length <= 1:
             raise ValueError(f"data.max_length must be at least 2, got {self.max_length}")
+
+
+def pair_training_defaults() -> TrainConfig:
+    """The `train` defaults of the methods that learn from pairs (reward models, DPO and relatives)."""
+    return TrainConfig(max_steps=200, lr=5e-5, warmup_steps=10, weight_decay=0.0, batch_size=8, eval_every=50,
+                       save_every=50)
 
 
 @dataclass

@@ -30,7 +30,8 @@ from ..peft.config import PeftConfig, apply_peft
 from ..rewards.models import sequence_scores
 from ..training import TrainConfig, Trainer, TrainResult
 from ..training.distributed import Distributed
-from .pairs import PairBatches, PreferenceDataConfig, TokenizedPair, held_out_batches, load_pairs
+from .pairs import (PairBatches, PreferenceDataConfig, TokenizedPair, held_out_batches, load_pairs,
+                    pair_training_defaults)
 
 
 @dataclass
@@ -45,9 +46,7 @@ class RewardConfig:
     """Weight of (chosen + rejected)^2, which pulls scores towards zero (TRL's name)."""
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=200, lr=5e-5, warmup_steps=10,
-                                                                   weight_decay=0.0, batch_size=8, eval_every=50,
-                                                                   save_every=50))
+    train: TrainConfig = field(default_factory=pair_training_defaults)
 
     def __post_init__(self) -> None:
         if self.center_rewards_coefficient < 0:
@@ -118,9 +117,8 @@ def run(config: RewardConfig) -> TrainResult:
         trainable += model.config.hidden_size
         total += model.config.hidden_size  # the head is part of the model too: never more trainable than total
     method = RewardModeling(config, train, val, tokenizer.pad_id)
-    record = new_record("reward" if config.peft.method == "none" else f"reward-{config.peft.method}",
-                        to_dict(config), data_record, parent=checkpoint.path)
-    record["parameters"] = {"trainable": trainable, "total": total}
+    record = new_record("reward", to_dict(config), data_record, parent=checkpoint.path,
+                        peft_method=config.peft.method, parameters=(trainable, total))
     trainer = Trainer(config.train, model, method, tokenizer, Path(config.out), record,
                       flops_per_token=model.config.training_flops_per_token(config.data.max_length),
                       distributed=distributed)

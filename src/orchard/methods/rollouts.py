@@ -260,9 +260,8 @@ def prepare_online_run(config, stage: str, num_generations: int, keep_reference:
     rollouts = Rollouts(model, tokenizer, train, rewards, sampling, num_generations, config.train.batch_size,
                         config.train.grad_accum, config.train.seed,
                         resolve_precision(config.train.precision, device), config.num_iterations)
-    record = new_record(stage if config.peft.method == "none" else f"{stage}-{config.peft.method}",
-                        to_dict(config), data_record, parent=checkpoint.path)
-    record["parameters"] = {"trainable": trainable, "total": total}
+    record = new_record(stage, to_dict(config), data_record, parent=checkpoint.path,
+                        peft_method=config.peft.method, parameters=(trainable, total))
     return OnlineRun(checkpoint, model, distributed, rollouts, val, reference, record)
 
 

@@ -192,9 +192,8 @@ def run(config: SFTConfig) -> TrainResult:
     supervised = sum(sum(1 for label in e.labels if label != -100) for e in train)
     data_record = {"source": source, "conversations": len(records), "train": len(train), "val": len(val),
                    "skipped_too_long": too_long, "supervised_tokens": supervised}
-    record = new_record("sft" if config.peft.method == "none" else f"sft-{config.peft.method}",
-                        to_dict(config), data_record, parent=checkpoint.path)
-    record["parameters"] = {"trainable": trainable, "total": total}
+    record = new_record("sft", to_dict(config), data_record, parent=checkpoint.path,
+                        peft_method=config.peft.method, parameters=(trainable, total))
     trainer = Trainer(config.train, model, method, tokenizer, Path(config.out), record,
                       flops_per_token=model.config.training_flops_per_token(config.data.max_length),
                       distributed=distributed)
