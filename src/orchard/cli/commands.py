@@ -47,6 +47,13 @@ def train(args, module: str, config_name: str) -> None:
 
     method = importlib.import_module(f"orchard.methods.{module}")
     recipe, overrides = args.recipe, list(args.overrides)
+    if module == "distill" and recipe and Path(recipe).is_dir():
+        # `orchard distill TEACHER [RECIPE] ...`: the first argument is the teacher checkpoint.
+        teacher = recipe
+        recipe = overrides.pop(0) if overrides and "=" not in overrides[0] else None
+        overrides = [f"teacher={teacher}"] + overrides
+    if getattr(args, "student", None):
+        overrides.append(f"student={args.student}")
     if recipe and "=" in recipe and not Path(recipe).exists():
         recipe, overrides = None, [recipe] + overrides  # no recipe, only overrides
     result = method.run(load_config(getattr(method, config_name), recipe, overrides))

@@ -65,6 +65,12 @@ TRAINING_COMMANDS = {
             "Proximal policy optimisation of init=CHECKPOINT with a learned value head, GAE, clipped losses and "
             "a KL penalty to the reference. With no data.path it uses the built-in world's questions.",
             "init=runs/quickstart/sft rewards=[model:runs/quickstart/reward/final]"),
+    "distill": ("distill", "DistillConfig", "distil a teacher into a smaller student (KD, GKD, sequence-level)",
+                "Train a student (--student: a checkpoint, or a YAML of model fields) on TEACHER's distributions: "
+                "offline from the teacher's cached top-k log-probabilities, online, on-policy on the student's "
+                "own text (GKD), or on the teacher's answers (mode=sequence). With no data.path it uses the "
+                "built-in world's documents. Usage: orchard distill TEACHER --student STUDENT [RECIPE] [key=value ...]",
+                "mode=offline divergence=forward_kl alpha=0.5 temperature=2"),
 }
 
 
@@ -107,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                                   description=description + " Running the same command again resumes from the "
                                                             "last checkpoint.",
                                   epilog=_recipe_help(config_cls))
-        sub.add_argument("recipe", nargs="?", help="a recipe YAML (see recipes/)")
+        if name == "distill":
+            sub.add_argument("--student", default=None, metavar="CONFIG_OR_CKPT",
+                             help="the student: a checkpoint, or a .yaml of model fields for a fresh one")
+        sub.add_argument("recipe", nargs="?", help="a recipe YAML (see recipes/)" +
+                         ("; or the teacher checkpoint, followed by an optional recipe" if name == "distill" else ""))
         sub.add_argument("overrides", nargs="*", metavar="key=value", help=f"e.g. {example}")
 
     generate = commands.add_parser("generate", help="continue a prompt (streams tokens)",
@@ -156,8 +166,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _options_first(argv: list[str], command: str, options: tuple[str, ...]) -> list[str]:
+    """`command`'s `options` (each with its value) moved right after the command: argparse cannot
+    read an option between a command's positionals (`orchard distill TEACHER --student S key=value`)."""
+    if command not in argv:
+        return argv
+    at = argv.index(command) + 1
+    head, rest, moved = argv[:at], [], []
+    tail = argv[at:]
+    while tail:
+        item = tail.pop(0)
+        if item in options and tail:
+            moved += [item, tail.pop(0)]
+        elif item.split("=", 1)[0] in options:
+            moved.append(item)
+        else:
+            rest.append(item)
+    return head + moved + rest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = _options_first(list(sys.argv[1:] if argv is None else argv), "distill", ("--student",))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -124,6 +124,9 @@ class Method(Protocol):
     def evaluate(self, model: CausalLM) -> dict[str, float]:
         """Validation metrics of the unwrapped model (runs on rank 0 only, under no_grad)."""
 
+    # Optional: `trainable_modules`, an nn.Module of weights that train with the model but are not
+    # part of it (distillation's projections of hidden states); saved with the training state only.
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -221,8 +224,13 @@ class Trainer:
         self.device = self.dist.device if self.dist.active else resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
         self.model = model.to(self.device)
+        self.extra_modules = getattr(method, "trainable_modules", None)
+        if self.extra_modules is not None:
+            self.extra_modules.to(self.device)
         # Frozen parameters (a base under adapters, say) are left out of the optimizer.
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.extra_modules is not None:
+            self.params += [p for p in self.extra_modules.parameters() if p.requires_grad]
         self.optimizer = self._make_optimizer(self.params)
         self.state = TrainState()
         self.metrics_file = self.out_dir / "metrics.jsonl"
@@ -269,8 +277,11 @@ class Trainer:
     # --- checkpoints ----------------------------------------------------------------------
 
     def _training_state(self) -> dict:
-        return {"state": to_dict(self.state), "optimizer": self.optimizer.state_dict(),
-                "rng": torch.get_rng_state(), "world_size": self.dist.world_size}
+        state = {"state": to_dict(self.state), "optimizer": self.optimizer.state_dict(),
+                 "rng": torch.get_rng_state(), "world_size": self.dist.world_size}
+        if self.extra_modules is not None:
+            state["extra_modules"] = self.extra_modules.state_dict()
+        return state
 
     def _full_record(self) -> dict:
         s = self.state
@@ -314,6 +325,8 @@ class Trainer:
         saved = torch.load(latest / TRAINING_STATE_FILE, map_location=self.device, weights_only=False)
         restore_trained_weights(self.model, latest)
         self.model.to(self.device)
+        if self.extra_modules is not None and "extra_modules" in saved:
+            self.extra_modules.load_state_dict(saved["extra_modules"])
         self.optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
         self.state = TrainState(**saved["state"])
@@ -401,6 +414,12 @@ class Trainer:
                 loss_total += total.item()
                 for key, value in metrics.items():
                     logged[key] = logged.get(key, 0.0) + value / len(batches)
+            if self.dist.active and self.extra_modules is not None:
+                # DDP averages the model's gradients; weights outside it are averaged here.
+                for p in self.extra_modules.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
             grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip).item()
                          if c.grad_clip > 0 else float("nan"))
             self.optimizer.step()
