@@ -8,6 +8,10 @@ A checkpoint is a directory that Hugging Face tools can read as it is:
     generation_config.json   default sampling settings
     orchard.json             the lineage record: stage, parent, recipe, data, compute, metrics
     training_state.pt        optimizer, schedule and data position (only where a run can resume)
+    quantization.json        only in a quantized checkpoint (`orchard quantize`): which layers hold
+                             int8/int4 codes in model.safetensors instead of a weight (see
+                             `orchard.model.quantization`). Such a checkpoint is orchard's own, for
+                             inference: transformers would load it with those layers missing.
 
 Every write goes to a hidden temporary directory beside the target and is renamed into place
 when complete, so a run killed at any moment leaves either the old checkpoint or the new one,
@@ -35,6 +39,8 @@ from safetensors.torch import load_file, save_file
 
 from .errors import OrchardError
 from .model import CausalLM, ModelConfig
+from .model.quantization import (apply_quantization_layout, prepare_quantized, quantization_settings,
+                                 quantization_tensor_names)
 from .tokenizer import Tokenizer
 
 RECORD_FILE = "orchard.json"
@@ -43,6 +49,7 @@ WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 TRAINING_STATE_FILE = "training_state.pt"
 ADAPTER_WEIGHTS_FILE = "adapters.safetensors"
 ADAPTER_SETTINGS_FILE = "adapters.json"
+QUANTIZATION_FILE = "quantization.json"
 PEFT_DIR = "peft"
 FINAL_DIR = "final"
 STEP_PREFIX = "step-"
@@ -148,6 +155,7 @@ def save_checkpoint(path: str | Path, model: CausalLM, tokenizer: Tokenizer, rec
     """Write a complete checkpoint directory atomically; returns its path."""
     path = Path(path)
     config = model.config
+    quantization = quantization_settings(model)
     dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
     generation_config = {
         "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
@@ -165,6 +173,10 @@ def save_checkpoint(path: str | Path, model: CausalLM, tokenizer: Tokenizer, rec
             state = {k: v.to("cpu") for k, v in model_state_dict(model).items()}
             save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
             sha = file_sha256(tmp / WEIGHTS_FILE)
+            if quantization is not None:
+                # Its own file, not a `quantization_config` in config.json, which transformers
+                # would take for one of its own formats.
+                write_json(tmp / QUANTIZATION_FILE, quantization)
         tokenizer.save(tmp)
         write_json(tmp / "generation_config.json", generation_config)
         write_json(tmp / RECORD_FILE, {**record, "weights_sha256": sha})
@@ -178,6 +190,23 @@ def save_checkpoint(path: str | Path, model: CausalLM, tokenizer: Tokenizer, rec
 def is_checkpoint(path: Path) -> bool:
     weights = (path / WEIGHTS_FILE).is_file() or (path / WEIGHTS_INDEX_FILE).is_file()
     return ((path / "config.json").is_file() and weights) or is_adapter_checkpoint(path)
+
+
+def is_quantized_checkpoint(path: Path) -> bool:
+    return (Path(path) / QUANTIZATION_FILE).is_file()
+
+
+def read_quantization(path: Path) -> dict | None:
+    """A checkpoint's quantization.json, or None when it is not quantized."""
+    return read_json(path / QUANTIZATION_FILE) if is_quantized_checkpoint(path) else None
+
+
+def inference_only_error(path: Path, purpose: str) -> OrchardError:
+    """The one-line refusal to train, export or re-quantize a quantized checkpoint: `purpose` its parent."""
+    parent = (read_record(path).get("parent") or {}).get("path")
+    source = f"its parent {parent}" if parent else "the checkpoint it was quantized from"
+    return OrchardError(f"{path}: a quantized checkpoint is for inference (eval, generate, chat); {purpose} "
+                        f"{source}")
 
 
 def step_checkpoints(run_dir: Path) -> list[Path]:
@@ -300,8 +329,9 @@ def load_weights(model: CausalLM, path: Path, assign: bool = False, dtype: torch
     state = checked_weights(model, path)
     if assign:
         dtype = dtype or state["model.embed_tokens.weight"].dtype
+        keep = quantization_tensor_names(model)  # codes, scales and zeros keep the format's dtypes
         for name, tensor in state.items():
-            if tensor.dtype != dtype:
+            if tensor.dtype != dtype and name not in keep:
                 state[name] = tensor.to(dtype)  # one tensor at a time, so at most one extra copy exists
     model.load_state_dict(state, strict=False, assign=assign)
     if model.config.tie_word_embeddings:
@@ -335,16 +365,26 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     check_tokenizer_matches(tokenizer, config, path)
     with torch.device("meta"):
         model = CausalLM(config)
+    quantization = read_quantization(path)
+    if quantization is not None:
+        apply_quantization_layout(model, quantization, str(path / QUANTIZATION_FILE))
     load_weights(model, path, assign=True, dtype=dtype)
     model.model.rotary.reset()
-    return Checkpoint(path=path, model=model.to(device).eval(), tokenizer=tokenizer, record=read_record(path))
+    model = model.to(device).eval()
+    if quantization is not None:
+        prepare_quantized(model)  # the CPU kernels' weight layout, once, rather than at the first token
+    return Checkpoint(path=path, model=model, tokenizer=tokenizer, record=read_record(path))
 
 
 def load_merged(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """A checkpoint as one plain model, every weight trainable: an adapter checkpoint's LoRA (or
-    DoRA) merged into its base. What a stage that trains further, or an export, starts from."""
+    DoRA) merged into its base. What a stage that trains further, or an export, starts from; a
+    quantized checkpoint is refused (one-line error naming its parent)."""
     from .peft.lora import adapter_configs, merge_adapter, remove_adapter
 
+    path = resolve_checkpoint(path)
+    if is_quantized_checkpoint(path):
+        raise inference_only_error(path, "train from")
     checkpoint = load_checkpoint(path, device)
     if not is_adapter_checkpoint(checkpoint.path):
         return checkpoint
