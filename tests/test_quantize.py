@@ -1,6 +1,7 @@
 """Weight-only quantization: the int8/int4 codes and their error bounds, nibble packing, PyTorch's
 fused kernels against dequantization, whole models, the quantized checkpoint format, `orchard
-quantize` end to end, and the refusals (training, exporting, re-quantizing a quantized checkpoint)."""
+quantize` end to end (`quantize_checkpoint` behind it), and the refusals (training, exporting,
+re-quantizing a quantized checkpoint)."""
 
 import copy
 import json
@@ -15,11 +16,13 @@ from torch import nn
 from orchard.checkpoint import load_checkpoint, load_merged, save_checkpoint
 from orchard.cli.main import main
 from orchard.errors import OrchardError
+from orchard.methods.pretrain import PretrainConfig, build_model
 from orchard.model import CausalLM, ModelConfig
 from orchard.model.generation import SamplingConfig, generate, generate_text
 from orchard.model.quantization import (QuantizedLinear, decoder_linears, dequantize_weight_int4,
                                         dequantize_weight_int8, pack_int4, quantize_model, quantize_weight_int4,
                                         quantize_weight_int8, quantized_layers, unpack_int4)
+from orchard.quantize import quantize_checkpoint
 from orchard.tokenizer import Tokenizer
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.\n",
@@ -124,9 +127,24 @@ def test_pack_unpack_round_trip():
     assert torch.equal(unpack_int4(packed), codes)
 
 
-def test_int4_needs_whole_groups():
-    with pytest.raises(ValueError, match="not a multiple"):
-        quantize_weight_int4(randn(16, 48), 32)
+def test_int4_pads_to_whole_groups():
+    # 48 inputs in groups of 32: stored as 64, the last group half padding. Its weights all lie in
+    # [1, 2]: the padding (zeros) must not stretch the group's range down to 0.
+    weight = torch.cat([randn(16, 32), 1 + torch.rand(16, 16, generator=torch.Generator().manual_seed(1))], dim=1)
+    low, high = weight[:, 32:].amin(1), weight[:, 32:].amax(1)
+    errors = {}
+    for clip in (False, True):
+        packed, scales, zeros = quantize_weight_int4(weight, 32, minimize_error=clip)
+        assert packed.shape == (16, 32) and scales.shape == zeros.shape == (2, 16)
+        assert dequantize_weight_int4(packed, scales, zeros, 32).shape == (16, 64)
+        restored = dequantize_weight_int4(packed, scales, zeros, 32, in_features=48)
+        assert restored.shape == (16, 48)
+        errors[clip] = ((restored - weight)[:, 32:] ** 2).sum(1)
+        if not clip:
+            assert torch.allclose(scales[1].float(), (high - low) / 15, rtol=2 ** -7)
+            assert ((restored - weight).abs()[:, 32:].amax(1) <= scales[1].float() / 2 * 1.01 + 2 ** -7 * high).all()
+    # Clipping judges the half-padded group by its real weights' error only.
+    assert (errors[True] <= errors[False]).all()
 
 
 # --- QuantizedLinear: kernels, fallbacks, dtypes -----------------------------------------------
@@ -175,7 +193,7 @@ def test_kernel_survives_misaligned_tensors(bits):
         assert relative_error(fused, layer(x.float())) < 5e-3
 
 
-@pytest.mark.parametrize("out_features,in_features,group_size", [(24, 64, 32), (32, 64, 16)])
+@pytest.mark.parametrize("out_features,in_features,group_size", [(24, 64, 32), (32, 64, 16), (24, 48, 32)])
 def test_shapes_the_kernel_refuses_fall_back(out_features, in_features, group_size):
     weight = randn(out_features, in_features)
     layer = QuantizedLinear.from_linear_weight(weight, None, 4, group_size)
@@ -183,6 +201,37 @@ def test_shapes_the_kernel_refuses_fall_back(out_features, in_features, group_si
     with torch.no_grad():
         assert not layer.prepare()  # out_features not a multiple of 16, or a group size it lacks
         assert torch.allclose(layer(x), x @ layer.dequantized_weight().t(), atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_layer_padded_to_whole_groups(bias):
+    # 48 inputs, groups of 32: the codes cover 64 columns, the layer still takes and multiplies 48.
+    linear = nn.Linear(48, 32, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(randn(32, 48) * 0.05)
+    layer = QuantizedLinear.from_linear(linear, 4, 32)
+    assert (layer.in_features, layer.padded_in_features) == (48, 64)
+    assert layer.qweight.shape == (32, 32) and layer.scales.shape == (2, 32)
+    assert layer.dequantized_weight().shape == (32, 48)
+    x = randn(2, 3, 48, seed=2)
+    bias_term = 0 if linear.bias is None else linear.bias
+    with torch.no_grad():
+        assert layer.prepare()  # the kernel takes it (out_features 32), its input padded with zeros
+        fused = layer(x)
+        layer.use_kernel = False
+        plain = layer(x)
+        exact = linear(x)
+    assert fused.shape == plain.shape == (2, 3, 32)
+    assert torch.allclose(plain, x @ layer.dequantized_weight().t() + bias_term, atol=1e-5)
+    assert relative_error(fused, plain) < 5e-3
+    assert relative_error(plain, exact) < 0.1
+    # Whatever the padding columns' codes dequantize to, they multiply zeros: garbage in them changes nothing.
+    layer.qweight[:, 24:] = 0xFF
+    with torch.no_grad():
+        assert torch.equal(layer(x), plain)
+        layer.use_kernel = True
+        layer._kernel = None
+        assert relative_error(layer(x), fused) < 1e-6
 
 
 def test_bfloat16_autocast_and_gradients():
@@ -235,12 +284,16 @@ def test_quantized_model_logits_close_to_original():
     assert errors[8] < errors[4] / 5
 
 
-def test_layers_without_whole_groups_stay_unquantized():
+@torch.no_grad()
+def test_layers_without_whole_groups_are_padded():
     model = tiny_model(intermediate_size=96)  # down_proj has 96 inputs: not a multiple of 64
+    ids = random_ids()
+    expected = model(ids).logits
     names = quantize_model(model, 4, 64)
-    assert len(names) == 12
-    assert all("down_proj" not in name for name in names)
-    assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
+    assert len(names) == 14
+    down = model.model.layers[0].mlp.down_proj
+    assert isinstance(down, QuantizedLinear) and (down.in_features, down.padded_in_features) == (96, 128)
+    assert relative_error(model(ids).logits, expected) < 0.15
 
 
 def test_quantize_model_rejects_bad_settings():
@@ -305,6 +358,30 @@ def test_save_load_round_trip(tmp_path, base, bits):
     assert half.model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert layer.qweight.dtype == qweight.dtype and layer.scales.dtype == scales.dtype
     assert relative_error(half.model(ids).logits.float(), expected) < 0.05
+
+
+@torch.no_grad()
+def test_padded_layers_save_load_round_trip(tmp_path, tokenizer):
+    # down_proj's 80 inputs are stored as 96 (three groups of 32).
+    model = tiny_model(vocab_size=tokenizer.vocab_size, intermediate_size=80)
+    ids = random_ids()
+    original = model(ids).logits
+    names = quantize_model(model, 4, 32)
+    assert len(names) == 14
+    expected = model(ids).logits
+    assert relative_error(expected, original) < 0.15
+    save_checkpoint(tmp_path / "q", model, tokenizer, {"stage": "quantize"})
+    assert json.loads((tmp_path / "q" / "quantization.json").read_text())["modules"] == names
+    with safe_open(tmp_path / "q" / "model.safetensors", framework="pt") as handle:
+        assert handle.get_tensor("model.layers.1.mlp.down_proj.qweight").shape == (64, 48)
+        assert handle.get_tensor("model.layers.1.mlp.down_proj.scales").shape == (3, 64)
+    loaded = load_checkpoint(tmp_path / "q")
+    down = loaded.model.model.layers[1].mlp.down_proj
+    assert (down.in_features, down.padded_in_features) == (80, 96)
+    assert torch.equal(loaded.model(ids).logits, expected)
+    for layer in quantized_layers(loaded.model).values():
+        layer.use_kernel = False
+    assert relative_error(loaded.model(ids).logits, expected) < 5e-3
 
 
 def test_corrupt_quantization_json_is_one_line_error(tmp_path, base):
@@ -409,7 +486,7 @@ def test_cli_user_errors(tmp_path, base, capsys):
     assert not (tmp_path / "hf").exists()
 
 
-def test_training_refuses_a_quantized_checkpoint(tmp_path, base):
+def test_training_refuses_a_quantized_checkpoint(tmp_path, base, tokenizer, capsys):
     quantized = tmp_path / "q"
     assert main(["quantize", str(base[0]), "--bits", "4", "--out", str(quantized)]) == 0
     with pytest.raises(OrchardError) as error:
@@ -418,6 +495,54 @@ def test_training_refuses_a_quantized_checkpoint(tmp_path, base):
     assert "\n" not in message
     assert message == (f"{quantized}: a quantized checkpoint is for inference (eval, generate, chat); "
                        f"train from its parent {base[0].resolve()}")
+    # pretrain's init loads with load_checkpoint, not load_merged: it refuses on its own, and before
+    # preparing a tokenizer or a corpus.
+    with pytest.raises(OrchardError) as error:
+        build_model(PretrainConfig(init=str(quantized)), tokenizer)
+    assert str(error.value) == message
+    run_dir = tmp_path / "run"
+    assert run_error(capsys, ["pretrain", f"init={quantized}", f"out={run_dir}"]) == f"orchard: error: {message}"
+    assert not run_dir.exists()
+
+
+def test_quantize_checkpoint_reuses_an_identical_result(tmp_path, base):
+    source = tmp_path / "final"
+    shutil.copytree(base[0], source)
+    first = quantize_checkpoint(source, None, 4)
+    assert first.path == tmp_path / "final-int4-g32" and not first.reused
+    assert len(first.quantized) == 14 and first.skipped == []
+    assert first.size_after < first.size_before / 2
+    assert first.summary().startswith(f"{first.path}: 14 of 14 linear layers to int4 (groups of 32); weights ")
+    weights = first.path / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+
+    again = quantize_checkpoint(source, first.path, 4, 32, minimize_error=False)
+    assert again.reused and weights.stat().st_mtime_ns == written
+    assert (again.quantized, again.size_before, again.size_after) == (first.quantized, first.size_before,
+                                                                       first.size_after)
+    assert "not redone" in again.summary()
+
+    # Other settings, or other weights behind the same path, are quantized again.
+    assert not quantize_checkpoint(source, first.path, 4, minimize_error=True).reused
+    assert not quantize_checkpoint(source, first.path, 4).reused
+    assert quantize_checkpoint(source, first.path, 4).reused
+    checkpoint = load_checkpoint(source)
+    with torch.no_grad():
+        checkpoint.model.model.norm.weight.mul_(2)
+    save_checkpoint(source, checkpoint.model, checkpoint.tokenizer, {"stage": "pretrain"})
+    assert not quantize_checkpoint(source, first.path, 4).reused
+    assert quantize_checkpoint(source, first.path, 4).reused
+    # An older copy whose quantization.json leaves layers out (int4 used to skip layers without whole
+    # groups) is not what this call makes.
+    settings_file = first.path / "quantization.json"
+    settings = json.loads(settings_file.read_text())
+    settings_file.write_text(json.dumps({**settings, "modules": settings["modules"][:-1]}))
+    assert not quantize_checkpoint(source, first.path, 4).reused
+
+    with pytest.raises(OrchardError, match="^--group-size: int8"):
+        quantize_checkpoint(source, None, 8, 32)
+    with pytest.raises(OrchardError, match="^--minimize-error: applies to --bits 4"):
+        quantize_checkpoint(source, None, 8, minimize_error=True)
 
 
 @torch.no_grad()

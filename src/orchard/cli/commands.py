@@ -213,71 +213,11 @@ def export(args) -> None:
     print(f"wrote {written}")
 
 
-def _size(num_bytes: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if num_bytes >= scale:
-            return f"{num_bytes / scale:.1f} {unit}"
-    return f"{num_bytes} B"
-
-
 def quantize(args) -> None:
-    from ..checkpoint import (WEIGHTS_FILE, inference_only_error, is_checkpoint, is_quantized_checkpoint, load_merged,
-                              model_state_dict, resolve_checkpoint, save_checkpoint, weights_files)
-    from ..lineage import new_record
-    from ..model.quantization import (MINIMIZE_ERROR_DEFAULT, SCHEMES, check_quantization_settings, decoder_linears,
-                                      quantize_model)
+    from ..quantize import quantize_checkpoint
 
-    try:
-        group_size = check_quantization_settings(args.bits, args.group_size)
-    except OrchardError as error:
-        raise OrchardError("--" + str(error).replace("group_size", "group-size", 1)) from None
-    if args.bits == 8 and args.minimize_error is not None:
-        raise OrchardError("--minimize-error: applies to --bits 4 (int8 scales each row by its largest weight)")
-    minimize_error = MINIMIZE_ERROR_DEFAULT if args.minimize_error is None else args.minimize_error
-    source = resolve_checkpoint(args.checkpoint)
-    if is_quantized_checkpoint(source):
-        raise inference_only_error(source, "quantize")
-    suffix = "-int8" if args.bits == 8 else f"-int4-g{group_size}"
-    if args.out is not None:
-        out = Path(args.out)
-    elif Path(args.checkpoint).exists():
-        out = source.parent / f"{source.name}{suffix}"
-    else:  # a Hub id: not into the Hugging Face cache, into the working directory
-        out = Path(str(args.checkpoint).rstrip("/").rpartition("/")[2] + suffix)
-    if out.resolve() == source.resolve():
-        raise OrchardError(f"--out: {out} is the checkpoint being quantized")
-    if out.exists() and not is_checkpoint(out):
-        raise OrchardError(f"--out: {out} exists and is not a checkpoint; choose another directory")
-
-    files = weights_files(source)
-    checkpoint = load_merged(source)
-    model = checkpoint.model.eval().requires_grad_(False)
-    bytes_before = sum(t.nbytes for t in model_state_dict(model).values())
-    quantized = quantize_model(model, args.bits, group_size, minimize_error)
-    linears = decoder_linears(model)
-    skipped = [name for name in linears if name not in quantized]
-    if not quantized:
-        widths = sorted({module.in_features for module in linears.values()})
-        raise OrchardError(f"--group-size: no linear layer's input size ({', '.join(map(str, widths))}) is a "
-                           f"multiple of {group_size}")
-    recipe = {"bits": args.bits, "group_size": group_size, "scheme": SCHEMES[args.bits]}
-    if args.bits == 4:
-        recipe["minimize_error"] = minimize_error
-    record = new_record("quantize", recipe, {}, parent=source)
-    # The tensors' bytes: what model.safetensors holds, less its header of a few kB.
-    record["metrics"] = {"weights_bytes_before": bytes_before,
-                         "weights_bytes_after": sum(t.nbytes for t in model_state_dict(model).values())}
-    save_checkpoint(out, model, checkpoint.tokenizer, record)
-
-    size_before = sum(f.stat().st_size for f in files) if all(f.is_file() for f in files) else bytes_before
-    size_after = (out / WEIGHTS_FILE).stat().st_size
-    kind = "int8" if args.bits == 8 else f"int4 (groups of {group_size})"
-    kept = ""
-    if skipped:
-        names = ", ".join(sorted({name.rpartition(".")[2] for name in skipped}))
-        kept = f", {len(skipped)} kept as they were ({names}: input size not a multiple of {group_size})"
-    print(f"{out}: {len(quantized)} of {len(linears)} linear layers to {kind}{kept}; "
-          f"weights {_size(size_before)} -> {_size(size_after)}")
+    result = quantize_checkpoint(args.checkpoint, args.out, args.bits, args.group_size, args.minimize_error)
+    print(result.summary())
 
 
 def info(args) -> None:

@@ -54,11 +54,14 @@ def chat_exact_match(model, tokenizer, items: list[tuple[list[dict], str]], max_
                                end_token_ids=turn_end, add_bos=False)
 
 
-def fact_completion_items(world: World, lang: str, limit: int, seed: int = 0) -> list[tuple[str, str]]:
+def fact_completion_items(world: World, lang: str, limit: int | None = None, seed: int = 0,
+                          split: str | None = None) -> list[tuple[str, str]]:
     """(prompt, answer) pairs that cut a fact's sentence just before its answer,
-    e.g. ("Tom Snow lives in", "Greenfield")."""
+    e.g. ("Tom Snow lives in", "Greenfield"); `split` "train" or "held_out" keeps the facts of that
+    side of `World.split_facts` (None: all)."""
+    facts = world.facts if split is None else dict(zip(("train", "held_out"), world.split_facts()))[split]
     items = []
-    for fact in world.facts:
+    for fact in facts:
         sentence, answer = fact.sentence(lang), fact.answer(lang)
         cut = sentence.find(answer)
         if cut > 0:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import inference_only_error, is_quantized_checkpoint, load_checkpoint, resolve_checkpoint
 from ..config import to_dict
 from ..data.corpus import iter_text_chunks, resolve_paths
 from ..data.packing import EpochOrder, PackedSequences, micro_batch_samples, split_tokens
@@ -137,9 +137,21 @@ def _leading_bytes(texts, limit: int):
             return
 
 
+def init_checkpoint(config: PretrainConfig) -> Path | None:
+    """The `init` checkpoint, refused if it is quantized: its layers hold int8/int4 codes as buffers,
+    which would silently not train (one-line error naming its parent, as every training stage gives)."""
+    if not config.init:
+        return None
+    path = resolve_checkpoint(config.init)
+    if is_quantized_checkpoint(path):
+        raise inference_only_error(path, "train from")
+    return path
+
+
 def build_model(config: PretrainConfig, tokenizer: Tokenizer) -> tuple[CausalLM, str | None]:
-    if config.init:
-        checkpoint = load_checkpoint(config.init)
+    init = init_checkpoint(config)
+    if init is not None:
+        checkpoint = load_checkpoint(init)
         # Train fp32 master weights even from a bf16 checkpoint; autocast handles the speed.
         return checkpoint.model.float().train(), str(checkpoint.path)
     model_config = config.model
@@ -155,6 +167,7 @@ def build_model(config: PretrainConfig, tokenizer: Tokenizer) -> tuple[CausalLM,
 
 def run(config: PretrainConfig) -> TrainResult:
     run_dir = Path(config.out)
+    init_checkpoint(config)  # before the tokenizer and the corpus are prepared for nothing
     distributed = Distributed.from_environment(config.train.device)
     with distributed.rank_zero_first():  # one process writes the tokenizer and caches, the rest read them
         paths = corpus_paths(config.data)

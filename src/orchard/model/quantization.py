@@ -11,17 +11,22 @@ norms and the lm_head (tied to the embeddings in orchard's small models) stay as
            (scale and zero are stored in bfloat16, and the codes are chosen against the rounded
            values, so every weight within the group's range is within scale / 2 of its value)
 
-A layer whose in_features is not a multiple of G stays unquantized (orchard's default MLP width,
-688, is a multiple of 16 but not of 32: its down_proj is kept, unless groups of 16 are asked for,
-which the CPU kernel does not take).
+An int4 layer whose in_features K is not a multiple of G is stored padded to K' = K rounded up to a
+multiple of G (orchard's default MLP width, 688, is a multiple of 16 but not of 32, so every down_proj
+would otherwise have to stay unquantized with groups of 32, the only size of those two that the CPU
+kernel takes). The padding columns hold the codes nearest to a zero weight, but are left out of their
+group's range (so they do not coarsen its grid) and never reach the output: the kernel's input is
+padded with zeros, and the dequantized weight is cut back to K columns. K' is not written anywhere
+else: it follows from config.json's K and quantization.json's G, and loading checks the tensors'
+shapes below against it.
 
 On disk (a quantized checkpoint's `model.safetensors`) each quantized layer `<name>` holds, instead of
-`<name>.weight` (out_features N, in_features K):
+`<name>.weight` (out_features N, in_features K; K' = K for int8 and for int4 with whole groups):
 
-    <name>.qweight   int8 (N, K), or for int4 uint8 (N, K/2): two codes per byte, column 2j in the
+    <name>.qweight   int8 (N, K), or for int4 uint8 (N, K'/2): two codes per byte, column 2j in the
                      low nibble and column 2j+1 in the high one
-    <name>.scales    int8: float32 (N,); int4: bfloat16 (K/G, N)
-    <name>.zeros     int4 only: bfloat16 (K/G, N)
+    <name>.scales    int8: float32 (N,); int4: bfloat16 (K'/G, N)
+    <name>.zeros     int4 only: bfloat16 (K'/G, N)
     <name>.bias      unchanged, when the layer has one
 
 and `quantization.json` lists the layers (see `orchard.checkpoint`). Why orchard's own format rather
@@ -43,6 +48,7 @@ they are not trained.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -108,55 +114,68 @@ def _int4_codes(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
     return torch.clamp(torch.round((groups - base[..., None]) / scale[..., None]), 0, 15)
 
 
+def padded_in_features(in_features: int, group_size: int | None) -> int:
+    """K rounded up to whole groups: the number of input columns an int4 layer stores."""
+    return in_features if not group_size else -(-in_features // group_size) * group_size
+
+
 def quantize_weight_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
                          minimize_error: bool = MINIMIZE_ERROR_DEFAULT
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(packed, scales, zeros): uint8 (N, K/2) codes, bfloat16 (K/G, N) scales and zeros.
+    """(packed, scales, zeros): uint8 (N, K'/2) codes, bfloat16 (K'/G, N) scales and zeros, where K'
+    is K padded to whole groups (`padded_in_features`) with zero weights.
 
     Without `minimize_error` each group's grid spans its [min, max], so no weight is off by more than
     half a step (plus the bfloat16 rounding of the grid's ends); with it, shrunk ranges are tried too
-    (CLIP_SHRINK_FACTORS) and each group keeps its least squared error."""
+    (CLIP_SHRINK_FACTORS) and each group keeps its least squared error. Padding columns count in
+    neither the range nor the error: they multiply inputs that are always zero."""
     N, K = weight.shape
-    if group_size <= 0 or K % group_size:
-        raise ValueError(f"in_features {K} is not a multiple of group_size {group_size}")
-    groups = weight.detach().float().reshape(N, K // group_size, group_size)
-    low, high = groups.amin(-1), groups.amax(-1)                                  # (N, K/G)
+    if group_size <= 0 or group_size % 2:
+        raise ValueError(f"group_size must be a positive even number, got {group_size}")
+    padded = padded_in_features(K, group_size)
+    groups = F.pad(weight.detach().float(), (0, padded - K)).reshape(N, padded // group_size, group_size)
+    real = (torch.arange(padded, device=weight.device) < K).reshape(padded // group_size, group_size)  # (K'/G, G)
+    low = groups.masked_fill(~real, math.inf).amin(-1)                            # (N, K'/G)
+    high = groups.masked_fill(~real, -math.inf).amax(-1)
     best_scale, best_zero = _int4_grid(low, high)
     best_codes = _int4_codes(groups, best_scale, best_zero)
     if minimize_error:
-        best_error = (((best_codes - 8) * best_scale[..., None] + best_zero[..., None] - groups) ** 2).sum(-1)
+        best_error = ((((best_codes - 8) * best_scale[..., None] + best_zero[..., None] - groups) * real) ** 2
+                      ).sum(-1)
         for factor in CLIP_SHRINK_FACTORS:
             if factor == 1.0:
                 continue
             scale, zero = _int4_grid(low * factor, high * factor)
             codes = _int4_codes(groups, scale, zero)
-            error = (((codes - 8) * scale[..., None] + zero[..., None] - groups) ** 2).sum(-1)
+            error = ((((codes - 8) * scale[..., None] + zero[..., None] - groups) * real) ** 2).sum(-1)
             better = error < best_error
             best_error = torch.where(better, error, best_error)
             best_scale = torch.where(better, scale, best_scale)
             best_zero = torch.where(better, zero, best_zero)
             best_codes = torch.where(better[..., None], codes, best_codes)
-    packed = pack_int4(best_codes.reshape(N, K))
+    packed = pack_int4(best_codes.reshape(N, padded))
     return packed, best_scale.t().contiguous().to(torch.bfloat16), best_zero.t().contiguous().to(torch.bfloat16)
 
 
 def dequantize_weight_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(N, K) weights from `quantize_weight_int4`'s output."""
+                           dtype: torch.dtype = torch.float32, in_features: int | None = None) -> torch.Tensor:
+    """(N, K) weights from `quantize_weight_int4`'s output: its first `in_features` columns (all K'
+    of them when None)."""
     codes = unpack_int4(packed).float()
-    N, K = codes.shape
-    groups = codes.reshape(N, K // group_size, group_size)
+    N, padded = codes.shape
+    groups = codes.reshape(N, padded // group_size, group_size)
     weight = (groups - 8) * scales.float().t()[..., None] + zeros.float().t()[..., None]
-    return weight.reshape(N, K).to(dtype)
+    return weight.reshape(N, padded)[:, :in_features].to(dtype)
 
 
 # --- the kernels -----------------------------------------------------------------------------
 
 
-def int4_kernel_supported(out_features: int, in_features: int, group_size: int) -> bool:
-    """Whether `_weight_int4pack_mm_for_cpu` takes this shape: its group sizes, whole groups, and
-    out_features a multiple of 16 (its weight conversion's requirement)."""
-    return group_size in KERNEL_GROUP_SIZES and in_features % group_size == 0 and out_features % 16 == 0
+def int4_kernel_supported(out_features: int, group_size: int) -> bool:
+    """Whether `_weight_int4pack_mm_for_cpu` takes this shape: one of its group sizes, and
+    out_features a multiple of 16 (its weight conversion's requirement). The stored input columns are
+    whole groups by construction (padded)."""
+    return group_size in KERNEL_GROUP_SIZES and out_features % 16 == 0
 
 
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:
@@ -189,7 +208,9 @@ class QuantizedLinear(nn.Module):
     """A linear layer whose weight is int8 (per output row) or int4 (per group of input columns).
 
     Holds buffers only (`qweight`, `scales`, `zeros` for int4, and `bias` when the layer has one);
-    see the module docstring for the layout. `use_kernel = False` forces the dequantizing path."""
+    see the module docstring for the layout. `in_features` is the true K, `padded_in_features` the
+    columns stored (K rounded up to whole int4 groups). `use_kernel = False` forces the dequantizing
+    path."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = None,
                  bias: bool = False, device: torch.device | str | None = None):
@@ -198,10 +219,9 @@ class QuantizedLinear(nn.Module):
             raise OrchardError(f"bits: must be 8 or 4, got {bits}")
         if bits == 4 and not group_size:
             raise OrchardError("group_size: int4 needs one")
-        if bits == 4 and in_features % group_size:
-            raise OrchardError(f"group_size: in_features {in_features} is not a multiple of {group_size}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size if bits == 4 else None
+        self.padded_in_features = padded_in_features(in_features, self.group_size)
         self.use_kernel = True
         self._kernel: tuple | None = None      # operands of the CPU kernel, built when first needed
         self._kernel_unsupported = False
@@ -210,9 +230,9 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
             self.register_buffer("zeros", None)
         else:
-            self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8,
-                                                        device=device))
-            shape = (in_features // group_size, out_features)
+            padded = self.padded_in_features
+            self.register_buffer("qweight", torch.empty(out_features, padded // 2, dtype=torch.uint8, device=device))
+            shape = (padded // group_size, out_features)
             self.register_buffer("scales", torch.empty(shape, dtype=torch.bfloat16, device=device))
             self.register_buffer("zeros", torch.empty(shape, dtype=torch.bfloat16, device=device))
         self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
@@ -240,11 +260,11 @@ class QuantizedLinear(nn.Module):
         """The (out_features, in_features) weight the codes stand for."""
         if self.bits == 8:
             return dequantize_weight_int8(self.qweight, self.scales, dtype)
-        return dequantize_weight_int4(self.qweight, self.scales, self.zeros, self.group_size, dtype)
+        return dequantize_weight_int4(self.qweight, self.scales, self.zeros, self.group_size, dtype, self.in_features)
 
     def kernel_supported(self) -> bool:
         """Whether this layer can use PyTorch's fused CPU kernel (once its buffers are on the CPU)."""
-        if self.bits == 4 and not int4_kernel_supported(self.out_features, self.in_features, self.group_size):
+        if self.bits == 4 and not int4_kernel_supported(self.out_features, self.group_size):
             return False
         return _kernel_agrees(self.bits)
 
@@ -270,7 +290,11 @@ class QuantizedLinear(nn.Module):
             return None  # a PyTorch without the kernel, or a shape it refuses: dequantize instead
 
     def _kernel_forward(self, x: torch.Tensor, kernel: tuple) -> torch.Tensor:
-        x2d = _aligned(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous())
+        x2d = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.padded_in_features != self.in_features:
+            # Zero inputs for the padding columns, whatever their codes dequantize to.
+            x2d = F.pad(x2d, (0, self.padded_in_features - self.in_features))
+        x2d = _aligned(x2d.contiguous())
         if self.bits == 8:
             weight, scales = kernel
             return torch._weight_int8pack_mm(x2d, weight, scales)
@@ -314,6 +338,8 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        if self.padded_in_features != self.in_features:
+            group += f" (stored padded to {self.padded_in_features} inputs)"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}, "
                 f"bias={self.bias is not None}")
 
@@ -355,10 +381,8 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 @torch.no_grad()
 def quantize_model(model: nn.Module, bits: int, group_size: int | None = DEFAULT_GROUP_SIZE,
                    minimize_error: bool = MINIMIZE_ERROR_DEFAULT) -> list[str]:
-    """Replace the decoder's linear layers by QuantizedLinear ones, in place; returns their names.
-
-    A layer whose in_features is not a multiple of `group_size` (int4) stays as it is (compare with
-    `decoder_linears` to name them); `group_size` is ignored for int8."""
+    """Replace the decoder's linear layers by QuantizedLinear ones, in place; returns their names
+    (all of them but those already quantized). `group_size` is ignored for int8."""
     group_size = check_quantization_settings(bits, group_size if bits == 4 else None)
     quantized = []
     for name, module in decoder_linears(model).items():
@@ -366,8 +390,6 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = DEFAULT
             continue  # already quantized
         if module._modules or module._forward_hooks or module._forward_pre_hooks:
             raise OrchardError(f"{name}: has adapters attached; merge them into the weights before quantizing")
-        if bits == 4 and module.in_features % group_size:
-            continue
         _replace(model, name, QuantizedLinear.from_linear(module, bits, group_size, minimize_error))
         quantized.append(name)
     return quantized
@@ -405,9 +427,6 @@ def apply_quantization_layout(model: nn.Module, settings: dict, where: str = "qu
         module = linears.get(name)
         if not isinstance(module, nn.Linear):
             raise OrchardError(f"{where}: {name} is not a linear layer of this model")
-        if bits == 4 and module.in_features % group_size:
-            raise OrchardError(f"{where}: {name} has {module.in_features} inputs, not a multiple of the "
-                               f"group size {group_size}")
         _replace(model, name, QuantizedLinear(module.in_features, module.out_features, bits, group_size,
                                               module.bias is not None, device=device))
 
