@@ -310,7 +310,7 @@ def test_chat_reply_ends_at_the_turn_end_token(trained):
 def test_quickstart_writes_a_report_with_metrics_plot_and_samples(tmp_path):
     from orchard.cli.quickstart import run_quickstart
 
-    report = run_quickstart(tmp_path / "qs", max_time=2.0, sft_steps=3, eval_items=16)
+    report = run_quickstart(tmp_path / "qs", max_time=2.0, sft_steps=3, eval_items=16, distill_steps=3)
     text = report.read_text(encoding="utf-8")
     assert "validation loss before training" in text and "validation bits per byte" in text
     assert "fact recall (English)" in text and "arithmetic (Chinese)" in text
@@ -320,3 +320,5 @@ def test_quickstart_writes_a_report_with_metrics_plot_and_samples(tmp_path):
     assert text.count("```text") == 5  # one sample per prompt
     assert (tmp_path / "qs" / "pretrain" / "final" / "orchard.json").is_file()
     assert (tmp_path / "qs" / "export" / "hf" / "config.json").is_file() and "GGUF q8_0" in text
+    assert "## Distillation and quantization" in text and "int4 weights" in text
+    assert (tmp_path / "qs" / "distill" / "final-int8" / "quantization.json").is_file()

@@ -8,8 +8,12 @@ Stages so far:
    held-out exact-match accuracy;
 4. align the fine-tuned model: a reward model and DPO on the world's preference pairs, GRPO with
    the exact-match reward on its questions, each reported before and after on held-out data;
-5. export it for transformers (a Hugging Face directory) and llama.cpp (GGUF f16 and q8_0);
-6. write `report.md` with the metrics, the curves, the samples and the exports.
+5. distil the pretrained model (the teacher) into a student of a quarter of its non-embedding
+   parameters, from the teacher's cached top-k distributions, beside the same student trained on
+   the same tokens without a teacher;
+6. quantize the distilled student to int8 and int4 weights and compare them with the rest;
+7. export it for transformers (a Hugging Face directory) and llama.cpp (GGUF f16 and q8_0);
+8. write `report.md` with the metrics, the curves, the samples and the exports.
 Each stage is a normal orchard run in its own directory under `--out`, so running quickstart again
 resumes (or skips) what is already done.
 """
@@ -29,7 +33,11 @@ from ..evaluation.report import Report, plot_loss_curves, plot_metrics, read_met
 from ..interop.export import export_hf
 from ..interop.gguf import export_gguf
 from ..lineage import ancestry
-from ..methods import dpo, grpo, pretrain, reward, sft
+from ..data.packing import PackedSequences, split_tokens
+from ..data.tokens import build_token_cache
+from ..evaluation.language_modeling import evaluate_language_modeling
+from ..methods import distill, dpo, grpo, pretrain, reward, sft
+from ..quantize import quantize_checkpoint
 from ..model import ModelConfig
 from ..model.generation import SamplingConfig, generate_text
 from ..training import TrainConfig
@@ -50,20 +58,21 @@ def quickstart_config(out: Path, max_time: float) -> pretrain.PretrainConfig:
     )
 
 
-def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eval_items: int = 200) -> Path:
+def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eval_items: int = 200,
+                   distill_steps: int = 200) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     report = Report("orchard quickstart", out)
     report.text("The whole pipeline that exists so far, on orchard's built-in synthetic bilingual world "
                 "(stories, facts about generated people, arithmetic in English and Chinese).")
 
     # 1. Pretraining
-    print("[1/5] pretraining on the built-in world", file=sys.stderr)
+    print("[1/7] pretraining on the built-in world", file=sys.stderr)
     config = quickstart_config(out, max_time)
     result = pretrain.run(config)
     metrics = result.state.metrics
 
     # 2. Evaluation and samples
-    print("[2/5] evaluating and sampling", file=sys.stderr)
+    print("[2/7] evaluating and sampling", file=sys.stderr)
     checkpoint = load_checkpoint(result.final_dir)
     world = World()
     tasks = {
@@ -106,7 +115,7 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
                 f"`orchard chat {result.final_dir}`, `orchard info {result.final_dir}`).")
 
     # 3. Fine-tuning: full SFT and LoRA from the same pretrained checkpoint
-    print("[3/5] fine-tuning on instruction conversations (full, then LoRA)", file=sys.stderr)
+    print("[3/7] fine-tuning on instruction conversations (full, then LoRA)", file=sys.stderr)
     seen = exact_match_items(world, "train")[:eval_items]
     held_out = exact_match_items(world, "held_out")[:eval_items]
     runs = {"pretrained (no fine-tuning)": result.final_dir}
@@ -136,11 +145,14 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
                   "trained parameters", "checkpoint"], rows)
 
     # 4. Alignment, from the full SFT model
-    print("[4/5] aligning the fine-tuned model: reward model, DPO, GRPO", file=sys.stderr)
+    print("[4/7] aligning the fine-tuned model: reward model, DPO, GRPO", file=sys.stderr)
     align(out, report, runs["full SFT"], held_out)
 
-    # 5. Export for other tools
-    print("[5/5] exporting for transformers and llama.cpp", file=sys.stderr)
+    # 5, 6. Distillation and quantization
+    distill_and_quantize(out, report, result.final_dir, distill_steps)
+
+    # 7. Export for other tools
+    print("[7/7] exporting for transformers and llama.cpp", file=sys.stderr)
     report.heading("Export")
     rows = [["Hugging Face directory", str(export_hf(result.final_dir, out / "export" / "hf")),
              _size(out / "export" / "hf" / "model.safetensors")]]
@@ -201,6 +213,69 @@ def align(out: Path, report: Report, sft_dir: Path, held_out: list) -> None:
                 "what alignment can reach there is bounded by what pretraining taught (see the README).")
     for png, caption in images:
         report.image(png, caption)
+
+
+DISTILL_SETTINGS = ["data.seq_len=128", "data.synthetic_documents=20000", "data.val_fraction=0.05",
+                    "train.batch_size=32", "train.lr=2e-3", "train.warmup_steps=30", "train.eval_every=50",
+                    "train.eval_batches=10", "train.save_every=100", "train.log_every=5", "top_k=16",
+                    "max_train_windows=3200"]
+"""The quickstart's students: 32 windows of 128 tokens per step over the first 3,200 windows of
+the pretraining corpus, so the offline cache stays small (16 log-probabilities per token)."""
+
+
+def distill_and_quantize(out: Path, report: Report, teacher_dir: Path, steps: int) -> None:
+    """A quarter-size student with and without the teacher on the same tokens, then quantized."""
+    print("[5/7] distilling the pretrained model into a quarter-size student", file=sys.stderr)
+    teacher = load_checkpoint(teacher_dir)
+    student_file = distill.write_student_config(distill.quarter_width_config(teacher.model.config),
+                                                out / "student.yaml")
+    students = {}
+    for label, name, settings in (("student, distilled (forward KL, alpha 0.5)", "distill", ["alpha=0.5"]),
+                                  ("student, same tokens without a teacher", "student-no-teacher", ["alpha=0"])):
+        config = load_config(distill.DistillConfig, None, [f"teacher={teacher_dir}", f"student={student_file}",
+                                                           f"out={out / name}", f"train.max_steps={steps}",
+                                                           *DISTILL_SETTINGS, *settings])
+        students[label] = distill.run(config).final_dir
+
+    print("[6/7] quantizing the distilled student (int8, int4)", file=sys.stderr)
+    models = {"teacher (the pretrained model)": teacher_dir, **students}
+    kd_dir = students["student, distilled (forward KL, alpha 0.5)"]
+    for bits, label in ((8, "distilled student, int8 weights"), (4, "distilled student, int4 weights (groups of 32)")):
+        models[label] = quantize_checkpoint(kd_dir, kd_dir.parent / f"final-int{bits}", bits,
+                                            32 if bits == 4 else None).path
+
+    world = World()
+    tasks = {"held-out facts (en)": fact_completion_items(world, "en", split="held_out"),
+             "held-out facts (zh)": fact_completion_items(world, "zh", split="held_out"),
+             "sums": arithmetic_items("en", 50) + arithmetic_items("zh", 50)}
+    data = pretrain.DataConfig(seq_len=128, synthetic_documents=20000, val_fraction=0.05)
+    tokens = build_token_cache(pretrain.corpus_paths(data), teacher.tokenizer).tokens
+    val = PackedSequences(split_tokens(tokens, data.val_fraction, data.seq_len)[1], data.seq_len)
+    rows = []
+    for label, path in models.items():
+        checkpoint = load_checkpoint(path)
+        lm = evaluate_language_modeling(checkpoint.model, val, checkpoint.tokenizer.token_byte_lengths(), 32,
+                                        max_sequences=320)
+        scores = [completion_accuracy(checkpoint.model, checkpoint.tokenizer, items).accuracy
+                  for items in tasks.values()]
+        config = checkpoint.model.config
+        rows.append([label, f"{config.num_parameters(False):,}", f"{lm['val_bpb']:.4f}",
+                     *(f"{score:.1%}" for score in scores), _size(Path(path) / "model.safetensors")])
+    report.heading("Distillation and quantization")
+    kd_record = read_record(kd_dir)
+    cache = kd_record["data"]["teacher_cache"]
+    report.text(f"The pretrained model is the teacher. The students have half its width "
+                f"({kd_record['parameters']['non_embedding_ratio']:.1%} of its non-embedding parameters) and train "
+                f"for {steps} steps on the same windows in the same order; the distilled one learns from the teacher's "
+                f"top-{cache['k']} log-probabilities, computed once ({cache['tokens']:,} tokens, "
+                f"{cache['bytes_per_token']:.0f} bytes per token) and read back from "
+                f"`{cache['path']}` by every later student. Greedy exact match on completions of the "
+                f"held-out split's facts and on sums; bits per byte on the held-out windows.")
+    report.table(["model", "non-embedding parameters", "held-out bits per byte", *tasks, "weights on disk"], rows)
+    curves = plot_metrics(out / "distill" / "metrics.jsonl", out / "distill_curves.png",
+                          "distilled student", {"divergence from the teacher (training)": "kd_loss",
+                                                "held-out forward KL": "val_forward_kl"}, "nats per token")
+    report.image(curves, "distillation curves")
 
 
 def _size(path: Path) -> str:

@@ -219,6 +219,34 @@ def student_from_layers(teacher: CausalLM, layers: list[int]) -> CausalLM:
     return student
 
 
+def quarter_width_config(teacher: ModelConfig) -> ModelConfig:
+    """The teacher's architecture at half the width (hidden size, MLP and heads, same head size) and
+    the same depth, its MLP trimmed to a multiple of 8 so that the student has at most a quarter of
+    the teacher's non-embedding parameters (the usual student)."""
+    heads = max(1, teacher.num_attention_heads // 2)
+    student = replace(teacher, hidden_size=teacher.hidden_size // 2, num_attention_heads=heads,
+                      num_key_value_heads=max(1, min(heads, teacher.num_key_value_heads // 2)),
+                      head_dim=teacher.resolved_head_dim, intermediate_size=teacher.intermediate_size // 16 * 8)
+    while student.num_parameters(False) > teacher.num_parameters(False) / 4 and student.intermediate_size > 8:
+        student.intermediate_size -= 8
+    return student
+
+
+def write_student_config(config: ModelConfig, path: str | Path) -> Path:
+    """`config`'s architecture as the YAML `student=` reads (the vocabulary and special ids come
+    from the teacher's tokenizer, so they are left out)."""
+    import dataclasses
+
+    import yaml
+
+    tokenizer_fields = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "num_labels"}
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in tokenizer_fields}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(fields, sort_keys=False), encoding="utf-8")
+    return path
+
+
 def matched_layers(config: DistillConfig, student_layers: int, teacher_layers: int) -> list[int]:
     if config.hidden_layers is None:
         return [round((j + 1) * teacher_layers / student_layers) for j in range(student_layers)]
