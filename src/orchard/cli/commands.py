@@ -220,6 +220,25 @@ def quantize(args) -> None:
     print(result.summary())
 
 
+def grow(args) -> None:
+    from ..grow import grow_checkpoint
+
+    result = grow_checkpoint(args.checkpoint, args.out, layers=args.layers, hidden_size=args.hidden_size,
+                             intermediate_size=args.intermediate_size, num_attention_heads=args.heads,
+                             num_key_value_heads=args.kv_heads, depth_method=args.depth_method,
+                             positions=_positions(args.positions), mlp_method=args.mlp_method, seed=args.seed)
+    print(result.summary())
+
+
+def _positions(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise OrchardError(f"--positions: expected comma-separated block indices such as 2,5, got {text!r}") from None
+
+
 def info(args) -> None:
     from ..checkpoint import read_model_config, read_quantization, resolve_checkpoint
     from ..lineage import ancestry, total_flops

@@ -176,6 +176,36 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--out", default=None,
                           help="output directory (default: beside the checkpoint, named NAME-int8 or NAME-int4-g32)")
 
+    grow = commands.add_parser("grow", formatter_class=HelpFormatter,
+                               help="grow a model (layers, width, heads) without changing what it computes",
+                               description="Write a larger copy of a checkpoint that computes the same function "
+                                           "(the same logits; all but --depth-method stack), to train further: "
+                                           "new blocks that add nothing until trained (LLaMA Pro), new MLP units "
+                                           "or attention heads whose outputs are zero, new residual dimensions "
+                                           "that stay zero. Width grows first, then depth. `orchard pretrain "
+                                           "init=GROWN init_trainable=new` trains only the inserted blocks.",
+                               epilog="example: orchard grow runs/pretrain --layers 8 --intermediate-size 1024")
+    grow.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory or Hub id")
+    grow.add_argument("--layers", type=int, default=None, help="number of blocks after growing")
+    grow.add_argument("--hidden-size", type=int, default=None, help="width of the residual stream after growing")
+    grow.add_argument("--intermediate-size", type=int, default=None, help="width of each MLP after growing")
+    grow.add_argument("--heads", type=int, default=None,
+                      help="query heads after growing (head_dim stays; under GQA, a multiple of the queries per "
+                           "key/value head)")
+    grow.add_argument("--kv-heads", type=int, default=None,
+                      help="key/value heads after growing (default: keep the queries per key/value head)")
+    grow.add_argument("--depth-method", choices=["identity", "stack"], default="identity",
+                      help="identity: new blocks copy the one below with their outputs zeroed (same function; "
+                           "default); stack: repeat the whole stack (G_stack; NOT the same function)")
+    grow.add_argument("--positions", default=None, metavar="I,J,...",
+                      help="identity: indices of the new blocks in the grown stack (default: one after every "
+                           "L/n-th block)")
+    grow.add_argument("--mlp-method", choices=["zero", "net2net"], default="zero",
+                      help="zero: new units with zero output weights (default); net2net: copies of existing units "
+                           "sharing their output weights")
+    grow.add_argument("--seed", type=int, default=0, help="seed of the new weights' initialisation (default 0)")
+    grow.add_argument("--out", default=None, help="output directory (default: beside the checkpoint, named NAME-grown)")
+
     info = commands.add_parser("info", help="config, parameter count and lineage of a checkpoint",
                                description="Show a checkpoint's architecture, size and family tree.")
     info.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory or Hub id")
@@ -230,7 +260,7 @@ def _dispatch(args) -> int | None:
     handler = {
         "quickstart": commands.quickstart, "tokenizer": commands.tokenizer_train,
         "generate": commands.generate, "chat": commands.chat, "eval": commands.evaluate, "info": commands.info,
-        "export": commands.export, "quantize": commands.quantize,
+        "export": commands.export, "quantize": commands.quantize, "grow": commands.grow,
     }[args.command]
     return handler(args)
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from ..checkpoint import inference_only_error, is_quantized_checkpoint, load_checkpoint, resolve_checkpoint
+from ..checkpoint import (inference_only_error, is_quantized_checkpoint, load_checkpoint, read_record,
+                          resolve_checkpoint)
 from ..config import to_dict
 from ..data.corpus import iter_text_chunks, resolve_paths
 from ..data.packing import EpochOrder, PackedSequences, micro_batch_samples, split_tokens
@@ -67,6 +69,10 @@ class PretrainConfig:
     """Run directory: checkpoints, metrics.jsonl, the tokenizer. Running again resumes it."""
     init: str | None = None
     """Start from this checkpoint's weights and tokenizer instead of a fresh model."""
+    init_trainable: Literal["all", "new"] = "all"
+    """Which of init's weights train: all, or only the blocks `orchard grow` inserted (the
+    new_parameters its record lists; LLaMA Pro trains only those, so the old blocks keep what they
+    know). "new" needs init to be a grown checkpoint with inserted blocks."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Architecture of a fresh model (ignored with init); vocab_size comes from the tokenizer."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -139,13 +145,45 @@ def _leading_bytes(texts, limit: int):
 
 def init_checkpoint(config: PretrainConfig) -> Path | None:
     """The `init` checkpoint, refused if it is quantized: its layers hold int8/int4 codes as buffers,
-    which would silently not train (one-line error naming its parent, as every training stage gives)."""
+    which would silently not train (one-line error naming its parent, as every training stage gives);
+    with init_trainable=new, refused unless it is grown with new blocks (see `new_parameters`)."""
     if not config.init:
+        if config.init_trainable == "new":
+            raise OrchardError("init_trainable: 'new' trains the blocks `orchard grow` inserted; set init to the "
+                               "grown checkpoint")
         return None
     path = resolve_checkpoint(config.init)
     if is_quantized_checkpoint(path):
         raise inference_only_error(path, "train from")
+    if config.init_trainable == "new":
+        new_parameters(path)
     return path
+
+
+def new_parameters(path: Path) -> list[str]:
+    """The parameters `orchard grow` inserted into the checkpoint `path`, as its record lists them;
+    a one-line error if it is no grown checkpoint or lists none (width-only growth makes no whole
+    new parameters: its new weights sit inside the old tensors)."""
+    record = read_record(path)
+    if record.get("stage") != "grow":
+        raise OrchardError(f"init_trainable: 'new' needs init to be made by `orchard grow`; {path} was made by "
+                           f"{record.get('stage') or 'something else'}")
+    names = record.get("new_parameters")
+    if not isinstance(names, list) or not names:
+        raise OrchardError(f"init_trainable: {path} has no new blocks to train alone (it grew in width only); "
+                           f"use init_trainable=all")
+    return names
+
+
+def freeze_all_but(model: CausalLM, names: list[str], where: Path) -> None:
+    """Train only the parameters `names`; the engine leaves the frozen rest out of the optimizer."""
+    parameters = dict(model.named_parameters())
+    missing = [name for name in names if name not in parameters]
+    if missing:
+        raise OrchardError(f"{where}: its record lists {missing[0]}, which the model does not have")
+    model.requires_grad_(False)
+    for name in names:
+        parameters[name].requires_grad_(True)
 
 
 def build_model(config: PretrainConfig, tokenizer: Tokenizer) -> tuple[CausalLM, str | None]:
@@ -153,7 +191,10 @@ def build_model(config: PretrainConfig, tokenizer: Tokenizer) -> tuple[CausalLM,
     if init is not None:
         checkpoint = load_checkpoint(init)
         # Train fp32 master weights even from a bf16 checkpoint; autocast handles the speed.
-        return checkpoint.model.float().train(), str(checkpoint.path)
+        model = checkpoint.model.float().train()
+        if config.init_trainable == "new":
+            freeze_all_but(model, new_parameters(checkpoint.path), checkpoint.path)
+        return model, str(checkpoint.path)
     model_config = config.model
     model_config.vocab_size = tokenizer.vocab_size
     model_config.bos_token_id, model_config.eos_token_id = tokenizer.bos_id, tokenizer.eos_id
@@ -187,7 +228,10 @@ def run(config: PretrainConfig) -> TrainResult:
     data_record = {"paths": [str(p) for p in paths], "fingerprint": cache.fingerprint,
                    "tokens": len(cache), "train_tokens": len(train_tokens), "val_tokens": len(val_tokens),
                    "documents": cache.num_documents}
-    record = new_record("pretrain", to_dict(config), data_record, parent=parent)
+    counts = None
+    if config.init_trainable == "new":
+        counts = (sum(p.numel() for p in model.parameters() if p.requires_grad), model.num_parameters())
+    record = new_record("pretrain", to_dict(config), data_record, parent=parent, parameters=counts)
     trainer = Trainer(config.train, model, method, tokenizer, run_dir, record,
                       flops_per_token=model.config.training_flops_per_token(config.data.seq_len),
                       distributed=distributed)
