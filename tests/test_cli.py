@@ -170,7 +170,7 @@ def test_debug_reraises(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [[], ["quickstart"], ["tokenizer"], ["tokenizer", "train"], ["pretrain"],
-                                  ["generate"], ["chat"], ["eval"], ["info"]])
+                                  ["generate"], ["chat"], ["eval"], ["info"], ["distill"], ["quantize"], ["grow"]])
 def test_help_exits_zero_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv + ["--help"])

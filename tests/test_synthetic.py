@@ -7,11 +7,14 @@ import re
 import pytest
 
 from orchard.data.synthetic import (
+    CONTINUAL_TASKS,
     DOCUMENT_KINDS,
     RELATIONS,
     World,
     answer_matches,
     arithmetic_problem,
+    continual_task,
+    continual_task_conversations,
     exact_match_items,
     generate_documents,
     instruction_conversations,
@@ -341,3 +344,73 @@ def test_write_instruction_corpus_is_readable_jsonl(tmp_path, world):
     assert CJK.search(path.read_text(encoding="utf-8"))
     assert [c.messages for c in read_conversations(path)] == [r["messages"] for r in records]
     assert [p.name for p in path.parent.iterdir()] == ["train.jsonl"]
+
+
+# --- continual-learning tasks ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def continual(world):
+    return {(name, split): continual_task(world, name, split)
+            for name in CONTINUAL_TASKS for split in ("train", "held_out")}
+
+
+def test_continual_tasks_are_deterministic(world, continual):
+    for (name, split), items in continual.items():
+        assert continual_task(World(), name, split) == items
+        assert continual_task(world, name, split, num_items=7) == items[:7]
+        assert continual_task(world, name, split, seed=1) != items
+    assert continual_task_conversations(world, "facts-zh", "held_out") == [
+        {"messages": messages} for messages, _ in continual[("facts-zh", "held_out")]]
+
+
+def test_continual_default_sizes(world, continual):
+    kept, held = world.split_facts()
+    assert len(continual[("arithmetic", "train")]) == 400
+    assert len(continual[("arithmetic", "held_out")]) == 100
+    for lang in ("en", "zh"):
+        for split, facts in (("train", kept), ("held_out", held)):
+            # one deck: every fact of the split asked exactly once
+            asked = [messages[0]["content"] for messages, _ in continual[(f"facts-{lang}", split)]]
+            assert sorted(asked) == sorted(f.question(lang) for f in facts)
+    assert len(continual_task(world, "facts-en", "held_out", num_items=200)) == 200
+
+
+def test_continual_splits_do_not_overlap(world, continual):
+    for name in CONTINUAL_TASKS:
+        train = {messages[0]["content"] for messages, _ in continual[(name, "train")]}
+        held = {messages[0]["content"] for messages, _ in continual[(name, "held_out")]}
+        assert train and held and not train & held
+    # no held-out fact question is about a fact any training answer states
+    stated = {messages[-1]["content"] for (name, split), items in continual.items() if split == "train"
+              for messages, _ in items}
+    held_answers = {messages[-1]["content"] for (name, split), items in continual.items()
+                    if split == "held_out" and name != "arithmetic" for messages, _ in items}
+    assert not stated & held_answers
+
+
+def test_continual_languages_and_answers(continual):
+    for (name, split), items in continual.items():
+        for messages, expected in items:
+            assert [m["role"] for m in messages] == ["user", "assistant"]
+            assert answer_matches(messages[-1]["content"], expected)
+            text = messages[0]["content"] + messages[1]["content"]
+            if name == "facts-en":
+                assert text.isascii()
+            elif name == "facts-zh":
+                assert CJK.search(messages[0]["content"]) and CJK.search(messages[1]["content"])
+            else:
+                assert messages[-1]["content"] == expected and expected.isdigit()
+    problems = [m[0]["content"] for m, _ in continual[("arithmetic", "train")]]
+    assert any(p.isascii() for p in problems) and any(CJK.search(p) for p in problems)
+
+
+def test_continual_task_errors(world):
+    with pytest.raises(ValueError, match="facts-fr"):
+        continual_task(world, "facts-fr")
+    with pytest.raises(ValueError, match="split"):
+        continual_task(world, "arithmetic", "test")
+    with pytest.raises(ValueError, match="num_items"):
+        continual_task(world, "facts-en", num_items=-1)
+    with pytest.raises(ValueError, match="no facts"):
+        continual_task(world, "facts-en", "held_out", held_out_fraction=0.0)
