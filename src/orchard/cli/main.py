@@ -71,6 +71,13 @@ TRAINING_COMMANDS = {
                 "own text (GKD), or on the teacher's answers (mode=sequence). With no data.path it uses the "
                 "built-in world's documents. Usage: orchard distill TEACHER --student STUDENT [RECIPE] [key=value ...]",
                 "mode=offline divergence=forward_kl alpha=0.5 temperature=2"),
+    "continual": ("continual", "ContinualConfig", "train one checkpoint through a sequence of tasks (naive, replay, "
+                  "EWC, adapters)",
+                  "Continual learning: train init=CHECKPOINT on conversation tasks one after another "
+                  "(strategy=naive|replay|ewc|adapters), scoring every task after each one; writes the accuracy "
+                  "matrix, its metrics (forgetting, transfer) and a heat map to OUT/continual.json, OUT/R.png and "
+                  "OUT/report.md. With no tasks it uses the built-in stream (arithmetic, facts-en, facts-zh).",
+                  "init=runs/quickstart/sft strategy=replay train.max_steps=100"),
 }
 
 

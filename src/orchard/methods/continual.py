@@ -1,0 +1,509 @@
+"""Continual learning: one checkpoint trained through a sequence of conversation tasks.
+
+Run it with `orchard continual init=CKPT [RECIPE.yaml] [key=value ...]`; with no `tasks` it trains
+on the built-in stream (`CONTINUAL_TASKS`: word problems, English facts, Chinese facts). Read top
+to bottom, a run is:
+
+1. every task's conversations, tokenized as SFT does: a built-in task (a name in `CONTINUAL_TASKS`)
+   trains on its "train" split and is scored on `eval_items` items of its "held_out" split; a
+   path task (a conversations .jsonl, any format `orchard sft` reads) is shuffled (seeded) and its
+   first `eval_items` conversations are held out, the rest train;
+2. the baseline: the init model scored on every task (cached in `out/baseline.json`);
+3. for each task i, training with the shared engine into `out/task-<i>-<name>/`, a normal run
+   directory (resumable; a finished one is skipped, so a killed run resumes where it stopped),
+   with the strategy's changes:
+   * naive: plain fine-tuning of the previous task's checkpoint;
+   * replay: a reservoir (Algorithm R, seeded) of `replay_size` training examples of the earlier
+     tasks; each micro-batch is a replay micro-batch with probability `replay_ratio`, decided by a
+     seeded draw from (step, micro-batch), so batches stay a pure function of the step and resume
+     exactly;
+   * ewc: online elastic weight consolidation. After task i the diagonal Fisher of the
+     log-likelihood on `ewc_batches` of task i's batches (squared gradients of each batch's summed
+     token loss, averaged) is added to the decayed earlier one, F = ewc_gamma * F_old + F_new, and
+     saved as `task-<i>-<name>/fisher.safetensors` beside its final checkpoint; task i+1 then adds
+     (ewc_lambda / 2) * sum F (theta - theta*)^2 per supervised token, theta* being task i's
+     final weights. Note the Fisher's scale: gradients of a summed loss grow with the tokens per
+     batch, so ewc_lambda is to be tuned with batch_size and data.max_length;
+   * adapters: the base stays frozen; every task trains its own LoRA adapter (named after the
+     task) from the base, and its checkpoint holds only that adapter. Task j is evaluated with
+     adapter j active (task identity known at test time), so nothing learnt can be forgotten:
+     R[i][j] == R[j][j] for j <= i; a task whose adapter is not trained yet (j > i) is scored on
+     the base alone, so that row's later cells equal the baseline.
+   Each task's `fit()` has its own warm-up and cosine decay: continual pre-training's re-warming
+   and re-decay per task come for free.
+4. after each task, every task scored on its held-out items: row i of the accuracy matrix R
+   (cached in `task-<i>-<name>/scores.json`);
+5. `out/continual.json` (R, baseline, the `orchard.evaluation.continual` summary, task names,
+   strategy, each task's metric), `out/R.png` (heat map) and `out/report.md` (tables).
+
+Scores: built-in tasks are scored by greedy exact match (`chat_exact_match` with each item's
+expected answer). Path tasks have no expected answers, so they are scored by the held-out
+likelihood exp(-mean token loss) on the assistant tokens of their held-out conversations: in
+(0, 1], higher is better, so the R-matrix metrics (forgetting, transfer) keep their meaning, but
+it is not an accuracy; continual.json names the metric of each task.
+
+Scope for now: conversation tasks only (text / pre-training tasks are a later step), in one
+process (not under torchrun: the engine closes its process group at the end of each `fit()`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import (
+    FINAL_DIR,
+    attach_adapter_checkpoint,
+    is_adapter_checkpoint,
+    load_checkpoint,
+    load_merged,
+    resolve_checkpoint,
+)
+from ..config import to_dict
+from ..data.conversations import ReadStats, collate_padded, read_conversations
+from ..data.synthetic import CONTINUAL_TASKS, World, continual_task
+from ..errors import OrchardError
+from ..evaluation import continual as continual_metrics
+from ..evaluation.completion import chat_exact_match
+from ..evaluation.report import Report
+from ..lineage import new_record
+from ..peft.config import PeftConfig
+from ..peft.lora import (
+    LoraConfig,
+    add_lora,
+    set_active_adapters,
+    trainable_parameter_count,
+)
+from ..training import TrainConfig, Trainer, TrainResult
+from ..training.engine import resolve_device
+from .losses import token_cross_entropy
+from .sft import (
+    ConversationDataConfig,
+    ConversationLanguageModeling,
+    SFTConfig,
+    tokenize_all,
+)
+
+FISHER_FILE = "fisher.safetensors"
+SCORES_FILE = "scores.json"
+
+
+@dataclass
+class ContinualDataConfig:
+    max_length: int = 512
+    """Tokens per training sequence; longer conversations lose their oldest turns (never the answer)."""
+    packing: bool = True
+    """Pack several conversations per sequence (block-diagonal attention); False pads one per row."""
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    """Which assistant turns the loss covers."""
+    train_items: int | None = None
+    """Use at most this many training conversations per task (None: all of them; a built-in
+    task's default size)."""
+
+
+@dataclass
+class ContinualConfig:
+    init: str | None = None
+    """The checkpoint the sequence starts from (orchard's, or a Hugging Face model directory or Hub id)."""
+    out: str = "runs/continual"
+    """Run directory: one run directory per task, continual.json, R.png, report.md. Running again resumes it."""
+    tasks: list[str] = field(default_factory=lambda: list(CONTINUAL_TASKS))
+    """The tasks, in training order: built-in names (arithmetic, facts-en, facts-zh) or paths to
+    conversation .jsonl files."""
+    strategy: Literal["naive", "replay", "ewc", "adapters"] = "naive"
+    """naive: plain sequential fine-tuning; replay: mix in a buffer of earlier tasks' examples; ewc:
+    online elastic weight consolidation; adapters: one LoRA adapter per task on a frozen base."""
+    replay_size: int = 200
+    """replay: examples kept in the reservoir buffer of earlier tasks' training examples."""
+    replay_ratio: float = 0.25
+    """replay: fraction of each step's micro-batches drawn from the buffer."""
+    ewc_lambda: float = 1.0
+    """ewc: strength of the penalty (ewc_lambda / 2) * sum F (theta - theta*)^2, per supervised token."""
+    ewc_batches: int = 20
+    """ewc: batches of a task's training data the diagonal Fisher is averaged over."""
+    ewc_gamma: float = 1.0
+    """ewc: decay of the earlier Fisher, F = ewc_gamma * F_old + F_new (online EWC; 1 keeps all)."""
+    peft: PeftConfig = field(default_factory=lambda: PeftConfig(method="lora", r=8))
+    """adapters: the adapter each task trains (lora or dora)."""
+    eval_items: int = 100
+    """Held-out items per task scored after every task."""
+    world_seed: int = 0
+    """Seed of the built-in tasks' items."""
+    data: ContinualDataConfig = field(default_factory=ContinualDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=200, lr=1e-4, warmup_steps=20,
+                                                                   weight_decay=0.0, batch_size=8))
+    """Training of each task (its own warm-up and cosine decay)."""
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("tasks: give at least one task")
+        if self.replay_size < 0:
+            raise ValueError(f"replay_size must not be negative, got {self.replay_size}")
+        if not 0 <= self.replay_ratio <= 1:
+            raise ValueError(f"replay_ratio must be between 0 and 1, got {self.replay_ratio}")
+        if self.ewc_lambda < 0 or self.ewc_gamma < 0:
+            raise ValueError("ewc_lambda and ewc_gamma must not be negative")
+        if self.ewc_batches <= 0:
+            raise ValueError(f"ewc_batches must be positive, got {self.ewc_batches}")
+        if self.eval_items <= 0:
+            raise ValueError(f"eval_items must be positive, got {self.eval_items}")
+
+
+# --- tasks -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Task:
+    """One task of the stream, tokenized."""
+
+    name: str
+    """Short name: the built-in name or the file's stem (directory and adapter names)."""
+    source: str
+    train: list
+    """Tokenized training conversations."""
+    held_out: list
+    """Tokenized held-out conversations (the engine's validation loss; path tasks' score)."""
+    items: list[tuple[list[dict], str]] | None
+    """(prompt messages, expected answer) to score by exact match; None: scored by likelihood."""
+
+    @property
+    def metric(self) -> str:
+        return "exact_match" if self.items is not None else "likelihood"
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "task"
+
+
+def _sft_config(config: ContinualConfig) -> SFTConfig:
+    """The SFT settings the shared conversation code reads (tokenization, packing, batches)."""
+    return SFTConfig(init=config.init, out=config.out, train=config.train,
+                     data=ConversationDataConfig(max_length=config.data.max_length, packing=config.data.packing,
+                                                 train_on=config.data.train_on))
+
+
+def load_task(spec: str, config: ContinualConfig, tokenizer, world: World | None = None) -> Task:
+    """A task of `config.tasks`, tokenized: a built-in name or a conversations file."""
+    sft = _sft_config(config)
+    if spec in CONTINUAL_TASKS:
+        world = world or World()
+        train = continual_task(world, spec, "train", seed=config.world_seed, num_items=config.data.train_items)
+        held = continual_task(world, spec, "held_out", seed=config.world_seed, num_items=config.eval_items)
+        train_records = [{"messages": m, "source": f"{spec}:train:{i}"} for i, (m, _) in enumerate(train)]
+        held_records = [{"messages": m, "source": f"{spec}:held_out:{i}"} for i, (m, _) in enumerate(held)]
+        items = [(messages[:-1], expected) for messages, expected in held]
+        name, source = spec, f"built-in:{spec}"
+    else:
+        if not Path(spec).is_file():
+            raise OrchardError(f"tasks: {spec!r} is neither a built-in task ({', '.join(CONTINUAL_TASKS)}) "
+                               f"nor a conversations file")
+        stats = ReadStats()
+        records = [{"messages": c.messages, "source": c.source} for c in read_conversations(spec, stats=stats)]
+        random.Random(f"continual:{config.train.seed}:{spec}").shuffle(records)
+        if len(records) <= config.eval_items:
+            raise OrchardError(f"tasks: {spec} has {len(records)} conversations; need more than "
+                               f"eval_items={config.eval_items} (held out) to train on the rest")
+        held_records, train_records = records[:config.eval_items], records[config.eval_items:]
+        if config.data.train_items is not None:
+            train_records = train_records[:config.data.train_items]
+        items, name, source = None, _safe_name(Path(spec).stem), spec
+    train_examples, _ = tokenize_all(train_records, tokenizer, sft)
+    held_examples, _ = tokenize_all(held_records, tokenizer, sft)
+    if not train_examples or not held_examples:
+        raise OrchardError(f"tasks: {spec}: no usable conversations within data.max_length={config.data.max_length}")
+    return Task(name=name, source=source, train=train_examples, held_out=held_examples, items=items)
+
+
+# --- replay -----------------------------------------------------------------------------------------
+
+
+def reservoir(stream, size: int, seed: int) -> list:
+    """Algorithm R: a uniform sample of `size` items of `stream` in one pass, deterministic in `seed`."""
+    rng = random.Random(f"reservoir:{seed}")
+    buffer: list = []
+    for seen, item in enumerate(stream):
+        if seen < size:
+            buffer.append(item)
+        else:
+            slot = rng.randint(0, seen)
+            if slot < size:
+                buffer[slot] = item
+    return buffer
+
+
+class ContinualLanguageModeling:
+    """The engine's view of one task: SFT's batches and loss, plus replay micro-batches from a buffer
+    of earlier tasks and an EWC penalty, as the strategy asks."""
+
+    name = "continual"
+
+    def __init__(self, current: ConversationLanguageModeling, replay: ConversationLanguageModeling | None = None,
+                 replay_ratio: float = 0.0, seed: int = 0, penalty: EWCPenalty | None = None):
+        self.current, self.replay, self.replay_ratio = current, replay, replay_ratio
+        self.seed, self.penalty = seed, penalty
+
+    def is_replay(self, step: int, micro: int) -> bool:
+        """Whether micro-batch `micro` of step `step` comes from the buffer (the same on every rank)."""
+        if self.replay is None or self.replay_ratio <= 0:
+            return False
+        return random.Random(f"replay:{self.seed}:{step}:{micro}").random() < self.replay_ratio
+
+    def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        source = self.replay if self.is_replay(step, micro) else self.current
+        return source.batch(step, micro, rank, world)
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return self.current.count(batch)
+
+    def loss(self, model, batch):
+        total, metrics = self.current.loss(model, batch)
+        if self.penalty is not None:
+            # The engine divides the summed loss by count(): a per-item penalty is added count times.
+            penalty = self.penalty()
+            total = total + penalty * self.count(batch)
+            metrics = {**metrics, "ewc_penalty": float(penalty.detach())}
+        return total, metrics
+
+    def evaluate(self, model) -> dict[str, float]:
+        return self.current.evaluate(model)
+
+
+# --- EWC ----------------------------------------------------------------------------------------------
+
+
+def diagonal_fisher(model: torch.nn.Module, method: ConversationLanguageModeling, batches: int,
+                    device: torch.device) -> dict[str, torch.Tensor]:
+    """Mean over `batches` of the squared gradients of each batch's summed token loss (the
+    empirical diagonal Fisher of the log-likelihood), for every trainable parameter, on the CPU."""
+    model = model.to(device).train()
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    fisher = {name: torch.zeros_like(p, device="cpu") for name, p in params.items()}
+    for step in range(batches):
+        batch = {k: v.to(device) for k, v in method.batch(step, 0, 0, 1).items()}
+        model.zero_grad(set_to_none=True)
+        total, _ = method.loss(model, batch)
+        total.backward()
+        for name, p in params.items():
+            if p.grad is not None:
+                fisher[name] += p.grad.detach().float().cpu() ** 2
+    model.zero_grad(set_to_none=True)
+    return {name: (f / batches).contiguous() for name, f in fisher.items()}
+
+
+class EWCPenalty:
+    """(lambda / 2) * sum_k F_k (theta_k - theta*_k)^2 over the parameters the Fisher names."""
+
+    def __init__(self, model: torch.nn.Module, fisher: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
+                 ewc_lambda: float):
+        self.ewc_lambda = ewc_lambda
+        named = dict(model.named_parameters())
+        missing = sorted(set(fisher) - set(named))
+        if missing:
+            raise OrchardError(f"ewc: the Fisher names {missing[0]}, which the model does not have")
+        self.terms = [(named[name], fisher[name], anchor[name]) for name in sorted(fisher)]
+
+    def __call__(self) -> torch.Tensor:
+        total = None
+        for i, (p, f, a) in enumerate(self.terms):
+            if f.device != p.device:  # the engine moved the model after this was built
+                f, a = f.to(p.device), a.to(p.device)
+                self.terms[i] = (p, f, a)
+            term = (f * (p.float() - a) ** 2).sum()
+            total = term if total is None else total + term
+        if total is None:
+            return torch.zeros(())
+        return 0.5 * self.ewc_lambda * total
+
+
+# --- scoring --------------------------------------------------------------------------------------------
+
+
+def held_out_likelihood(model, examples: list, pad_id: int, batch_size: int = 16) -> float:
+    """exp(-mean token loss) on the supervised tokens of `examples`."""
+    device = next(model.parameters()).device
+    loss_sum, tokens = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate_padded(examples[start:start + batch_size], pad_id).items()}
+            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch.get("position_ids")).logits
+            loss_sum += token_cross_entropy(logits, batch["labels"]).item()
+            tokens += int((batch["labels"] != -100).sum())
+    return math.exp(-loss_sum / max(tokens, 1))
+
+
+def score_task(model, tokenizer, task: Task) -> float:
+    if task.items is not None:
+        return chat_exact_match(model, tokenizer, task.items).accuracy
+    return held_out_likelihood(model, task.held_out, tokenizer.pad_id)
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+# --- the run -----------------------------------------------------------------------------------------------
+
+
+def _lora_config(peft: PeftConfig) -> LoraConfig:
+    if peft.method not in ("lora", "dora"):
+        raise OrchardError(f"peft.method: strategy=adapters trains one LoRA or DoRA adapter per task, "
+                           f"not {peft.method!r}")
+    return LoraConfig(r=peft.r, alpha=peft.alpha, dropout=peft.dropout, target_modules=peft.target_modules,
+                      use_rslora=peft.rslora, use_dora=peft.method == "dora")
+
+
+def task_dirs(config: ContinualConfig, tasks: list[Task]) -> list[Path]:
+    return [Path(config.out) / f"task-{i}-{task.name}" for i, task in enumerate(tasks)]
+
+
+def adapter_names(tasks: list[Task]) -> list[str]:
+    """One adapter name per task: its name, with its index where a name repeats."""
+    counts: dict[str, int] = {}
+    for task in tasks:
+        counts[task.name] = counts.get(task.name, 0) + 1
+    return [task.name if counts[task.name] == 1 else f"{task.name}-{i}" for i, task in enumerate(tasks)]
+
+
+def _evaluate_row(config: ContinualConfig, tasks: list[Task], dirs: list[Path], base: Path, upto: int,
+                  device: torch.device) -> list[float]:
+    """Row `upto` of R: every task scored by the model after training task `upto`."""
+    if config.strategy != "adapters":
+        checkpoint = load_checkpoint(dirs[upto] / FINAL_DIR, device)
+        return [score_task(checkpoint.model, checkpoint.tokenizer, task) for task in tasks]
+    checkpoint = load_checkpoint(base, device)
+    names = adapter_names(tasks)
+    for j in range(upto + 1):
+        attach_adapter_checkpoint(checkpoint.model, base, dirs[j] / FINAL_DIR, names[j])
+    checkpoint.model.to(device)
+    row = []
+    for j, task in enumerate(tasks):
+        set_active_adapters(checkpoint.model, names[j] if j <= upto else None)
+        row.append(score_task(checkpoint.model, checkpoint.tokenizer, task))
+    return row
+
+
+def run(config: ContinualConfig) -> TrainResult:
+    if not config.init:
+        raise OrchardError("init: continual needs a checkpoint to start from, e.g. init=runs/quickstart/sft")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise OrchardError("continual runs in one process for now; start it without torchrun")
+    base = resolve_checkpoint(config.init)
+    if config.strategy == "adapters" and is_adapter_checkpoint(base):
+        raise OrchardError(f"init: strategy=adapters trains adapters on a full checkpoint, and {base} is an "
+                           f"adapter checkpoint; merge it first (e.g. train from its merged export)")
+    device = resolve_device(config.train.device)
+    out = Path(config.out)
+    start = load_merged(base)
+    tokenizer = start.tokenizer
+    world = World()
+    tasks = [load_task(spec, config, tokenizer, world) for spec in config.tasks]
+    dirs = task_dirs(config, tasks)
+    names = [task.name for task in tasks]
+    sft = _sft_config(config)
+    recipe = to_dict(config)
+
+    # Cached scores are reused only for the same held-out items.
+    key = {"tasks": names, "sources": [t.source for t in tasks], "eval_items": config.eval_items,
+           "world_seed": config.world_seed}
+    cached = _read_json(out / "baseline.json")
+    if cached is not None and cached.get("key") == key:
+        baseline = cached["baseline"]
+    else:
+        model = start.model.to(device)
+        baseline = [score_task(model, tokenizer, task) for task in tasks]
+        _write_json(out / "baseline.json", {"key": key, "baseline": baseline})
+        start.model.cpu()
+    del start
+
+    R: list[list[float]] = []
+    result: TrainResult | None = None
+    fisher: dict[str, torch.Tensor] | None = None
+    adapters = adapter_names(tasks)
+    for i, task in enumerate(tasks):
+        parent = base if (i == 0 or config.strategy == "adapters") else dirs[i - 1] / FINAL_DIR
+        checkpoint = load_merged(parent)
+        model = checkpoint.model.float().train()
+        if config.strategy == "adapters":
+            add_lora(model, _lora_config(config.peft), name=adapters[i], seed=config.train.seed)
+        trainable, total = trainable_parameter_count(model)
+
+        current = ConversationLanguageModeling(task.train, task.held_out, sft, tokenizer.pad_id)
+        replay = penalty = None
+        buffer: list = []
+        if config.strategy == "replay" and i > 0 and config.replay_size > 0:
+            earlier = (example for t in tasks[:i] for example in t.train)
+            buffer = reservoir(earlier, config.replay_size, config.train.seed)
+            replay = ConversationLanguageModeling(buffer, task.held_out, sft, tokenizer.pad_id)
+        if config.strategy == "ewc" and i > 0:
+            if fisher is None:
+                raise OrchardError("ewc: the previous task's Fisher is missing")
+            anchor = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+            penalty = EWCPenalty(model, fisher, anchor, config.ewc_lambda)
+        method = ContinualLanguageModeling(current, replay, config.replay_ratio, config.train.seed, penalty)
+
+        data_record = {"task": task.name, "source": task.source, "train": len(task.train),
+                       "held_out": len(task.held_out), "replay_buffer": len(buffer)}
+        record = new_record("continual", recipe, data_record, parent=checkpoint.path,
+                            peft_method=config.peft.method if config.strategy == "adapters" else "none",
+                            parameters=(trainable, total))
+        record["continual"] = {"strategy": config.strategy, "task": task.name, "index": i, "tasks": names}
+        print(f"task {i} ({task.name}): {config.strategy}", file=sys.stderr)
+        trainer = Trainer(config.train, model, method, tokenizer, dirs[i], record,
+                          flops_per_token=model.config.training_flops_per_token(config.data.max_length))
+        result = trainer.fit()
+
+        if config.strategy == "ewc":
+            fisher_file = dirs[i] / FISHER_FILE
+            if fisher_file.is_file():
+                fisher = load_file(fisher_file)
+            else:
+                trained = load_checkpoint(dirs[i] / FINAL_DIR, device).model.float()
+                new = diagonal_fisher(trained, current, config.ewc_batches, device)
+                fisher = new if fisher is None else {k: config.ewc_gamma * fisher[k] + new[k] for k in new}
+                save_file(fisher, fisher_file, metadata={"format": "pt", "ewc_gamma": str(config.ewc_gamma),
+                                                         "ewc_batches": str(config.ewc_batches)})
+
+        scores = _read_json(dirs[i] / SCORES_FILE)
+        if scores is None or scores.get("key") != key:
+            row = _evaluate_row(config, tasks, dirs, base, i, device)
+            _write_json(dirs[i] / SCORES_FILE, {"key": key, "scores": row})
+        else:
+            row = scores["scores"]
+        R.append(row)
+
+    summary = continual_metrics.summary(R, baseline)
+    _write_json(out / "continual.json", {
+        "strategy": config.strategy, "tasks": names, "sources": [t.source for t in tasks],
+        "metrics": [t.metric for t in tasks], "R": R, "baseline": baseline, "summary": summary,
+        "checkpoints": [str(d / FINAL_DIR) for d in dirs]})
+    title = f"continual ({config.strategy})"
+    png = continual_metrics.plot_matrix(R, names, out / "R.png", title)
+    report = Report(title=title, directory=out)
+    report.heading("Scores after each task")
+    report.table(["after training", *names], continual_metrics.markdown_table(R, names))
+    report.table(["before training", *names], [["init"] + [f"{v:.0%}" for v in baseline]])
+    report.image(png, "R matrix")
+    report.heading("Summary")
+    report.table(["metric", "value"], [[k, "n/a" if v is None else v] for k, v in summary.items()])
+    report.write()
+    assert result is not None
+    return result

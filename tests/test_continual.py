@@ -1,0 +1,179 @@
+"""`orchard continual`: tasks in sequence with naive, replay, EWC and adapter strategies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from orchard.checkpoint import load_checkpoint, read_record
+from orchard.config import load_config
+from orchard.methods import continual
+from orchard.methods.continual import (
+    ContinualConfig,
+    ContinualLanguageModeling,
+    EWCPenalty,
+    load_task,
+    reservoir,
+)
+from orchard.methods.sft import ConversationLanguageModeling
+
+TASKS = ["arithmetic", "facts-en", "facts-zh"]
+
+
+def make_config(chat_base, tmp_path, strategy="naive", tasks=TASKS, **extra) -> ContinualConfig:
+    overrides = [f"init={chat_base.dir}", f"out={tmp_path / 'run'}", f"strategy={strategy}",
+                 "tasks=[" + ",".join(tasks) + "]", "eval_items=4", "data.train_items=8", "data.max_length=96",
+                 "train.max_steps=2", "train.batch_size=2", "train.warmup_steps=1", "train.eval_every=0",
+                 "train.save_every=0", "train.log_every=1", "train.progress=false", "train.device=cpu",
+                 "train.precision=fp32", "train.lr=1e-2", "peft.r=4"]
+    overrides += [f"{k}={v}" for k, v in extra.items()]
+    return load_config(ContinualConfig, None, overrides)
+
+
+def test_naive_writes_matrix_report_and_resumes_without_training(chat_base, tmp_path, monkeypatch):
+    config = make_config(chat_base, tmp_path, tasks=TASKS[:2])
+    result = continual.run(config)
+    out = tmp_path / "run"
+    data = json.loads((out / "continual.json").read_text())
+    assert data["tasks"] == TASKS[:2] and data["strategy"] == "naive"
+    assert len(data["R"]) == 2 and all(len(row) == 2 for row in data["R"]) and len(data["baseline"]) == 2
+    assert set(data["summary"]) == {"average_accuracy", "backward_transfer", "forgetting", "forward_transfer"}
+    assert (out / "R.png").stat().st_size > 0
+    assert "after facts-en" in (out / "report.md").read_text()
+    assert result.final_dir == out / "task-1-facts-en" / "final"
+    # Lineage: task 1's parent is task 0's final checkpoint, and the record names strategy and task.
+    record = read_record(result.final_dir)
+    assert record["continual"]["task"] == "facts-en" and record["continual"]["strategy"] == "naive"
+    assert record["parent"]["path"] == str((out / "task-0-arithmetic" / "final").resolve())
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run trained or evaluated again")
+
+    monkeypatch.setattr("orchard.training.engine.Trainer._evaluate", no_training)
+    monkeypatch.setattr(continual, "_evaluate_row", no_training)
+    monkeypatch.setattr(continual, "score_task", no_training)
+    again = continual.run(config)
+    assert again.resumed_from == 2
+    assert json.loads((out / "continual.json").read_text())["R"] == data["R"]
+
+
+def test_adapters_never_forget(chat_base, tmp_path):
+    config = make_config(chat_base, tmp_path, strategy="adapters", eval_items=4)
+    continual.run(config)
+    out = tmp_path / "run"
+    R = json.loads((out / "continual.json").read_text())["R"]
+    baseline = json.loads((out / "continual.json").read_text())["baseline"]
+    for i in range(3):
+        for j in range(3):
+            assert R[i][j] == (R[j][j] if j <= i else baseline[j])
+    final = out / "task-2-facts-zh" / "final"
+    assert (final / "adapters.safetensors").is_file() and not (final / "model.safetensors").exists()
+    assert read_record(final)["parent"]["path"] == str(chat_base.dir.resolve())
+    # Each task's adapter is named after it and trained: it changes the base's output.
+    checkpoint = load_checkpoint(final)
+    from orchard.peft.lora import adapter_configs
+    assert list(adapter_configs(checkpoint.model)) == ["facts-zh"]
+
+
+def test_adapters_scores_are_exact_across_rows(chat_base, tmp_path, monkeypatch):
+    """R[i][j] == R[j][j] holds because adapter j's weights are untouched, not because a score is
+    cached: with a likelihood score (continuous), equality is exact too."""
+    calls = []
+
+    def likelihood(model, tokenizer, task):
+        calls.append(task.name)
+        return continual.held_out_likelihood(model, task.held_out, tokenizer.pad_id)
+
+    monkeypatch.setattr(continual, "score_task", likelihood)
+    config = make_config(chat_base, tmp_path, strategy="adapters", tasks=TASKS[:2])
+    continual.run(config)
+    data = json.loads((tmp_path / "run" / "continual.json").read_text())
+    R = data["R"]
+    assert R[1][0] == R[0][0]
+    assert R[0][0] != data["baseline"][0]  # the adapter did train
+    assert len(calls) == 2 + 2 * 2  # the baseline row, then every cell of every row, none cached
+
+
+def test_ewc_fisher_and_penalty(chat_base, tmp_path):
+    config = make_config(chat_base, tmp_path, strategy="ewc", tasks=TASKS[:2], ewc_batches=2, ewc_lambda=0.5)
+    continual.run(config)
+    out = tmp_path / "run"
+    fisher0 = load_file(out / "task-0-arithmetic" / "fisher.safetensors")
+    fisher1 = load_file(out / "task-1-facts-en" / "fisher.safetensors")
+    assert fisher0 and all(torch.all(f >= 0) for f in fisher0.values())
+    assert sum(f.sum() for f in fisher0.values()) > 0
+    # Online EWC with gamma 1: the later Fisher includes the earlier one.
+    assert all(torch.all(fisher1[k] >= fisher0[k]) for k in fisher0)
+    metrics = [json.loads(line) for line in (out / "task-1-facts-en" / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("ewc_penalty", 0) > 0 for m in metrics)
+
+    # The penalty is zero at the anchor and positive after a step away from it.
+    model = load_checkpoint(out / "task-0-arithmetic" / "final").model.float()
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    penalty = EWCPenalty(model, fisher0, anchor, ewc_lambda=0.5)
+    assert penalty().item() == 0.0
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    assert penalty().item() > 0
+    penalty().backward()  # differentiable
+
+
+def test_replay_batches(chat_base, tmp_path):
+    config = make_config(chat_base, tmp_path, strategy="replay", replay_ratio=0.25, replay_size=6,
+                         **{"train.grad_accum": 4})
+    tokenizer = load_checkpoint(chat_base.dir).tokenizer
+    tasks = [load_task(name, config, tokenizer) for name in TASKS[:2]]
+    buffer = reservoir(iter(tasks[0].train), config.replay_size, config.train.seed)
+    assert len(buffer) == 6 and all(any(b is e for e in tasks[0].train) for b in buffer)
+    assert reservoir(iter(tasks[0].train), 6, config.train.seed) == buffer  # seeded
+    sft = continual._sft_config(config)
+    current = ConversationLanguageModeling(tasks[1].train, tasks[1].held_out, sft, tokenizer.pad_id)
+    replay = ConversationLanguageModeling(buffer, tasks[1].held_out, sft, tokenizer.pad_id)
+    method = ContinualLanguageModeling(current, replay, config.replay_ratio, config.train.seed)
+    earlier = {tuple(e.input_ids) for e in tasks[0].train}
+    flags = [method.is_replay(step, micro) for step in range(200) for micro in range(4)]
+    assert 0.18 < sum(flags) / len(flags) < 0.32
+    for step in range(10):
+        for micro in range(4):
+            batch = method.batch(step, micro, 0, 1)
+            again = method.batch(step, micro, 0, 1)  # a pure function of (step, micro)
+            assert all(torch.equal(batch[k], again[k]) for k in batch)
+            source = replay if method.is_replay(step, micro) else current
+            assert all(torch.equal(batch[k], source.batch(step, micro, 0, 1)[k]) for k in batch)
+            if method.is_replay(step, micro):
+                ids = batch["input_ids"][0].tolist()
+                # The packed row starts with an earlier task's whole conversation.
+                assert any(tuple(ids[:len(e)]) in earlier for e in earlier)
+    # And a full replay run trains through both tasks.
+    continual.run(make_config(chat_base, tmp_path, strategy="replay", tasks=TASKS[:2], replay_size=6))
+    record = read_record(tmp_path / "run" / "task-1-facts-en" / "final")
+    assert record["data"]["replay_buffer"] == 6
+
+
+def test_path_task_is_scored_by_likelihood(chat_base, tmp_path):
+    from orchard.cli.main import main
+    from orchard.data.synthetic import World, continual_task_conversations, write_jsonl
+
+    path = write_jsonl(tmp_path / "mine.jsonl", continual_task_conversations(World(), "facts-en", num_items=12))
+    config = make_config(chat_base, tmp_path, tasks=["arithmetic", str(path)])
+    overrides = [f"init={config.init}", f"out={config.out}", f"tasks=[arithmetic,{path}]", "eval_items=4",
+                 "data.train_items=8", "data.max_length=96", "train.max_steps=2", "train.batch_size=2",
+                 "train.warmup_steps=1", "train.eval_every=0", "train.progress=false", "train.device=cpu"]
+    assert main(["continual", *overrides]) == 0
+    data = json.loads((tmp_path / "run" / "continual.json").read_text())
+    assert data["tasks"] == ["arithmetic", "mine"] and data["metrics"] == ["exact_match", "likelihood"]
+    assert 0 < data["R"][1][1] <= 1
+
+
+def test_cli_registers_continual():
+    from orchard.cli.main import TRAINING_COMMANDS, build_parser
+
+    assert TRAINING_COMMANDS["continual"][:2] == ("continual", "ContinualConfig")
+    assert "continual" in build_parser().format_help()
+    with pytest.raises(ValueError):
+        ContinualConfig(replay_ratio=1.5)
