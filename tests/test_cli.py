@@ -13,6 +13,7 @@ from orchard.cli.main import main
 from orchard.errors import OrchardError
 from orchard.model import CausalLM, ModelConfig
 from orchard.tokenizer import Tokenizer
+from cli_errors import run_error
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.\n",
              "A small model learns the shape of the text it reads.\n",
@@ -30,19 +31,6 @@ def write_corpus(path, repeats=40):
     path.write_text("".join(SENTENCES * repeats), encoding="utf-8")
     return path
 
-
-def run_error(capsys, argv) -> str:
-    """Run a command that must fail as a user error; returns its one error line."""
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    errors = [line for line in lines if line.startswith("orchard: error:")]
-    assert len(errors) == 1, err
-    assert lines[-1] == errors[0], err  # the error is the last thing printed
-    return errors[0]
 
 
 # --- user errors: one line, exit status 2 ----------------------------------------------------

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from orchard.checkpoint import load_checkpoint
-from orchard.cli.main import main
 from orchard.config import load_config
 from orchard.methods import dpo
 from orchard.methods.dpo import REFERENCE_FILE, DPOConfig, PreferenceOptimization, cached_reference
 from orchard.methods.losses import IGNORE_INDEX, token_log_probs
 from orchard.methods.pairs import PreferenceDataConfig, load_pairs
 from orchard.methods.preference_losses import dpo_loss, ipo_loss, orpo_loss, simpo_loss
+from cli_errors import run_error
 
 
 def run_dpo(chat_base, out, *overrides):
@@ -247,15 +247,6 @@ def test_a_raised_limit_extends_the_run_with_the_cached_reference(chat_base, tmp
     assert calls == [20, 16]
     assert (tmp_path / "other" / REFERENCE_FILE).read_bytes() != cache
 
-
-def run_error(capsys, argv) -> str:
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    errors = [line for line in err.splitlines() if line.startswith("orchard: error:")]
-    assert len(errors) == 1 and "Traceback" not in err and err.splitlines()[-1] == errors[0], err
-    return errors[0]
 
 
 def test_dpo_cli_errors(chat_base, tmp_path, capsys):

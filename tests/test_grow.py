@@ -19,6 +19,7 @@ from orchard.model.growth import (grow, grow_depth, grow_heads, grow_hidden, gro
                                   insert_positions)
 from orchard.peft import LoraConfig, add_lora
 from orchard.tokenizer import Tokenizer
+from cli_errors import run_error
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.\n",
              "A small model learns the shape of the text it reads.\n",
@@ -293,17 +294,6 @@ def corpus(tmp_path_factory):
     path.write_text("".join(SENTENCES * 40), encoding="utf-8")
     return path
 
-
-def run_error(capsys, argv) -> str:
-    """Run a command that must fail as a user error; returns its one error line."""
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("orchard: error:"), err
-    return lines[0]
 
 
 def test_grown_checkpoint_saves_loads_and_records_its_growth(tmp_path, source, capsys):

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from orchard.checkpoint import load_checkpoint
-from orchard.cli.main import main
 from orchard.config import load_config
 from orchard.methods import grpo, rollouts
 from orchard.methods.grpo import GRPO, GRPOConfig
@@ -22,6 +21,7 @@ from orchard.methods.rollouts import PromptDataConfig, Rollouts, completion_log_
 from orchard.model.generation import SamplingConfig, generate
 from orchard.peft.config import PeftConfig, ReferenceModel, apply_peft
 from orchard.rewards import Rewards
+from cli_errors import run_error
 
 IDS = torch.tensor([[5, 9, 12, 7, 30, 41]])
 
@@ -284,15 +284,6 @@ def test_the_policy_learns_to_earn_a_simple_reward(chat_base, tmp_path, user_mod
 
 # --- CLI ----------------------------------------------------------------------------------------------
 
-
-def run_error(capsys, argv) -> str:
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    errors = [line for line in err.splitlines() if line.startswith("orchard: error:")]
-    assert len(errors) == 1 and "Traceback" not in err and err.splitlines()[-1] == errors[0], err
-    return errors[0]
 
 
 def test_grpo_cli_errors(chat_base, tmp_path, capsys):

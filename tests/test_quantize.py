@@ -24,6 +24,7 @@ from orchard.model.quantization import (QuantizedLinear, decoder_linears, dequan
                                         quantize_weight_int8, quantized_layers, unpack_int4)
 from orchard.quantize import quantize_checkpoint
 from orchard.tokenizer import Tokenizer
+from cli_errors import run_error
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.\n",
              "A small model learns the shape of the text it reads.\n",
@@ -397,14 +398,6 @@ def test_corrupt_quantization_json_is_one_line_error(tmp_path, base):
     with pytest.raises(OrchardError, match=r"quantization.json: bits: must be 8 or 4"):
         load_checkpoint(tmp_path / "q")
 
-
-def run_error(capsys, argv) -> str:
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("orchard: error: "), err
-    return err.strip()
 
 
 def eval_json(capsys, checkpoint, corpus) -> dict:
