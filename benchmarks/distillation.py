@@ -32,7 +32,7 @@ from orchard.config import load_config
 from orchard.data.packing import PackedSequences, split_tokens
 from orchard.data.synthetic import World
 from orchard.data.tokens import build_token_cache
-from orchard.evaluation.completion import arithmetic_items, completion_accuracy, fact_completion_items
+from orchard.evaluation.completion import completion_accuracy, held_out_completion_tasks
 from orchard.methods import distill
 from orchard.methods.pretrain import DataConfig, corpus_paths
 
@@ -48,11 +48,9 @@ def exact_match(checkpoint_dir: Path) -> dict[str, float]:
     """Greedy completion exact match on the held-out split's facts (English, Chinese) and on sums."""
     checkpoint = load_checkpoint(checkpoint_dir)
     world = World()
-    tasks = {"facts en": fact_completion_items(world, "en", split="held_out"),
-             "facts zh": fact_completion_items(world, "zh", split="held_out"),
-             "sums": arithmetic_items("en", 100) + arithmetic_items("zh", 100)}
-    scores = {name: completion_accuracy(checkpoint.model, checkpoint.tokenizer, items).accuracy
-              for name, items in tasks.items()}
+    tasks = held_out_completion_tasks(world, sums=200)
+    scores = {name.removeprefix("held-out ").replace(" (", " ").rstrip(")"): completion_accuracy(
+        checkpoint.model, checkpoint.tokenizer, items).accuracy for name, items in tasks.items()}
     scores["mean"] = sum(scores.values()) / len(scores)
     return scores
 

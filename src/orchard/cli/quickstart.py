@@ -28,7 +28,7 @@ from ..config import Duration, load_config
 from ..data.synthetic import World, exact_match_items
 from ..errors import OrchardError
 from ..evaluation.completion import (arithmetic_items, chat_exact_match, completion_accuracy,
-                                    fact_completion_items)
+                                    fact_completion_items, held_out_completion_tasks)
 from ..evaluation.report import Report, plot_loss_curves, plot_metrics, read_metrics
 from ..interop.export import export_hf
 from ..interop.gguf import export_gguf
@@ -245,9 +245,7 @@ def distill_and_quantize(out: Path, report: Report, teacher_dir: Path, steps: in
                                             32 if bits == 4 else None).path
 
     world = World()
-    tasks = {"held-out facts (en)": fact_completion_items(world, "en", split="held_out"),
-             "held-out facts (zh)": fact_completion_items(world, "zh", split="held_out"),
-             "sums": arithmetic_items("en", 50) + arithmetic_items("zh", 50)}
+    tasks = held_out_completion_tasks(world)
     data = pretrain.DataConfig(seq_len=128, synthetic_documents=20000, val_fraction=0.05)
     tokens = build_token_cache(pretrain.corpus_paths(data), teacher.tokenizer).tokens
     val = PackedSequences(split_tokens(tokens, data.val_fraction, data.seq_len)[1], data.seq_len)

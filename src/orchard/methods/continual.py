@@ -68,6 +68,7 @@ from ..checkpoint import (
     load_checkpoint,
     load_merged,
     resolve_checkpoint,
+    write_json,
 )
 from ..config import to_dict
 from ..data.conversations import ReadStats, collate_padded, read_conversations
@@ -353,13 +354,6 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 # --- the run -----------------------------------------------------------------------------------------------
 
 
@@ -430,7 +424,7 @@ def run(config: ContinualConfig) -> TrainResult:
     else:
         model = start.model.to(device)
         baseline = [score_task(model, tokenizer, task) for task in tasks]
-        _write_json(out / "baseline.json", {"key": key, "baseline": baseline})
+        write_json(out / "baseline.json", {"key": key, "baseline": baseline})
         start.model.cpu()
     del start
 
@@ -485,13 +479,13 @@ def run(config: ContinualConfig) -> TrainResult:
         scores = _read_json(dirs[i] / SCORES_FILE)
         if scores is None or scores.get("key") != key:
             row = _evaluate_row(config, tasks, dirs, base, i, device)
-            _write_json(dirs[i] / SCORES_FILE, {"key": key, "scores": row})
+            write_json(dirs[i] / SCORES_FILE, {"key": key, "scores": row})
         else:
             row = scores["scores"]
         R.append(row)
 
     summary = continual_metrics.summary(R, baseline)
-    _write_json(out / "continual.json", {
+    write_json(out / "continual.json", {
         "strategy": config.strategy, "tasks": names, "sources": [t.source for t in tasks],
         "metrics": [t.metric for t in tasks], "R": R, "baseline": baseline, "summary": summary,
         "checkpoints": [str(d / FINAL_DIR) for d in dirs]})
