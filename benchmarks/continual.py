@@ -31,7 +31,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ewc-lambda", type=float, default=1.0)
     parser.add_argument("--eval-items", type=int, default=100)
+    parser.add_argument("--eval-on", choices=["held_out", "train"], default="train",
+                        help="score held-out items (generalisation) or the first taught items (retention)")
     parser.add_argument("--only", nargs="*", default=list(STRATEGIES))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more `orchard continual` overrides for every strategy")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-continual")
     args = parser.parse_args()
     if not (args.init / "config.json").is_file():
@@ -41,8 +45,9 @@ def main() -> None:
         extra = STRATEGIES[strategy] + ([f"ewc_lambda={args.ewc_lambda}"] if strategy == "ewc" else [])
         config = load_config(continual.ContinualConfig, None, [
             f"init={args.init}", f"out={args.out / strategy}", f"strategy={strategy}", f"eval_items={args.eval_items}",
+            f"eval_on={args.eval_on}",
             f"train.max_steps={args.steps}", f"train.lr={args.lr}", "train.batch_size=16", "train.eval_every=0",
-            "train.save_every=0", "train.progress=false", "data.max_length=256", *extra])
+            "train.save_every=0", "train.progress=false", "data.max_length=256", *extra, *args.set])
         continual.run(config)
         results[strategy] = json.loads((args.out / strategy / "continual.json").read_text())
 

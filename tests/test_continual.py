@@ -85,7 +85,7 @@ def test_adapters_scores_are_exact_across_rows(chat_base, tmp_path, monkeypatch)
 
     def likelihood(model, tokenizer, task):
         calls.append(task.name)
-        return continual.held_out_likelihood(model, task.held_out, tokenizer.pad_id)
+        return continual.mean_likelihood(model, task.scored, tokenizer.pad_id)
 
     monkeypatch.setattr(continual, "score_task", likelihood)
     config = make_config(chat_base, tmp_path, strategy="adapters", tasks=TASKS[:2])
@@ -132,8 +132,8 @@ def test_replay_batches(chat_base, tmp_path):
     assert len(buffer) == 6 and all(any(b is e for e in tasks[0].train) for b in buffer)
     assert reservoir(iter(tasks[0].train), 6, config.train.seed) == buffer  # seeded
     sft = continual._sft_config(config)
-    current = ConversationLanguageModeling(tasks[1].train, tasks[1].held_out, sft, tokenizer.pad_id)
-    replay = ConversationLanguageModeling(buffer, tasks[1].held_out, sft, tokenizer.pad_id)
+    current = ConversationLanguageModeling(tasks[1].train, tasks[1].scored, sft, tokenizer.pad_id)
+    replay = ConversationLanguageModeling(buffer, tasks[1].scored, sft, tokenizer.pad_id)
     method = ContinualLanguageModeling(current, replay, config.replay_ratio, config.train.seed)
     earlier = {tuple(e.input_ids) for e in tasks[0].train}
     flags = [method.is_replay(step, micro) for step in range(200) for micro in range(4)]
@@ -168,6 +168,111 @@ def test_path_task_is_scored_by_likelihood(chat_base, tmp_path):
     data = json.loads((tmp_path / "run" / "continual.json").read_text())
     assert data["tasks"] == ["arithmetic", "mine"] and data["metrics"] == ["exact_match", "likelihood"]
     assert 0 < data["R"][1][1] <= 1
+
+
+def _write_text(path, documents=60):
+    from orchard.data.synthetic import generate_documents
+
+    path.write_text("\n".join(generate_documents(documents, seed=3)), encoding="utf-8")
+    return path
+
+
+def test_text_task_windows_held_out_from_the_end(chat_base, tmp_path):
+    import numpy as np
+
+    from orchard.data.tokens import build_token_cache
+
+    corpus = _write_text(tmp_path / "story.txt")
+    config = make_config(chat_base, tmp_path, tasks=[str(corpus)], **{"data.train_items": "null"})
+    tokenizer = load_checkpoint(chat_base.dir).tokenizer
+    task = load_task(f"text:{corpus}", config, tokenizer)
+    assert task.name == "story" and task.metric == "bits_per_byte" and task.text.window == 96
+    tokens = np.asarray(build_token_cache([corpus], tokenizer).tokens)
+    # The last eval_items windows (and the token the last one's final target needs) are held out;
+    # training reads everything before, sharing only the boundary token as its last target.
+    held_length = 4 * 96 + 1
+    assert np.array_equal(task.text.scored, tokens[-held_length:])
+    assert np.array_equal(task.text.train, tokens[:len(tokens) - held_length + 1])
+    assert task.train_size() == (len(task.text.train) - 1) // 96 > 4
+    examples = list(task.examples())
+    assert len(examples) == task.train_size()
+    assert examples[1].input_ids == tokens[96:192].tolist() and examples[1].labels == examples[1].input_ids
+    capped = load_task(f"text:{corpus}", make_config(chat_base, tmp_path, **{"data.train_items": 3}), tokenizer)
+    assert capped.train_size() == 3
+
+
+def test_text_then_conversation_task_with_replay(chat_base, tmp_path):
+    from orchard.data.packing import PackedSequences
+    from orchard.evaluation.language_modeling import evaluate_language_modeling
+
+    corpus = _write_text(tmp_path / "story.txt")
+    config = make_config(chat_base, tmp_path, strategy="replay", tasks=[f"text:{corpus}", "facts-en"],
+                         replay_size=5, replay_ratio=0.5, **{"train.max_steps": 4})
+    continual.run(config)
+    out = tmp_path / "run"
+    data = json.loads((out / "continual.json").read_text())
+    assert data["tasks"] == ["story", "facts-en"] and data["metrics"] == ["bits_per_byte", "exact_match"]
+    # The text score is 2 ** -bpb of the held-out windows, and "values" gives the bpb itself.
+    model = load_checkpoint(out / "task-0-story" / "final").model
+    tokenizer = load_checkpoint(chat_base.dir).tokenizer
+    task = load_task(f"text:{corpus}", config, tokenizer)
+    bpb = evaluate_language_modeling(model, PackedSequences(task.text.scored, 96), task.text.token_bytes,
+                                     batch_size=16)["val_bpb"]
+    assert data["R"][0][0] == pytest.approx(2 ** -bpb, rel=1e-5)
+    assert data["values"][0][0] == pytest.approx(bpb, rel=1e-5)
+    assert data["baseline_values"][0] > data["values"][0][0]  # training on the text lowered its bpb
+    assert "bpb" in (out / "report.md").read_text()
+    # The conversation task replayed text windows: its buffer came from the text task.
+    record = read_record(out / "task-1-facts-en" / "final")
+    assert record["data"]["replay_buffer"] == 5 and record["data"]["metric"] == "exact_match"
+
+
+def test_task_steps_zero_scores_the_init_model_and_ewc_protects_it(chat_base, tmp_path):
+    """Continued pretraining's setting: task 0 is what init already learnt (0 steps), yet its Fisher
+    is computed on init and weighs the next task's training."""
+    corpus = _write_text(tmp_path / "story.txt")
+    config = make_config(chat_base, tmp_path, strategy="ewc", tasks=[f"text:{corpus}", "facts-en"],
+                         task_steps="[0,2]", ewc_batches=2, ewc_lambda=10.0)
+    result = continual.run(config)
+    out = tmp_path / "run"
+    data = json.loads((out / "continual.json").read_text())
+    assert data["R"][0] == data["baseline"] and data["task_steps"] == [0, 2]
+    assert data["checkpoints"][0] == str(chat_base.dir.resolve()) and not (out / "task-0-story" / "final").exists()
+    fisher = load_file(out / "task-0-story" / "fisher.safetensors")
+    assert sum(f.sum() for f in fisher.values()) > 0
+    assert read_record(result.final_dir)["parent"]["path"] == str(chat_base.dir.resolve())
+    metrics = [json.loads(line) for line in (out / "task-1-facts-en" / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("ewc_penalty", 0) > 0 for m in metrics)
+    from orchard.errors import OrchardError
+
+    with pytest.raises(OrchardError, match="task_steps: give one number per task"):
+        make_config(chat_base, tmp_path, task_steps="[0]")
+    with pytest.raises(OrchardError, match="at least one task must train"):
+        make_config(chat_base, tmp_path, tasks=TASKS[:2], task_steps="[0,0]")
+
+
+def test_eval_on_train_scores_the_first_taught_items(chat_base, tmp_path):
+    tokenizer = load_checkpoint(chat_base.dir).tokenizer
+    config = make_config(chat_base, tmp_path, eval_on="train")
+    task = load_task("facts-en", config, tokenizer)
+    assert [e.input_ids for e in task.scored] == [e.input_ids for e in task.train[:4]]
+    from orchard.data.synthetic import World, continual_task
+
+    assert [expected for _, expected in task.items] == [e for _, e in continual_task(World(), "facts-en", num_items=4)]
+    held = load_task("facts-en", make_config(chat_base, tmp_path), tokenizer)
+    assert not {tuple(e.input_ids) for e in held.scored} & {tuple(e.input_ids) for e in held.train}
+
+
+def test_text_task_errors(chat_base, tmp_path):
+    from orchard.errors import OrchardError
+
+    tokenizer = load_checkpoint(chat_base.dir).tokenizer
+    short = tmp_path / "short.txt"
+    short.write_text("too short to hold out four windows", encoding="utf-8")
+    with pytest.raises(OrchardError, match="short.txt has .* tokens; need more than eval_items=4"):
+        load_task(str(short), make_config(chat_base, tmp_path), tokenizer)
+    with pytest.raises(OrchardError, match="no such file"):
+        load_task(f"text:{tmp_path / 'missing.txt'}", make_config(chat_base, tmp_path), tokenizer)
 
 
 def test_cli_registers_continual():

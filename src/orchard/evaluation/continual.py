@@ -14,6 +14,7 @@ one-task run then summarises like plain fine-tuning instead of breaking the repo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -96,22 +97,34 @@ def _check_names(matrix: np.ndarray, task_names) -> list[str]:
     return names
 
 
-def markdown_table(R, task_names, value_format: str = "{:.0%}") -> list[list[str]]:
+def _formatter(value_format) -> Callable[[int, float], str]:
+    """``value_format`` as a function of (column, value): a format string serves every column."""
+    if callable(value_format):
+        return value_format
+    return lambda column, value: value_format.format(value)
+
+
+def markdown_table(R, task_names, value_format: str | Callable[[int, float], str] = "{:.0%}") -> list[list[str]]:
     """Rows for `Report.table` with header ``["after training", *task_names]``: one row per
-    training stage, ``["after <task i>", R[i][0], ...]`` with the values formatted."""
+    training stage, ``["after <task i>", R[i][0], ...]`` with the values formatted. ``value_format``
+    is a format string, or a function of (column j, value) when tasks have different units."""
     matrix = _matrix(R)
     names = _check_names(matrix, task_names)
-    return [[f"after {names[i]}"] + [value_format.format(v) for v in row] for i, row in enumerate(matrix)]
+    text = _formatter(value_format)
+    return [[f"after {names[i]}"] + [text(j, v) for j, v in enumerate(row)] for i, row in enumerate(matrix)]
 
 
-def plot_matrix(R, task_names, png_path, title: str, value_format: str = "{:.0%}") -> Path:
-    """A heat map of ``R``: rows "after <task i>", columns the tasks, each cell's value written in it.
+def plot_matrix(R, task_names, png_path, title: str,
+                value_format: str | Callable[[int, float], str] = "{:.0%}") -> Path:
+    """A heat map of ``R``: rows "after <task i>", columns the tasks, each cell's value written in it
+    (formatted as `markdown_table` does).
 
     Scores within [0, 1] are coloured on that fixed scale so heat maps of different runs compare
     by eye; other scores use the matrix's own range.
     """
     matrix = _matrix(R)
     names = _check_names(matrix, task_names)
+    text = _formatter(value_format)
     png = Path(png_path)
     T = len(matrix)
     low, high = float(matrix.min()), float(matrix.max())
@@ -126,7 +139,7 @@ def plot_matrix(R, task_names, png_path, title: str, value_format: str = "{:.0%}
         for j in range(T):
             # Dark text on the bright (yellow) end of viridis, light text elsewhere.
             bright = (matrix[i, j] - low) / (high - low) > 0.6
-            ax.text(j, i, value_format.format(matrix[i, j]), ha="center", va="center",
+            ax.text(j, i, text(j, matrix[i, j]), ha="center", va="center",
                     color="black" if bright else "white", fontsize=10)
     ax.set_xticks(range(T), names)
     ax.set_yticks(range(T), [f"after {name}" for name in names])
