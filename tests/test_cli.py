@@ -298,7 +298,8 @@ def test_chat_reply_ends_at_the_turn_end_token(trained):
 def test_quickstart_writes_a_report_with_metrics_plot_and_samples(tmp_path):
     from orchard.cli.quickstart import run_quickstart
 
-    report = run_quickstart(tmp_path / "qs", max_time=2.0, sft_steps=3, eval_items=16, distill_steps=3)
+    report = run_quickstart(tmp_path / "qs", max_time=2.0, sft_steps=3, eval_items=16, distill_steps=3,
+                            continual_steps=2, continual_items=4, grow_steps=2)
     text = report.read_text(encoding="utf-8")
     assert "validation loss before training" in text and "validation bits per byte" in text
     assert "fact recall (English)" in text and "arithmetic (Chinese)" in text
@@ -310,3 +311,8 @@ def test_quickstart_writes_a_report_with_metrics_plot_and_samples(tmp_path):
     assert (tmp_path / "qs" / "export" / "hf" / "config.json").is_file() and "GGUF q8_0" in text
     assert "## Distillation and quantization" in text and "int4 weights" in text
     assert (tmp_path / "qs" / "distill" / "final-int8" / "quantization.json").is_file()
+    assert "## Continual learning" in text and "after facts-zh" in text
+    assert (tmp_path / "qs" / "continual" / "replay" / "R.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Growing a model" in text and (tmp_path / "qs" / "grow" / "train" / "final" / "config.json").is_file()
+    difference = float(re.search(r"largest logit difference[^|]*\| ([0-9.e+-]+)", text).group(1))
+    assert difference < 1e-4  # the grown model computes the parent's function

@@ -12,16 +12,23 @@ Stages so far:
    parameters, from the teacher's cached top-k distributions, beside the same student trained on
    the same tokens without a teacher;
 6. quantize the distilled student to int8 and int4 weights and compare them with the rest;
-7. export it for transformers (a Hugging Face directory) and llama.cpp (GGUF f16 and q8_0);
-8. write `report.md` with the metrics, the curves, the samples and the exports.
+7. keep learning: the fine-tuned model through the built-in three-task stream (word problems,
+   English facts, Chinese facts), naively and with replay, with the accuracy matrices;
+8. grow the pretrained model from 4 to 6 layers (new blocks start as the identity), check that its
+   function is unchanged, and train the new blocks alone;
+9. export it for transformers (a Hugging Face directory) and llama.cpp (GGUF f16 and q8_0);
+10. write `report.md` with the metrics, the curves, the samples and the exports.
 Each stage is a normal orchard run in its own directory under `--out`, so running quickstart again
 resumes (or skips) what is already done.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+
+import torch
 
 from ..checkpoint import load_checkpoint, read_record
 from ..config import Duration, load_config
@@ -29,14 +36,16 @@ from ..data.synthetic import World, exact_match_items
 from ..errors import OrchardError
 from ..evaluation.completion import (arithmetic_items, chat_exact_match, completion_accuracy,
                                     fact_completion_items, held_out_completion_tasks)
+from ..evaluation import continual as continual_metrics
 from ..evaluation.report import Report, plot_loss_curves, plot_metrics, read_metrics
+from ..grow import grow_checkpoint
 from ..interop.export import export_hf
 from ..interop.gguf import export_gguf
 from ..lineage import ancestry
 from ..data.packing import PackedSequences, split_tokens
 from ..data.tokens import build_token_cache
 from ..evaluation.language_modeling import evaluate_language_modeling
-from ..methods import distill, dpo, grpo, pretrain, reward, sft
+from ..methods import continual, distill, dpo, grpo, pretrain, reward, sft
 from ..quantize import quantize_checkpoint
 from ..model import ModelConfig
 from ..model.generation import SamplingConfig, generate_text
@@ -59,20 +68,21 @@ def quickstart_config(out: Path, max_time: float) -> pretrain.PretrainConfig:
 
 
 def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eval_items: int = 200,
-                   distill_steps: int = 200) -> Path:
+                   distill_steps: int = 200, continual_steps: int = 60, continual_items: int = 50,
+                   grow_steps: int = 60) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     report = Report("orchard quickstart", out)
     report.text("The whole pipeline that exists so far, on orchard's built-in synthetic bilingual world "
                 "(stories, facts about generated people, arithmetic in English and Chinese).")
 
     # 1. Pretraining
-    print("[1/7] pretraining on the built-in world", file=sys.stderr)
+    print("[1/9] pretraining on the built-in world", file=sys.stderr)
     config = quickstart_config(out, max_time)
     result = pretrain.run(config)
     metrics = result.state.metrics
 
     # 2. Evaluation and samples
-    print("[2/7] evaluating and sampling", file=sys.stderr)
+    print("[2/9] evaluating and sampling", file=sys.stderr)
     checkpoint = load_checkpoint(result.final_dir)
     world = World()
     tasks = {
@@ -115,7 +125,7 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
                 f"`orchard chat {result.final_dir}`, `orchard info {result.final_dir}`).")
 
     # 3. Fine-tuning: full SFT and LoRA from the same pretrained checkpoint
-    print("[3/7] fine-tuning on instruction conversations (full, then LoRA)", file=sys.stderr)
+    print("[3/9] fine-tuning on instruction conversations (full, then LoRA)", file=sys.stderr)
     seen = exact_match_items(world, "train")[:eval_items]
     held_out = exact_match_items(world, "held_out")[:eval_items]
     runs = {"pretrained (no fine-tuning)": result.final_dir}
@@ -145,14 +155,20 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
                   "trained parameters", "checkpoint"], rows)
 
     # 4. Alignment, from the full SFT model
-    print("[4/7] aligning the fine-tuned model: reward model, DPO, GRPO", file=sys.stderr)
+    print("[4/9] aligning the fine-tuned model: reward model, DPO, GRPO", file=sys.stderr)
     align(out, report, runs["full SFT"], held_out)
 
     # 5, 6. Distillation and quantization
     distill_and_quantize(out, report, result.final_dir, distill_steps)
 
-    # 7. Export for other tools
-    print("[7/7] exporting for transformers and llama.cpp", file=sys.stderr)
+    # 7. Continual learning, from the full SFT model
+    keep_learning(out, report, runs["full SFT"], continual_steps, continual_items)
+
+    # 8. Growth, from the pretrained model
+    grow_and_train(out, report, config, result.final_dir, grow_steps)
+
+    # 9. Export for other tools
+    print("[9/9] exporting for transformers and llama.cpp", file=sys.stderr)
     report.heading("Export")
     rows = [["Hugging Face directory", str(export_hf(result.final_dir, out / "export" / "hf")),
              _size(out / "export" / "hf" / "model.safetensors")]]
@@ -225,7 +241,7 @@ the pretraining corpus, so the offline cache stays small (16 log-probabilities p
 
 def distill_and_quantize(out: Path, report: Report, teacher_dir: Path, steps: int) -> None:
     """A quarter-size student with and without the teacher on the same tokens, then quantized."""
-    print("[5/7] distilling the pretrained model into a quarter-size student", file=sys.stderr)
+    print("[5/9] distilling the pretrained model into a quarter-size student", file=sys.stderr)
     teacher = load_checkpoint(teacher_dir)
     student_file = distill.write_student_config(distill.quarter_width_config(teacher.model.config),
                                                 out / "student.yaml")
@@ -237,7 +253,7 @@ def distill_and_quantize(out: Path, report: Report, teacher_dir: Path, steps: in
                                                            *DISTILL_SETTINGS, *settings])
         students[label] = distill.run(config).final_dir
 
-    print("[6/7] quantizing the distilled student (int8, int4)", file=sys.stderr)
+    print("[6/9] quantizing the distilled student (int8, int4)", file=sys.stderr)
     models = {"teacher (the pretrained model)": teacher_dir, **students}
     kd_dir = students["student, distilled (forward KL, alpha 0.5)"]
     for bits, label in ((8, "distilled student, int8 weights"), (4, "distilled student, int4 weights (groups of 32)")):
@@ -274,6 +290,74 @@ def distill_and_quantize(out: Path, report: Report, teacher_dir: Path, steps: in
                           "distilled student", {"divergence from the teacher (training)": "kd_loss",
                                                 "held-out forward KL": "val_forward_kl"}, "nats per token")
     report.image(curves, "distillation curves")
+
+
+CONTINUAL_STRATEGIES = {"naive sequential fine-tuning": ["strategy=naive"],
+                        "replay (25% of micro-batches from a 400-example buffer)":
+                            ["strategy=replay", "replay_size=400", "replay_ratio=0.25"]}
+
+
+def keep_learning(out: Path, report: Report, sft_dir: Path, steps: int, items: int) -> None:
+    """The three-task stream with and without replay: what naive fine-tuning forgets, and what replay keeps."""
+    print("[7/9] continual learning: three tasks in a row, naive and with replay", file=sys.stderr)
+    report.heading("Continual learning")
+    report.text(f"The full SFT model learns three tasks in a row ({steps} steps each): word problems (answers it "
+                "has to memorise), then English facts, then Chinese facts. After each task every task is scored "
+                f"by greedy exact match on its first {items} taught items (`eval_on=train`: how much of what was "
+                "taught is retained). Forgetting is the mean drop of each earlier task from its best score.")
+    rows = []
+    for label, settings in CONTINUAL_STRATEGIES.items():
+        name = settings[0].split("=")[1]
+        config = load_config(continual.ContinualConfig, None, [
+            f"init={sft_dir}", f"out={out / 'continual' / name}", "eval_on=train", f"eval_items={items}",
+            f"train.max_steps={steps}", "train.lr=5e-4", "train.batch_size=16", "train.warmup_steps=10",
+            "train.eval_every=0", "train.save_every=50", "data.max_length=256", *settings])
+        continual.run(config)
+        result = json.loads((Path(config.out) / "continual.json").read_text(encoding="utf-8"))
+        summary = result["summary"]
+        rows.append([label, f"{summary['average_accuracy']:.0%}", f"{summary['forgetting']:.0%}",
+                     f"{result['R'][-1][-1]:.0%}"])
+        report.text(f"{label}: R[i][j], the score on task j after training task i")
+        report.table(["after training", *result["tasks"]],
+                     continual_metrics.markdown_table(result["R"], result["tasks"]))
+    report.table(["strategy", "average accuracy at the end", "forgetting", "last task"], rows)
+    report.image(out / "continual" / "replay" / "R.png", "accuracy matrix with replay")
+
+
+def grow_and_train(out: Path, report: Report, pretrain_config: pretrain.PretrainConfig, parent: Path,
+                   steps: int) -> None:
+    """4 -> 6 layers by identity blocks (LLaMA Pro), the same function, then only the new blocks train."""
+    print("[8/9] growing the pretrained model from 4 to 6 layers and training the new blocks", file=sys.stderr)
+    grown_dir = out / "grow" / "grown"
+    grown = grow_checkpoint(parent, grown_dir, layers=6)
+    source, target = load_checkpoint(parent), load_checkpoint(grown_dir)
+    data = pretrain_config.data
+    tokens = build_token_cache(pretrain.corpus_paths(data), source.tokenizer).tokens
+    val = PackedSequences(split_tokens(tokens, data.val_fraction, data.seq_len)[1], data.seq_len)
+    probe = val.batch(range(8))["input_ids"]
+    with torch.no_grad():
+        difference = (source.model.float()(probe).logits - target.model.float()(probe).logits).abs().max().item()
+    config = load_config(pretrain.PretrainConfig, None, [
+        f"init={grown_dir}", "init_trainable=new", f"out={out / 'grow' / 'train'}", f"train.max_steps={steps}",
+        "train.lr=1e-3", "train.warmup_steps=10", "train.eval_every=20", "train.eval_batches=10",
+        "train.save_every=50", "train.log_every=5", "train.batch_size=32", f"data.seq_len={data.seq_len}",
+        f"data.synthetic_documents={data.synthetic_documents}", f"data.val_fraction={data.val_fraction}"])
+    result = pretrain.run(config)
+    metrics = read_metrics(Path(config.out) / "metrics.jsonl")
+    first = next(row for row in metrics if "val_loss" in row)
+    trained = read_record(result.final_dir)["parameters"]["trainable"]
+    report.heading("Growing a model")
+    report.text(f"`orchard grow` inserts two new blocks (after blocks {', '.join(map(str, grown.new_layers))}: "
+                f"their output projections start at zero, so each is the identity) and training continues through "
+                f"the normal engine with only the new blocks trainable (`init_trainable=new`, "
+                f"{trained:,} of {grown.parameters_after:,} parameters).")
+    report.table(["metric", "value"], [
+        ["parameters", f"{grown.parameters_before:,} -> {grown.parameters_after:,}"],
+        ["largest logit difference, grown vs parent (fp32, 8 validation windows)", f"{difference:.2e}"],
+        ["validation loss of the grown model before training (nats/token)", f"{first['val_loss']:.4f}"],
+        [f"validation loss after {steps} steps of the new blocks", f"{result.state.metrics['val_loss']:.4f}"],
+        ["checkpoint", str(result.final_dir)],
+    ])
 
 
 def _size(path: Path) -> str:
