@@ -135,14 +135,15 @@ def main() -> None:
 
     print(f"\n{args.data}: target = the large model's validation loss after {args.steps} steps from scratch, "
           f"{target:.4f} nats/token")
-    print(f"{'path':34} {'FLOPs to target':>16} {'of scratch':>10} {'seconds':>8} {'small model FLOPs':>18}")
+    print(f"{'path':34} {'FLOPs to target':>16} {'of scratch':>10} {'seconds':>8} {'of scratch':>10} "
+          f"{'small model FLOPs':>18}")
     for name, cost, small_cost in rows:
         if cost is None:
             print(f"{name:34} {'not reached':>16}")
             continue
-        share = cost[0] / scratch_cost[0]
         small_text = f"{small_cost[0]:18.3g}" if small_cost else f"{'-':>18}"
-        print(f"{name:34} {cost[0]:16.3g} {share:10.1%} {cost[1]:8.0f} {small_text}")
+        print(f"{name:34} {cost[0]:16.3g} {cost[0] / scratch_cost[0]:10.1%} {cost[1]:8.0f} "
+              f"{cost[1] / scratch_cost[1]:10.1%} {small_text}")
 
 
 if __name__ == "__main__":
