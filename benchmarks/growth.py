@@ -92,6 +92,10 @@ def main() -> None:
     parser.add_argument("--data", choices=["world", "shakespeare"], default="world")
     parser.add_argument("--steps", type=int, default=600, help="the large model's steps from scratch")
     parser.add_argument("--small-steps", type=int, default=300, help="each small model's steps before growing")
+    parser.add_argument("--grown-steps", type=int, default=None,
+                        help="the schedule of the grown model's training (default: --steps, as from scratch)")
+    parser.add_argument("--depth-method", choices=["identity", "stack"], default="identity",
+                        help="new blocks as identities (function preserving) or copies of the whole stack")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--only", nargs="*", default=list(SMALL), help="which small models")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-growth")
@@ -125,10 +129,11 @@ def main() -> None:
         small_seconds = max(row.get("elapsed", 0.0) for row in small)
         grown = out / slug / "grown"
         if not (grown / "config.json").is_file():
-            orchard("grow", str(out / slug / "small" / "final"), "--out", str(grown), "--layers", "4",
+            deeper = ["--depth-method", args.depth_method] if SMALL[name]["num_hidden_layers"] < 4 else []
+            orchard("grow", str(out / slug / "small" / "final"), "--out", str(grown), "--layers", "4", *deeper,
                     "--hidden-size", "256", "--intermediate-size", "688", "--heads", "4", "--kv-heads", "2")
         continued = pretrain(out / slug / "continued", data_settings(args.data, tokenizer) + common
-                             + [f"init={grown}", f"train.max_steps={args.steps}"], stop_at=target)
+                             + [f"init={grown}", f"train.max_steps={args.grown_steps or args.steps}"], stop_at=target)
         cost = reached(continued, target, large_fpt)
         rows.append((f"{name}: small + grown", cost and (cost[0] + small_flops, cost[1] + small_seconds),
                      (small_flops, small_seconds)))
