@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--small-steps", type=int, default=300, help="each small model's steps before growing")
     parser.add_argument("--grown-steps", type=int, default=None,
                         help="the schedule of the grown model's training (default: --steps, as from scratch)")
+    parser.add_argument("--grown-lr", type=float, default=2e-3, help="peak learning rate of the grown model")
     parser.add_argument("--depth-method", choices=["identity", "stack"], default="identity",
                         help="new blocks as identities (function preserving) or copies of the whole stack")
     parser.add_argument("--eval-every", type=int, default=25)
@@ -133,7 +134,8 @@ def main() -> None:
             orchard("grow", str(out / slug / "small" / "final"), "--out", str(grown), "--layers", "4", *deeper,
                     "--hidden-size", "256", "--intermediate-size", "688", "--heads", "4", "--kv-heads", "2")
         continued = pretrain(out / slug / "continued", data_settings(args.data, tokenizer) + common
-                             + [f"init={grown}", f"train.max_steps={args.grown_steps or args.steps}"], stop_at=target)
+                             + [f"init={grown}", f"train.max_steps={args.grown_steps or args.steps}",
+                                f"train.lr={args.grown_lr}"], stop_at=target)
         cost = reached(continued, target, large_fpt)
         rows.append((f"{name}: small + grown", cost and (cost[0] + small_flops, cost[1] + small_seconds),
                      (small_flops, small_seconds)))
