@@ -2,14 +2,14 @@
 
     python benchmarks/growth.py [--data world|shakespeare] [--steps 600] [--small-steps 300]
 
-For the large model (the quickstart's 4 x 256 architecture), and for three half-size models — half
-the depth (2 x 256), half the width (4 x 128: hidden size, heads and MLP halved) and both (2 x 128) —
-it runs:
+For the large model (--layers x 256; by default the quickstart's 4 x 256), and for three half-size
+models (half the depth, half the width: hidden size, heads and MLP halved, and both), it runs:
 
 1. the large model from scratch for --steps steps: its final validation loss is the target;
 2. each small model for --small-steps steps, `orchard grow` to the large architecture (function
-   preserving), and `orchard pretrain init=GROWN` with the same schedule as from scratch (--steps
-   steps), stopped as soon as its validation loss reaches the target;
+   preserving, or --depth-method stack), and `orchard pretrain init=GROWN` with the same schedule as
+   from scratch (--steps steps, or --grown-steps), stopped as soon as its validation loss reaches
+   the target;
 
 and prints, for each path, the training FLOPs and wall time until the validation loss first reaches
 the target (the small model's own training counted), and the saving against from scratch. The loss is
@@ -27,15 +27,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "pretrain" / "tinyshakespeare.txt"
-LARGE = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
-         "num_key_value_heads": 2}
-SMALL = {
-    "half depth": {**LARGE, "num_hidden_layers": 2},
-    "half width": {**LARGE, "hidden_size": 128, "intermediate_size": 344, "num_attention_heads": 2,
-                   "num_key_value_heads": 1},
-    "half depth and width": {"hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2,
-                             "num_attention_heads": 2, "num_key_value_heads": 1},
-}
+WIDE = {"hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 4, "num_key_value_heads": 2}
+NARROW = {"hidden_size": 128, "intermediate_size": 344, "num_attention_heads": 2, "num_key_value_heads": 1}
+
+
+def shapes(layers: int) -> tuple[dict, dict[str, dict]]:
+    """The large model (`layers` x 256) and its three half-size models."""
+    half = layers // 2
+    return {**WIDE, "num_hidden_layers": layers}, {
+        "half depth": {**WIDE, "num_hidden_layers": half},
+        "half width": {**NARROW, "num_hidden_layers": layers},
+        "half depth and width": {**NARROW, "num_hidden_layers": half},
+    }
 
 
 def data_settings(name: str, tokenizer: Path | None) -> list[str]:
@@ -98,7 +101,8 @@ def main() -> None:
     parser.add_argument("--depth-method", choices=["identity", "stack"], default="identity",
                         help="new blocks as identities (function preserving) or copies of the whole stack")
     parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--only", nargs="*", default=list(SMALL), help="which small models")
+    parser.add_argument("--layers", type=int, default=4, help="the large model's depth (an even number)")
+    parser.add_argument("--only", nargs="*", default=list(shapes(4)[1]), help="which small models")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-growth")
     args = parser.parse_args()
     if args.data == "shakespeare" and not SHAKESPEARE.is_file():
@@ -106,11 +110,12 @@ def main() -> None:
     from orchard.checkpoint import read_model_config
 
     out = args.out / args.data
+    large, small_shapes = shapes(args.layers)
     common = [f"train.eval_every={args.eval_every}", "train.eval_batches=10", "train.lr=2e-3",
               "train.warmup_steps=30", "train.log_every=5"]
     architecture = lambda sizes: [f"model.{k}={v}" for k, v in sizes.items()]  # noqa: E731
 
-    scratch = pretrain(out / "scratch", data_settings(args.data, None) + common + architecture(LARGE)
+    scratch = pretrain(out / "scratch", data_settings(args.data, None) + common + architecture(large)
                        + [f"train.max_steps={args.steps}"])
     tokenizer = out / "scratch" / "tokenizer"
     large_config = read_model_config(out / "scratch" / "final")
@@ -122,7 +127,7 @@ def main() -> None:
 
     for name in args.only:
         slug = name.replace(" ", "-")
-        small = pretrain(out / slug / "small", data_settings(args.data, tokenizer) + common + architecture(SMALL[name])
+        small = pretrain(out / slug / "small", data_settings(args.data, tokenizer) + common + architecture(small_shapes[name])
                          + [f"train.max_steps={args.small_steps}"])
         small_config = read_model_config(out / slug / "small" / "final")
         small_flops = small[-1]["tokens"] * small_config.training_flops_per_token(seq_len) \
@@ -130,8 +135,9 @@ def main() -> None:
         small_seconds = max(row.get("elapsed", 0.0) for row in small)
         grown = out / slug / "grown"
         if not (grown / "config.json").is_file():
-            deeper = ["--depth-method", args.depth_method] if SMALL[name]["num_hidden_layers"] < 4 else []
-            orchard("grow", str(out / slug / "small" / "final"), "--out", str(grown), "--layers", "4", *deeper,
+            deeper = ["--depth-method", args.depth_method] if small_shapes[name]["num_hidden_layers"] < args.layers else []
+            orchard("grow", str(out / slug / "small" / "final"), "--out", str(grown), "--layers", str(args.layers),
+                    *deeper,
                     "--hidden-size", "256", "--intermediate-size", "688", "--heads", "4", "--kv-heads", "2")
         continued = pretrain(out / slug / "continued", data_settings(args.data, tokenizer) + common
                              + [f"init={grown}", f"train.max_steps={args.grown_steps or args.steps}",

@@ -301,16 +301,17 @@ def keep_learning(out: Path, report: Report, sft_dir: Path, steps: int, items: i
     """The three-task stream with and without replay: what naive fine-tuning forgets, and what replay keeps."""
     print("[7/9] continual learning: three tasks in a row, naive and with replay", file=sys.stderr)
     report.heading("Continual learning")
-    report.text(f"The full SFT model learns three tasks in a row ({steps} steps each): word problems (answers it "
-                "has to memorise), then English facts, then Chinese facts. After each task every task is scored "
-                f"by greedy exact match on its first {items} taught items (`eval_on=train`: how much of what was "
-                "taught is retained). Forgetting is the mean drop of each earlier task from its best score.")
+    report.text(f"The full SFT model learns three tasks in a row ({steps} steps on 100 items each): word problems "
+                "(answers it has to memorise), then English facts, then Chinese facts. After each task every task "
+                f"is scored by greedy exact match on its first {items} taught items (`eval_on=train`: how much of "
+                "what was taught is retained). Forgetting is the mean drop of each earlier task from its best score.")
     rows = []
     for label, settings in CONTINUAL_STRATEGIES.items():
         name = settings[0].split("=")[1]
         config = load_config(continual.ContinualConfig, None, [
             f"init={sft_dir}", f"out={out / 'continual' / name}", "eval_on=train", f"eval_items={items}",
-            f"train.max_steps={steps}", "train.lr=5e-4", "train.batch_size=16", "train.warmup_steps=10",
+            "data.train_items=100", f"train.max_steps={steps}", "train.lr=5e-4", "train.batch_size=16",
+            "train.warmup_steps=10",
             "train.eval_every=0", "train.save_every=50", "data.max_length=256", *settings])
         continual.run(config)
         result = json.loads((Path(config.out) / "continual.json").read_text(encoding="utf-8"))

@@ -556,10 +556,10 @@ def run(config: ContinualConfig) -> TrainResult:
     names = [task.name for task in tasks]
     recipe = to_dict(config)
 
-    # Cached scores are reused only for the same held-out items.
+    # Cached scores are reused only for the same scored items.
     key = {"tasks": names, "sources": [t.source for t in tasks], "eval_items": config.eval_items,
-           "eval_on": config.eval_on,
-           "world_seed": config.world_seed}
+           "eval_on": config.eval_on, "world_seed": config.world_seed, "max_length": config.data.max_length,
+           "train_items": config.data.train_items}
     cached = _read_json(out / "baseline.json")
     if cached is not None and cached.get("key") == key:
         baseline = cached["baseline"]
