@@ -73,7 +73,8 @@ TRAINING_COMMANDS = {
                 "mode=offline divergence=forward_kl alpha=0.5 temperature=2"),
     "continual": ("continual", "ContinualConfig", "train one checkpoint through a sequence of tasks (naive, replay, "
                   "EWC, adapters)",
-                  "Continual learning: train init=CHECKPOINT on conversation tasks one after another "
+                  "Continual learning: train init=CHECKPOINT on tasks one after another (conversation .jsonl "
+                  "files, or text corpora as text:PATH for continued pretraining) "
                   "(strategy=naive|replay|ewc|adapters), scoring every task after each one; writes the accuracy "
                   "matrix, its metrics (forgetting, transfer) and a heat map to OUT/continual.json, OUT/R.png and "
                   "OUT/report.md. With no tasks it uses the built-in stream (arithmetic, facts-en, facts-zh).",

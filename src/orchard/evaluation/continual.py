@@ -115,7 +115,7 @@ def markdown_table(R, task_names, value_format: str | Callable[[int, float], str
 
 
 def plot_matrix(R, task_names, png_path, title: str,
-                value_format: str | Callable[[int, float], str] = "{:.0%}") -> Path:
+                value_format: str | Callable[[int, float], str] = "{:.0%}", colorbar_label: str = "score") -> Path:
     """A heat map of ``R``: rows "after <task i>", columns the tasks, each cell's value written in it
     (formatted as `markdown_table` does).
 
@@ -146,7 +146,7 @@ def plot_matrix(R, task_names, png_path, title: str,
     ax.set_xlabel("evaluated on task")
     ax.set_ylabel("model")
     ax.set_title(title)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=colorbar_label)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, bbox_inches="tight")  # long row labels would be clipped

@@ -614,7 +614,8 @@ def run(config: ContinualConfig) -> TrainResult:
         "task_steps": steps, "checkpoints": [str(path) for path in finals]})
     title = f"continual ({config.strategy})"
     cell = lambda j, score: format_value(tasks[j], score)  # noqa: E731
-    png = continual_metrics.plot_matrix(R, names, out / "R.png", title, cell)
+    scale = "score (text: 2^-bits per byte)" if any(t.text is not None for t in tasks) else "score"
+    png = continual_metrics.plot_matrix(R, names, out / "R.png", title, cell, scale)
     report = Report(title=title, directory=out)
     report.heading("Scores after each task")
     report.table(["after training", *names], continual_metrics.markdown_table(R, names, cell))
