@@ -1,10 +1,10 @@
 """Continual learning on the built-in three-task stream: naive, replay, EWC and per-task adapters.
 
-    python benchmarks/continual.py [--init runs/quickstart/pretrain/final] [--steps 100]
+    python benchmarks/continual.py [--init runs/quickstart/sft/final] [--steps 100] [--eval-on train]
 
 Each strategy trains the same checkpoint through word problems, then English facts, then Chinese
-facts (`orchard continual`, the same steps and settings per task), scoring every task on its
-held-out items after each one. Prints each strategy's accuracy matrix R (row: after training task
+facts (`orchard continual`, the same steps and settings per task), scoring every task after each
+one on its first --eval-items taught items (retention; --eval-on held_out: its held-out items). Prints each strategy's accuracy matrix R (row: after training task
 i; column: task j), average accuracy, forgetting and backward transfer, and how much each strategy
 cuts forgetting against naive fine-tuning.
 """
@@ -27,7 +27,7 @@ STRATEGIES = {"naive": [], "replay": ["replay_ratio=0.25", "replay_size=400"], "
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--init", type=Path, default=ROOT / "runs" / "quickstart" / "pretrain" / "final")
+    parser.add_argument("--init", type=Path, default=ROOT / "runs" / "quickstart" / "sft" / "final")
     parser.add_argument("--steps", type=int, default=100, help="training steps per task")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ewc-lambda", type=float, default=1e6)

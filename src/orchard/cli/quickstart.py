@@ -263,8 +263,7 @@ def distill_and_quantize(out: Path, report: Report, teacher_dir: Path, steps: in
     world = World()
     tasks = held_out_completion_tasks(world)
     data = pretrain.DataConfig(seq_len=128, synthetic_documents=20000, val_fraction=0.05)
-    tokens = build_token_cache(pretrain.corpus_paths(data), teacher.tokenizer).tokens
-    val = PackedSequences(split_tokens(tokens, data.val_fraction, data.seq_len)[1], data.seq_len)
+    val = validation_windows(data, teacher.tokenizer)
     rows = []
     for label, path in models.items():
         checkpoint = load_checkpoint(path)
@@ -333,9 +332,7 @@ def grow_and_train(out: Path, report: Report, pretrain_config: pretrain.Pretrain
     grown = grow_checkpoint(parent, grown_dir, layers=6)
     source, target = load_checkpoint(parent), load_checkpoint(grown_dir)
     data = pretrain_config.data
-    tokens = build_token_cache(pretrain.corpus_paths(data), source.tokenizer).tokens
-    val = PackedSequences(split_tokens(tokens, data.val_fraction, data.seq_len)[1], data.seq_len)
-    probe = val.batch(range(8))["input_ids"]
+    probe = validation_windows(data, source.tokenizer).batch(range(8))["input_ids"]
     with torch.no_grad():
         difference = (source.model.float()(probe).logits - target.model.float()(probe).logits).abs().max().item()
     config = load_config(pretrain.PretrainConfig, None, [
@@ -359,6 +356,12 @@ def grow_and_train(out: Path, report: Report, pretrain_config: pretrain.Pretrain
         [f"validation loss after {steps} steps of the new blocks", f"{result.state.metrics['val_loss']:.4f}"],
         ["checkpoint", str(result.final_dir)],
     ])
+
+
+def validation_windows(data: pretrain.DataConfig, tokenizer) -> PackedSequences:
+    """The pretraining corpus's validation windows, as pretraining split them."""
+    tokens = build_token_cache(pretrain.corpus_paths(data), tokenizer).tokens
+    return PackedSequences(split_tokens(tokens, data.val_fraction, data.seq_len)[1], data.seq_len)
 
 
 def _size(path: Path) -> str:

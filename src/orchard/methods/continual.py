@@ -18,16 +18,17 @@ to bottom, a run is:
    with the strategy's changes:
    * naive: plain fine-tuning of the previous task's checkpoint;
    * replay: a reservoir (Algorithm R, seeded) of `replay_size` training examples of the earlier
-     tasks (conversations, or text windows supervised on every token); each micro-batch is a replay micro-batch with probability `replay_ratio`, decided by a
-     seeded draw from (step, micro-batch), so batches stay a pure function of the step and resume
-     exactly;
+     tasks (conversations, or text windows supervised on every token); each micro-batch is a
+     replay micro-batch with probability `replay_ratio`, decided by a seeded draw from (step,
+     micro-batch), so batches stay a pure function of the step and resume exactly;
    * ewc: online elastic weight consolidation. After task i the diagonal Fisher of the
      log-likelihood on `ewc_batches` of task i's batches (squared gradients of each batch's mean
      token loss, averaged) is added to the decayed earlier one, F = ewc_gamma * F_old + F_new, and
      saved as `task-<i>-<name>/fisher.safetensors` beside its final checkpoint; task i+1 then adds
      (ewc_lambda / 2) * sum F (theta - theta*)^2 to the mean token loss, theta* being task i's
      final weights. The Fisher is that of a batch's mean loss, so ewc_lambda keeps its meaning
-     across batch sizes (useful values are large: the benchmark's is in benchmarks/continual.py);
+     across batch sizes; its values are small, so useful lambdas are large (the default, 1e6, is
+     the one measured on the built-in stream);
    * adapters: the base stays frozen; every task trains its own LoRA adapter (named after the
      task) from the base, and its checkpoint holds only that adapter. Task j is evaluated with
      adapter j active (task identity known at test time), so nothing learnt can be forgotten:
@@ -97,12 +98,12 @@ from ..peft.lora import (
 )
 from ..training import TrainConfig, Trainer, TrainResult
 from ..training.engine import resolve_device
-from .losses import token_cross_entropy
 from .pretrain import PackedLanguageModeling
 from .sft import (
     ConversationDataConfig,
     ConversationLanguageModeling,
     SFTConfig,
+    summed_token_loss,
     tokenize_all,
 )
 
@@ -378,9 +379,7 @@ class ContinualLanguageModeling:
         return int((batch["labels"] != -100).sum())
 
     def loss(self, model, batch):
-        logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                       position_ids=batch.get("position_ids")).logits
-        total, metrics = token_cross_entropy(logits, batch["labels"]), {}
+        total, metrics = summed_token_loss(model, batch), {}
         if self.penalty is not None:
             # The engine divides the summed loss by count(): a per-token penalty is added count times.
             penalty = self.penalty()
@@ -451,9 +450,7 @@ def mean_likelihood(model, examples: list, pad_id: int, batch_size: int = 16) ->
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collate_padded(examples[start:start + batch_size], pad_id).items()}
-            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                           position_ids=batch.get("position_ids")).logits
-            loss_sum += token_cross_entropy(logits, batch["labels"]).item()
+            loss_sum += summed_token_loss(model, batch).item()
             tokens += int((batch["labels"] != -100).sum())
     return math.exp(-loss_sum / max(tokens, 1))
 
@@ -573,7 +570,6 @@ def run(config: ContinualConfig) -> TrainResult:
     R: list[list[float]] = []
     result: TrainResult | None = None
     fisher: dict[str, torch.Tensor] | None = None
-    adapters = adapter_names(tasks)
     steps = config.task_steps or [config.train.max_steps] * len(tasks)
     finals: list[Path] = []  # each task's resulting checkpoint
     for i, task in enumerate(tasks):

@@ -76,6 +76,14 @@ class SFTConfig:
                                                                    weight_decay=0.0, batch_size=8))
 
 
+def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy of a batch's supervised tokens. A packed batch brings its block mask and
+    positions, a padded one its padding mask, a batch of plain text windows neither."""
+    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   position_ids=batch.get("position_ids")).logits
+    return token_cross_entropy(logits, batch["labels"])
+
+
 class ConversationLanguageModeling:
     """The engine's view of SFT: batches of packed (or padded) conversations, loss on assistant tokens."""
 
@@ -104,9 +112,7 @@ class ConversationLanguageModeling:
         return int((batch["labels"] != -100).sum())
 
     def loss(self, model, batch):
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch.get("position_ids")).logits
-        return token_cross_entropy(logits, batch["labels"]), {}
+        return summed_token_loss(model, batch), {}
 
     def evaluate(self, model) -> dict[str, float]:
         loss_sum, tokens = 0.0, 0
