@@ -7,7 +7,8 @@ A checkpoint is a directory that Hugging Face tools can read as it is:
     tokenizer.json           the tokenizer, and tokenizer_config.json with its chat template
     generation_config.json   default sampling settings
     orchard.json             the lineage record: stage, parent, recipe, data, compute, metrics
-    training_state.pt        optimizer, schedule and data position (only where a run can resume)
+    training_state.json      counters, optimizer settings and RNG of a resumable step checkpoint,
+    training_state.safetensors   with the optimizer's tensors (no pickle: nothing read can run code)
     quantization.json        only in a quantized checkpoint (`orchard quantize`): which layers hold
                              int8/int4 codes in model.safetensors instead of a weight (see
                              `orchard.model.quantization`). Such a checkpoint is orchard's own, for
@@ -27,17 +28,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import OrchardError
+from .files import atomic_directory, contained_file, file_sha256, read_json, write_json
 from .model import CausalLM, ModelConfig
 from .model.quantization import (apply_quantization_layout, prepare_quantized, quantization_settings,
                                  quantization_tensor_names)
@@ -46,7 +46,9 @@ from .tokenizer import Tokenizer
 RECORD_FILE = "orchard.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-TRAINING_STATE_FILE = "training_state.pt"
+TRAINING_STATE_FILE = "training_state.json"
+TRAINING_TENSORS_FILE = "training_state.safetensors"
+LEGACY_TRAINING_STATE_FILE = "training_state.pt"
 ADAPTER_WEIGHTS_FILE = "adapters.safetensors"
 ADAPTER_SETTINGS_FILE = "adapters.json"
 QUANTIZATION_FILE = "quantization.json"
@@ -61,50 +63,6 @@ class Checkpoint:
     model: CausalLM
     tokenizer: Tokenizer
     record: dict
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write `data` as JSON atomically (a temporary file renamed into place), creating the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def atomic_directory(target: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp)` into a fresh temporary directory, then move it to `target` in one rename."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        for child in tmp.rglob("*"):
-            if child.is_file():
-                with open(child, "rb") as handle:
-                    os.fsync(handle.fileno())
-        if target.exists():
-            # Two renames: a crash between them leaves the old copy under `.old`, which
-            # `latest_checkpoint` never picks, and the previous checkpoint step still intact.
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def model_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
@@ -184,12 +142,74 @@ def save_checkpoint(path: str | Path, model: CausalLM, tokenizer: Tokenizer, rec
                 write_json(tmp / QUANTIZATION_FILE, quantization)
         tokenizer.save(tmp)
         write_json(tmp / "generation_config.json", generation_config)
-        write_json(tmp / RECORD_FILE, {**record, "weights_sha256": sha})
+        write_json(tmp / RECORD_FILE, {**record, "weights_sha256": sha, "tokenizer_sha256": tokenizer.fingerprint()})
         if training_state is not None:
-            torch.save(training_state, tmp / TRAINING_STATE_FILE)
+            write_training_state(tmp, training_state)
 
     atomic_directory(path, write)
     return path
+
+
+def write_training_state(directory: Path, state: dict) -> None:
+    """A resumable run's state (nested dicts, lists and tuples of numbers, strings and tensors, as an
+    optimizer's state_dict is) as JSON plus one safetensors file for the tensors: formats that hold
+    data only, so a training state planted in a shared run directory cannot run code when resumed."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(value: Any, key: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value.detach().to("cpu").contiguous()
+            return {"tensor": key}
+        if isinstance(value, dict):
+            return {"dict": [[k, encode(v, f"{key}.{k}")] for k, v in value.items()]}
+        if isinstance(value, (list, tuple)):
+            return {type(value).__name__: [encode(v, f"{key}.{i}") for i, v in enumerate(value)]}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"training state {key}: cannot store a {type(value).__name__}")
+
+    document = encode(state, "state")
+    save_file(tensors, directory / TRAINING_TENSORS_FILE, metadata={"format": "pt"})
+    write_json(directory / TRAINING_STATE_FILE, document)
+
+
+def read_training_state(directory: Path, device: str | torch.device = "cpu") -> dict:
+    """What `write_training_state` wrote; anything else (a missing or truncated file, a pickle left
+    by an older orchard) is a one-line error naming the file."""
+    if (directory / LEGACY_TRAINING_STATE_FILE).is_file() and not (directory / TRAINING_STATE_FILE).is_file():
+        raise OrchardError(f"{directory / LEGACY_TRAINING_STATE_FILE}: a pickle (from orchard before 0.2), which "
+                           f"orchard does not load since a pickle can run code")
+    document = read_json(directory / TRAINING_STATE_FILE)
+    tensors = read_weights(directory / TRAINING_TENSORS_FILE)
+    where = directory / TRAINING_STATE_FILE
+
+    def decode(value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        if len(value) != 1:
+            raise OrchardError(f"{where}: not a training state written by orchard")
+        (kind, content), = value.items()
+        try:
+            if kind == "tensor":
+                return tensors[content].to(device)
+            if kind == "dict":
+                return {k: decode(v) for k, v in content}
+            if kind == "list":
+                return [decode(v) for v in content]
+            if kind == "tuple":
+                return tuple(decode(v) for v in content)
+        except (KeyError, TypeError, ValueError) as error:
+            raise OrchardError(f"{where}: does not match {TRAINING_TENSORS_FILE} ({error!r})") from None
+        raise OrchardError(f"{where}: not a training state written by orchard (unknown entry {kind!r})")
+
+    state = decode(document)
+    if not isinstance(state, dict):
+        raise OrchardError(f"{where}: not a training state written by orchard")
+    return state
+
+
+def has_training_state(directory: Path) -> bool:
+    return (directory / TRAINING_STATE_FILE).is_file() or (directory / LEGACY_TRAINING_STATE_FILE).is_file()
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -236,19 +256,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if steps:
         return steps[-1]
     raise OrchardError(f"{path}: not a checkpoint (no config.json and {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE})")
-
-
-def read_json(path: Path, missing: str = "no such file") -> dict:
-    """A JSON object from a file; a missing, unreadable or non-object file is a one-line error."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise OrchardError(f"{path}: {missing}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise OrchardError(f"{path}: invalid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise OrchardError(f"{path}: expected a JSON object")
-    return data
 
 
 def read_record(path: Path) -> dict:
@@ -343,13 +350,20 @@ def load_weights(model: CausalLM, path: Path, assign: bool = False, dtype: torch
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
-def check_tokenizer_matches(tokenizer: Tokenizer, config: ModelConfig, where: Path) -> None:
-    """Reject a tokenizer that produces ids the model has no embedding for. A model with more
-    embeddings than tokens is fine (Hugging Face models pad vocab_size to a round number), and so is
-    an eos_token_id in config.json that differs from the tokenizer's (Llama 3 instruct lists several)."""
+def check_tokenizer_matches(tokenizer: Tokenizer, config: ModelConfig, where: Path, record: dict) -> None:
+    """Reject a tokenizer that does not belong to the model: one that produces ids the model has no
+    embedding for, or, in an orchard checkpoint, any tokenizer.json other than the one its record
+    names (a smaller vocabulary from another model would otherwise be read as garbage). A Hugging Face
+    model with more embeddings than tokens is fine (vocab_size is padded to a round number), and so
+    is an eos_token_id in config.json that differs from the tokenizer's (Llama 3 instruct lists
+    several)."""
     if tokenizer.vocab_size > config.vocab_size:
         raise OrchardError(f"{where}: tokenizer has {tokenizer.vocab_size} tokens but the model's "
                            f"vocab_size is {config.vocab_size}: they do not belong together")
+    expected = record.get("tokenizer_sha256")
+    if expected and tokenizer.fingerprint() != expected:
+        raise OrchardError(f"{where / 'tokenizer.json'}: not the tokenizer this model was trained with "
+                           f"({RECORD_FILE} records another); put the checkpoint's own tokenizer back")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
@@ -367,7 +381,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
         return _load_adapter_checkpoint(path, device, dtype)
     config = read_model_config(path)
     tokenizer = Tokenizer.load(path)
-    check_tokenizer_matches(tokenizer, config, path)
+    record = read_record(path)
+    check_tokenizer_matches(tokenizer, config, path, record)
     with torch.device("meta"):
         model = CausalLM(config)
     quantization = read_quantization(path)
@@ -378,7 +393,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     model = model.to(device).eval()
     if quantization is not None:
         prepare_quantized(model)  # the CPU kernels' weight layout, once, rather than at the first token
-    return Checkpoint(path=path, model=model, tokenizer=tokenizer, record=read_record(path))
+    return Checkpoint(path=path, model=model, tokenizer=tokenizer, record=record)
 
 
 def load_merged(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
@@ -423,9 +438,11 @@ def restore_adapters(model: CausalLM, path: Path, create: bool = False, rename: 
     Returns the adapter names."""
     from .peft.settings import rebuild
 
-    settings = json.loads((path / ADAPTER_SETTINGS_FILE).read_text(encoding="utf-8"))
+    settings = read_json(path / ADAPTER_SETTINGS_FILE)
     lora = settings.get("lora", {})
-    tensors = load_file(path / ADAPTER_WEIGHTS_FILE)
+    if not isinstance(lora, dict):
+        raise OrchardError(f"{path / ADAPTER_SETTINGS_FILE}: \"lora\" must map adapter names to settings")
+    tensors = dict(read_weights(path / ADAPTER_WEIGHTS_FILE))
     if rename is not None:
         if list(settings) != ["lora"] or len(lora) != 1:
             raise OrchardError(f"{path}: only a checkpoint with a single LoRA adapter can join other adapters "

@@ -6,11 +6,12 @@ plots it references.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
+
+from ..files import atomic_file, read_json_lines
 
 matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -19,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 def read_metrics(metrics_file: Path) -> list[dict]:
     if not metrics_file.is_file():
         return []
-    return [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    return read_json_lines(metrics_file)
 
 
 def plot_loss_curves(metrics_file: Path, png: Path, title: str) -> Path:
@@ -84,9 +85,5 @@ class Report:
         self.sections.append("\n".join(blocks) + "\n")
 
     def write(self) -> Path:
-        path = self.directory / "report.md"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".md.tmp")
-        tmp.write_text(f"# {self.title}\n\n" + "\n".join(self.sections), encoding="utf-8")
-        tmp.replace(path)
-        return path
+        text = f"# {self.title}\n\n" + "\n".join(self.sections)
+        return atomic_file(self.directory / "report.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))

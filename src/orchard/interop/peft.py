@@ -131,7 +131,7 @@ def save_lora_adapter(directory, config: LoraAdapterConfig,
 
     The directory is written whole and renamed into place (a crash leaves the old adapter or the new
     one); an existing directory holding anything but adapter files is refused, not overwritten."""
-    from ..checkpoint import atomic_directory
+    from ..files import atomic_directory
 
     directory = Path(directory)
     if config.bias != "none":
@@ -162,7 +162,7 @@ def save_lora_adapter(directory, config: LoraAdapterConfig,
 
 
 def _read_config(config_file: Path) -> LoraAdapterConfig:
-    from ..checkpoint import read_json  # checkpoint imports this module's users; import late
+    from ..files import read_json
 
     data = read_json(config_file, missing="no such file (not a PEFT adapter directory)")
     peft_type = data.get("peft_type")

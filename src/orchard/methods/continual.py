@@ -98,6 +98,7 @@ from ..peft.lora import (
 )
 from ..training import TrainConfig, Trainer, TrainResult
 from ..training.engine import resolve_device
+from ..training.run_directory import open_run
 from .pretrain import PackedLanguageModeling
 from .sft import (
     ConversationDataConfig,
@@ -535,6 +536,11 @@ def _save_fisher(fisher: dict[str, torch.Tensor], path: Path, config: ContinualC
 
 
 def run(config: ContinualConfig) -> TrainResult:
+    with open_run(config.out, "continual", to_dict(config)):
+        return _run(config)
+
+
+def _run(config: ContinualConfig) -> TrainResult:
     if not config.init:
         raise OrchardError("init: continual needs a checkpoint to start from, e.g. init=runs/quickstart/sft")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -57,6 +57,7 @@ from ..tokenizer import Tokenizer
 from ..training import TrainConfig, Trainer, TrainResult
 from ..training.distributed import Distributed
 from ..training.engine import resolve_device, resolve_precision
+from ..training.run_directory import open_run
 from .distill_losses import SparseTeacher, distillation_loss, forward_kl, generalized_jsd, hidden_state_loss, \
     reverse_kl, top_k_teacher
 from .losses import IGNORE_INDEX
@@ -579,6 +580,11 @@ def _train(config: DistillConfig, student: CausalLM, method, tokenizer, data_rec
 
 
 def run(config: DistillConfig) -> TrainResult:
+    with open_run(config.out, "distill", to_dict(config)):
+        return _run(config)
+
+
+def _run(config: DistillConfig) -> TrainResult:
     if not config.teacher:
         raise OrchardError("teacher: distill needs a teacher checkpoint, e.g. orchard distill runs/big/final "
                            "--student student.yaml")

@@ -34,6 +34,7 @@ from ..peft.config import PeftConfig, apply_peft
 from ..training import TrainConfig, Trainer, TrainResult
 from ..training.distributed import Distributed
 from ..training.engine import resolve_device, resolve_precision
+from ..training.run_directory import open_run
 from .losses import token_log_probs
 from .pairs import (PairBatches, PreferenceDataConfig, TokenizedPair, collate_pairs, held_out_batches, load_pairs,
                     pair_training_defaults)
@@ -214,6 +215,11 @@ def cached_reference(out: Path, model, train, val, pad_id: int, batch_size: int,
 
 
 def run(config: DPOConfig) -> TrainResult:
+    with open_run(config.out, "dpo", to_dict(config)):
+        return _run(config)
+
+
+def _run(config: DPOConfig) -> TrainResult:
     if not config.init:
         raise OrchardError("init: dpo needs a checkpoint to align, e.g. init=runs/quickstart/sft")
     distributed = Distributed.from_environment(config.train.device)

@@ -24,8 +24,10 @@ from typing import Literal
 
 import torch
 
+from ..config import to_dict
 from ..peft.config import PeftConfig, ReferenceModel
 from ..training import TrainConfig, TrainResult
+from ..training.run_directory import open_run
 from .rl_losses import aggregate, group_advantages, grpo_token_loss, k3_kl
 from .rollouts import Prompt, PromptDataConfig, Rollouts, completion_log_probs, prepare_online_run, train_online
 
@@ -154,5 +156,10 @@ class GRPO:
 
 
 def run(config: GRPOConfig) -> TrainResult:
+    with open_run(config.out, "grpo", to_dict(config)):
+        return _run(config)
+
+
+def _run(config: GRPOConfig) -> TrainResult:
     online = prepare_online_run(config, "grpo", config.num_generations, keep_reference=config.beta != 0)
     return train_online(config, online, GRPO(config, online.rollouts, online.val, online.reference))

@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import to_dict
 from ..peft.config import PeftConfig, ReferenceModel
 from ..training import TrainConfig, TrainResult
+from ..training.run_directory import open_run
 from .rl_losses import aggregate, clipped_surrogate, clipped_value_loss, gae, token_rewards_with_kl, whiten
 from .rollouts import Prompt, PromptDataConfig, Rollouts, completion_log_probs, prepare_online_run, train_online
 
@@ -143,5 +145,10 @@ class PPO:
 
 
 def run(config: PPOConfig) -> TrainResult:
+    with open_run(config.out, "ppo", to_dict(config)):
+        return _run(config)
+
+
+def _run(config: PPOConfig) -> TrainResult:
     online = prepare_online_run(config, "ppo", 1, keep_reference=True, value_head=True)
     return train_online(config, online, PPO(config, online.rollouts, online.val, online.reference))

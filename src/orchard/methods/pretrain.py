@@ -12,8 +12,9 @@ a small model on the built-in synthetic world. Read top to bottom, a run is:
 
 from __future__ import annotations
 
+import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -28,11 +29,13 @@ from ..data.synthetic import write_corpus
 from ..data.tokens import build_token_cache, default_cache_root
 from ..errors import OrchardError
 from ..evaluation.language_modeling import evaluate_language_modeling
+from ..files import atomic_directory
 from ..lineage import new_record
 from ..model import CausalLM, ModelConfig
-from ..tokenizer import Tokenizer
+from ..tokenizer import MIN_VOCAB_SIZE, Tokenizer
 from ..training import TrainConfig, Trainer, TrainResult
 from ..training.distributed import Distributed
+from ..training.run_directory import open_run, read_run_file, record_in_run_file
 from .losses import token_cross_entropy
 
 
@@ -52,6 +55,14 @@ class DataConfig:
     synthetic_seed: int = 0
     """Seed of the built-in world's document stream."""
 
+    def __post_init__(self) -> None:
+        if self.seq_len <= 0:
+            raise ValueError(f"data.seq_len must be positive, got {self.seq_len}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be at least 0 and below 1, got {self.val_fraction}")
+        if self.synthetic_documents <= 0:
+            raise ValueError(f"data.synthetic_documents must be positive, got {self.synthetic_documents}")
+
 
 @dataclass
 class TokenizerConfig:
@@ -61,6 +72,13 @@ class TokenizerConfig:
     """Vocabulary size of a tokenizer trained here (special tokens included)."""
     train_bytes: int = 50_000_000
     """At most this many bytes of the corpus (from its start) train the tokenizer."""
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(f"tokenizer.vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes and the special "
+                             f"tokens), got {self.vocab_size}")
+        if self.train_bytes <= 0:
+            raise ValueError(f"tokenizer.train_bytes must be positive, got {self.train_bytes}")
 
 
 @dataclass
@@ -116,10 +134,22 @@ def corpus_paths(data: DataConfig) -> list[Path]:
 
 
 def prepare_tokenizer(config: PretrainConfig, paths: list[Path], run_dir: Path) -> Tokenizer:
-    """The run's tokenizer, saved in the run directory so a resumed run uses the very same one."""
+    """The run's tokenizer, saved in the run directory so a resumed run uses the very same one.
+
+    It is written whole (a temporary directory renamed into place) and its fingerprint goes into the
+    run's run.json; a saved tokenizer is reused only when it is that one, so a run killed while the
+    tokenizer was written, or a tokenizer/ put there by hand, is never taken for the run's."""
     saved = run_dir / "tokenizer"
-    if (saved / "tokenizer.json").is_file():
-        return Tokenizer.load(saved)
+    recorded = read_run_file(run_dir).get("tokenizer_fingerprint")
+    if recorded and (saved / "tokenizer.json").is_file():
+        try:
+            tokenizer = Tokenizer.load(saved)
+        except OrchardError as problem:
+            print(f"{saved} is unreadable ({problem}); making it again", file=sys.stderr)
+        else:
+            if tokenizer.fingerprint() == recorded:
+                return tokenizer
+            print(f"{saved} is not the tokenizer this run recorded; making it again", file=sys.stderr)
     if config.init:
         tokenizer = load_checkpoint(config.init).tokenizer
     elif config.tokenizer.path:
@@ -129,8 +159,8 @@ def prepare_tokenizer(config: PretrainConfig, paths: list[Path], run_dir: Path) 
         chunks = (text for text, _ in iter_text_chunks(paths, config.data.text_field))
         tokenizer = Tokenizer.train(_leading_bytes(chunks, config.tokenizer.train_bytes),
                                     vocab_size=config.tokenizer.vocab_size)
-    saved.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(saved)
+    atomic_directory(saved, tokenizer.save)
+    record_in_run_file(run_dir, tokenizer_fingerprint=tokenizer.fingerprint())
     return tokenizer
 
 
@@ -206,9 +236,27 @@ def build_model(config: PretrainConfig, tokenizer: Tokenizer) -> tuple[CausalLM,
     return model, None
 
 
+def check_model_fits(config: PretrainConfig) -> None:
+    """Refuse, before any work, a fresh model whose float32 weights alone exceed this machine's memory."""
+    if config.init:
+        return
+    parameters = replace(config.model, vocab_size=config.tokenizer.vocab_size).num_parameters()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 4 * parameters > memory:
+        raise OrchardError(f"model: {parameters:,} parameters need {4 * parameters / 2**30:,.0f} GiB as float32 "
+                           f"weights, more than this machine's {memory / 2**30:.0f} GiB of memory")
+
+
 def run(config: PretrainConfig) -> TrainResult:
     run_dir = Path(config.out)
-    init_checkpoint(config)  # before the tokenizer and the corpus are prepared for nothing
+    # Before the tokenizer and the corpus are prepared for nothing:
+    init_checkpoint(config)
+    check_model_fits(config)
+    with open_run(run_dir, "pretrain", to_dict(config)):
+        return _run(config, run_dir)
+
+
+def _run(config: PretrainConfig, run_dir: Path) -> TrainResult:
     distributed = Distributed.from_environment(config.train.device)
     with distributed.rank_zero_first():  # one process writes the tokenizer and caches, the rest read them
         paths = corpus_paths(config.data)

@@ -30,6 +30,7 @@ from ..peft.config import PeftConfig, apply_peft
 from ..rewards.models import sequence_scores
 from ..training import TrainConfig, Trainer, TrainResult
 from ..training.distributed import Distributed
+from ..training.run_directory import open_run
 from .pairs import (PairBatches, PreferenceDataConfig, TokenizedPair, held_out_batches, load_pairs,
                     pair_training_defaults)
 
@@ -105,6 +106,11 @@ class RewardModeling:
 
 
 def run(config: RewardConfig) -> TrainResult:
+    with open_run(config.out, "reward", to_dict(config)):
+        return _run(config)
+
+
+def _run(config: RewardConfig) -> TrainResult:
     if not config.init:
         raise OrchardError("init: reward needs a checkpoint to start from, e.g. init=runs/quickstart/sft")
     distributed = Distributed.from_environment(config.train.device)

@@ -37,6 +37,7 @@ from ..lineage import new_record
 from ..peft.config import PeftConfig, apply_peft
 from ..training import TrainConfig, Trainer, TrainResult
 from ..training.distributed import Distributed
+from ..training.run_directory import open_run
 from .losses import token_cross_entropy
 
 
@@ -175,6 +176,11 @@ def tokenize_all(records: list[dict], tokenizer, config: SFTConfig) -> tuple[lis
 
 
 def run(config: SFTConfig) -> TrainResult:
+    with open_run(config.out, "sft", to_dict(config)):
+        return _run(config)
+
+
+def _run(config: SFTConfig) -> TrainResult:
     if not config.init:
         raise OrchardError("init: sft needs a checkpoint to fine-tune, e.g. init=runs/quickstart/pretrain")
     distributed = Distributed.from_environment(config.train.device)

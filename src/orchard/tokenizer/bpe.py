@@ -46,6 +46,9 @@ SPECIAL_TOKENS = {
     "im_end": "<|im_end|>",
 }
 
+# The 256 byte tokens, the special tokens and room for a few merges: smaller makes no useful tokenizer.
+MIN_VOCAB_SIZE = 300
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"

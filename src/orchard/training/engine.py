@@ -29,14 +29,16 @@ from typing import Literal, Protocol
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import (FINAL_DIR, STEP_PREFIX, TRAINING_STATE_FILE, is_checkpoint, read_record,
-                          restore_trained_weights, save_checkpoint, step_checkpoints)
+from ..checkpoint import (FINAL_DIR, STEP_PREFIX, has_training_state, is_checkpoint, read_record,
+                          read_training_state, restore_trained_weights, save_checkpoint, step_checkpoints)
 from ..config import Duration, to_dict
 from ..errors import OrchardError
+from ..files import atomic_file, read_json_lines
 from ..model import CausalLM
 from ..tokenizer import Tokenizer
 from .distributed import Distributed
 from .progress import Progress
+from .run_directory import first_difference, open_run
 
 
 @dataclass
@@ -164,26 +166,6 @@ def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
 
-RESUMABLE_CHANGES = {"out", "train.max_steps", "train.max_tokens", "train.max_time", "train.eval_every",
-                     "train.eval_batches", "train.save_every", "train.keep_checkpoints", "train.log_every",
-                     "train.progress", "train.device", "train.compile"}
-"""Recipe keys that may differ when a run directory is resumed."""
-
-
-def _first_difference(old, new, ignore: set[str], prefix: str = "") -> tuple[str, object, object] | None:
-    if isinstance(old, dict) and isinstance(new, dict):
-        # A key the old record lacks was added by a later orchard version: nothing to compare.
-        for key in sorted(set(old) & set(new)):
-            dotted = f"{prefix}.{key}" if prefix else key
-            if dotted in ignore:
-                continue
-            found = _first_difference(old.get(key), new.get(key), ignore, dotted)
-            if found:
-                return found
-        return None
-    return None if old == new else (prefix, old, new)
-
-
 @dataclass
 class TrainState:
     """Counters a resumed run continues from; saved in every step checkpoint."""
@@ -292,6 +274,7 @@ class Trainer:
         }, "metrics": dict(s.metrics)}
 
     def _save(self, directory: Path, with_state: bool) -> None:
+        self._check_finite(self.state.metrics)
         if self.dist.rank == 0:
             save_checkpoint(directory, self.model, self.tokenizer, self._full_record(),
                             self._training_state() if with_state else None)
@@ -310,32 +293,80 @@ class Trainer:
         new = self.record.get("recipe")
         if not old or not new:
             return
-        changed = _first_difference(old, new, ignore=RESUMABLE_CHANGES)
+        changed = first_difference(old, new)
         if changed:
             key, before, after = changed
             raise OrchardError(f"{self.out_dir} holds a run with {key}={before!r}, not {after!r}; "
                                f"use another out= for a new run")
 
     def _resume(self) -> int | None:
-        steps = [p for p in step_checkpoints(self.out_dir) if (p / TRAINING_STATE_FILE).is_file()]
+        """Continue from the newest step checkpoint that can be read and holds finite numbers; a
+        newer one that cannot (a disk that failed under it, a pickle from an older orchard, NaN
+        weights from a run that diverged) is passed over with a message naming it."""
+        steps = [p for p in step_checkpoints(self.out_dir) if has_training_state(p)]
         if not steps:
             return None
-        latest = steps[-1]
-        self._check_same_recipe(latest)
-        saved = torch.load(latest / TRAINING_STATE_FILE, map_location=self.device, weights_only=False)
-        restore_trained_weights(self.model, latest)
-        self.model.to(self.device)
+        self._check_same_recipe(steps[-1])
+        for candidate in reversed(steps):
+            try:
+                saved = self._load_step(candidate)
+                break
+            except OrchardError as problem:
+                if self.dist.rank == 0:
+                    print(f"{candidate.name} cannot be resumed ({problem}); trying the step before it",
+                          file=sys.stderr)
+        else:
+            raise OrchardError(f"{self.out_dir}: none of its step checkpoints can be resumed (see above); "
+                               f"use another out= for a new run")
         if self.extra_modules is not None and "extra_modules" in saved:
             self.extra_modules.load_state_dict(saved["extra_modules"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["rng"])
-        self.state = TrainState(**saved["state"])
+        try:
+            self.optimizer.load_state_dict(saved["optimizer"])
+            torch.set_rng_state(saved["rng"])
+            self.state = TrainState(**saved["state"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise OrchardError(f"{candidate}: its training state does not fit this run ({error})") from None
         if self.dist.rank == 0 and self.metrics_file.exists():
-            # Lines logged after the checkpoint belong to the lost part of the run.
-            kept = [line for line in self.metrics_file.read_text().splitlines()
-                    if json.loads(line).get("step", 0) <= self.state.step]
-            self.metrics_file.write_text("".join(line + "\n" for line in kept))
+            # Lines logged after the checkpoint belong to the lost part of the run; a line cut short
+            # by a kill is dropped too.
+            kept = [entry for entry in read_json_lines(self.metrics_file) if entry.get("step", 0) <= self.state.step]
+            atomic_file(self.metrics_file, lambda tmp: tmp.write_text(
+                "".join(json.dumps(entry) + "\n" for entry in kept), encoding="utf-8"))
         return self.state.step
+
+    def _load_step(self, directory: Path) -> dict:
+        """A step checkpoint's weights put into the model and its training state, checked finite."""
+        saved = read_training_state(directory, self.device)
+        metrics = read_record(directory).get("metrics") or {}
+        bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise OrchardError(f"its {bad[0]} is {metrics[bad[0]]}")
+        restore_trained_weights(self.model, directory)
+        self.model.to(self.device)
+        name = self._non_finite_parameter()
+        if name is not None:
+            raise OrchardError(f"its weight {name} is not finite")
+        return saved
+
+    def _non_finite_parameter(self) -> str | None:
+        """The name of a trained weight holding NaN or infinity, or None when all are finite."""
+        named = list(self.model.named_parameters())
+        if self.extra_modules is not None:
+            named += list(self.extra_modules.named_parameters())
+        return next((name for name, p in named if p.requires_grad and not bool(torch.isfinite(p).all())), None)
+
+    def _check_finite(self, metrics: dict[str, float]) -> None:
+        """Stop a run that diverged before anything non-finite reaches a checkpoint."""
+        bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+        problem = f"{bad[0]} is {metrics[bad[0]]}" if bad else None
+        if problem is None:
+            name = self._non_finite_parameter()
+            problem = f"the weight {name} is not finite" if name is not None else None
+        if problem is not None:
+            saved = step_checkpoints(self.out_dir)
+            kept = f"; the last checkpoint, {saved[-1].name}, is unaffected" if saved else "; nothing was saved"
+            raise OrchardError(f"step {self.state.step}: {problem}: the run diverged (lower train.lr or check the "
+                               f"data){kept}")
 
     def _log(self, entry: dict) -> None:
         if self.dist.rank == 0:
@@ -356,6 +387,11 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
+        """Train to the limit in `out_dir`, which is held (`open_run`) for the whole run."""
+        with open_run(self.out_dir, self.record.get("stage", self.method.name), self.record.get("recipe")):
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         final_dir = self.out_dir / FINAL_DIR
         if is_checkpoint(final_dir):
             self._check_same_recipe(final_dir)
@@ -376,6 +412,9 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.dist.barrier()
         resumed_from = self._resume()
+        if resumed_from is None and self.dist.rank == 0:
+            # Lines of an earlier attempt that was killed before its first checkpoint: it starts over.
+            self.metrics_file.unlink(missing_ok=True)
         model = self.dist.wrap(self.model)
         if self.config.compile:
             model = torch.compile(model)
@@ -422,11 +461,15 @@ class Trainer:
                         p.grad /= world
             grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip).item()
                          if c.grad_clip > 0 else float("nan"))
+            if c.grad_clip > 0 and not math.isfinite(grad_norm):
+                raise OrchardError(f"step {step}: the gradient norm is {grad_norm}: the run diverged (lower "
+                                   f"train.lr or check the data); nothing of this step was saved")
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.dist.all_reduce_sum(loss_total) / items
             if not math.isfinite(loss):
-                raise OrchardError(f"step {step}: the loss is {loss}; lower train.lr or check the data")
+                raise OrchardError(f"step {step}: the loss is {loss}: the run diverged (lower train.lr or check "
+                                   f"the data); nothing of this step was saved")
 
             self.state.step += 1
             self.state.tokens += step_tokens
@@ -452,6 +495,7 @@ class Trainer:
             if c.eval_every and self.state.step % c.eval_every == 0 and not finished:
                 metrics = self._evaluate()
                 self.state.metrics.update(metrics)
+                self._check_finite(metrics)
                 if metrics:
                     progress_display.message(f"step {self.state.step}: " +
                                              ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
