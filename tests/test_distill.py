@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchard.checkpoint import load_checkpoint, read_record, save_checkpoint
+from orchard.checkpoint import load_checkpoint, read_record, read_training_state, save_checkpoint
 from orchard.config import load_config
 from orchard.errors import OrchardError
 from orchard.methods import distill
@@ -92,7 +92,7 @@ def test_offline_distillation_moves_the_student_towards_the_teacher(chat_base, c
 def test_online_hidden_alignment_trains_projections_and_resumes(chat_base, corpus, student_yaml, tmp_path):
     settings = {"student": student_yaml, "mode": "online", "hidden_weight": 1.0, "train.save_every": 2}
     distill.run(config(chat_base, corpus, tmp_path / "run", **settings, **{"train.max_steps": 2}))
-    state = torch.load(tmp_path / "run" / "step-000002" / "training_state.pt", weights_only=False)
+    state = read_training_state(tmp_path / "run" / "step-000002")
     projection = state["extra_modules"]["0.weight"]
     assert projection.shape == (32, 16)  # student width 16 -> teacher width 32
     resumed = distill.run(config(chat_base, corpus, tmp_path / "run", **settings, **{"train.max_steps": 4}))

@@ -18,6 +18,7 @@ from orchard.methods.dpo import REFERENCE_FILE, DPOConfig, PreferenceOptimizatio
 from orchard.methods.losses import IGNORE_INDEX, token_log_probs
 from orchard.methods.pairs import PreferenceDataConfig, load_pairs
 from orchard.methods.preference_losses import dpo_loss, ipo_loss, orpo_loss, simpo_loss
+from orchard.training.run_directory import RUN_FILE
 from cli_errors import run_error
 
 
@@ -239,7 +240,8 @@ def test_a_raised_limit_extends_the_run_with_the_cached_reference(chat_base, tmp
 
     # Another run directory with this cache but other pairs computes its own.
     (tmp_path / "other").mkdir()
-    shutil.copy(tmp_path / "run" / REFERENCE_FILE, tmp_path / "other" / REFERENCE_FILE)
+    for name in (RUN_FILE, REFERENCE_FILE):
+        shutil.copy(tmp_path / "run" / name, tmp_path / "other" / name)
     calls = []
     monkeypatch.setattr(dpo, "reference_log_probs", lambda model, pairs, *args: calls.append(len(pairs)) or
                         original(model, pairs, *args))

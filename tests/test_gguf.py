@@ -305,6 +305,9 @@ def test_llama_with_explicit_head_dim(tmp_path, tokenizer):
 
 
 def edit_pre_tokenizer(checkpoint, change):
+    """The checkpoint as a foreign model with another pre-tokenizer: its tokenizer.json edited, and no
+    orchard.json (whose tokenizer fingerprint would refuse the edited tokenizer)."""
+    (checkpoint / "orchard.json").unlink()
     path = checkpoint / "tokenizer.json"
     data = json.loads(path.read_text(encoding="utf-8"))
     data["pre_tokenizer"] = change(data["pre_tokenizer"])
@@ -354,17 +357,23 @@ def test_failed_export_keeps_the_old_file_and_leaves_no_temporary(llama, tmp_pat
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        export_gguf(checkpoint, target, "f16")
+        export_gguf(checkpoint, target, "f16", force=True)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
 
 
-def test_export_replaces_an_existing_file(llama, tmp_path):
+def test_export_replaces_only_its_own_earlier_file_unless_forced(llama, tmp_path):
     checkpoint, files = llama
     target = tmp_path / "model.gguf"
     target.write_bytes(b"old")
-    assert export_gguf(checkpoint, target, "q8_0") == target
+    with pytest.raises(OrchardError, match="is an existing file that `orchard export` did not write"):
+        export_gguf(checkpoint, target, "q8_0")
+    assert target.read_bytes() == b"old"
+    assert export_gguf(checkpoint, target, "q8_0", force=True) == target
     assert target.read_bytes() == files["q8_0"].read_bytes()
+    # Its own earlier export of the same checkpoint is replaced without --force.
+    export_gguf(checkpoint, target, "f16")
+    assert target.read_bytes() == files["f16"].read_bytes()
 
 
 def test_cli_export(llama, tmp_path, capsys):

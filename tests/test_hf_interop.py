@@ -293,13 +293,30 @@ def test_hub_id_resolves_to_the_cached_snapshot_offline(offline_hub, tokenizer):
     snapshot = save_hf(hf_model("llama"), repo / "snapshots" / COMMIT, tokenizer)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
-    assert resolve_model_path("tiny-org/tiny-llama").resolve() == snapshot.resolve()
-    assert load_checkpoint("tiny-org/tiny-llama").path.resolve() == snapshot.resolve()
+    assert resolve_model_path("hf:tiny-org/tiny-llama").resolve() == snapshot.resolve()
+    assert load_checkpoint("hf:tiny-org/tiny-llama").path.resolve() == snapshot.resolve()
 
 
 def test_unknown_hub_id_is_one_line_error(offline_hub, capsys):
-    with pytest.raises(OrchardError, match="tiny-org/no-such-model: not found locally and could not be downloaded"):
-        resolve_model_path("tiny-org/no-such-model")
-    assert main(["generate", "tiny-org/no-such-model", "--prompt", "x"]) == 2
+    with pytest.raises(OrchardError, match="hf:tiny-org/no-such-model: not in the Hugging Face cache and could not "
+                                           "be downloaded"):
+        resolve_model_path("hf:tiny-org/no-such-model")
+    assert main(["generate", "hf:tiny-org/no-such-model", "--prompt", "x"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert error[-1].startswith("orchard: error: tiny-org/no-such-model:") and "Traceback" not in "\n".join(error)
+    assert error[-1].startswith("orchard: error: hf:tiny-org/no-such-model:") and "Traceback" not in "\n".join(error)
+
+
+def test_a_missing_path_shaped_like_a_hub_id_is_never_downloaded(offline_hub, monkeypatch, tmp_path):
+    """`runs/typo` is a local path that does not exist: an error naming it, with no Hub lookup at all."""
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a local path was looked up on the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OrchardError, match=r"^runs/typo: no such checkpoint \(for the Hugging Face Hub model, "
+                                           r"write hf:runs/typo\)$"):
+        resolve_model_path("runs/typo")
+    with pytest.raises(OrchardError, match="hf:../x: not a Hugging Face Hub model id"):
+        resolve_model_path("hf:../x")

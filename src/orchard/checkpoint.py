@@ -217,6 +217,13 @@ def is_checkpoint(path: Path) -> bool:
     return ((path / "config.json").is_file() and weights) or is_adapter_checkpoint(path)
 
 
+def loaded_paths(path: Path) -> tuple[Path, ...]:
+    """The directories that loading the checkpoint `path` reads, which a command's output must never
+    replace: the checkpoint, and an adapter checkpoint's base."""
+    parent = (read_record(path).get("parent") or {}).get("path") if is_adapter_checkpoint(path) else None
+    return (path, Path(parent)) if parent else (path,)
+
+
 def is_quantized_checkpoint(path: Path) -> bool:
     return (Path(path) / QUANTIZATION_FILE).is_file()
 

@@ -168,11 +168,10 @@ def read_json_lines(path: Path) -> list[dict]:
 
 
 def contained_file(directory: Path, name: str) -> Path:
-    """`directory / name`, refused when it is a link that leads out of `directory` (or, for a Hugging
-    Face cache snapshot, out of its repository's folder, where the snapshot's links point)."""
+    """`directory / name`, refused when a link leads it out of `directory` (or, for a Hugging Face
+    cache snapshot, out of its repository's folder, where the snapshot's links point): a checkpoint
+    whose chat_template.jinja links to ~/.ssh/id_rsa must not carry that file into what orchard writes."""
     path = Path(directory) / name
-    if not path.is_symlink():
-        return path
     root = Path(directory).resolve()
     if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
         root = root.parent.parent
@@ -212,6 +211,13 @@ def check_writable(path: Path, key: str) -> None:
         raise OrchardError(f"{key}: cannot write to {parent} ({error.strerror or error})") from None
 
 
+def _owned(owned: Callable[[Path], bool], target: Path) -> bool:
+    try:
+        return owned(target)
+    except (OrchardError, OSError, ValueError):
+        return False  # unreadable: not recognisably orchard's
+
+
 def check_output(target: Path, key: str, command: str, owned: Callable[[Path], bool],
                  inputs: tuple[Path, ...] = (), force: bool = False) -> None:
     """Refuse to write `target` unless that destroys nothing: it does not exist, is an empty
@@ -226,11 +232,11 @@ def check_output(target: Path, key: str, command: str, owned: Callable[[Path], b
     if target.is_symlink() and not force:
         raise OrchardError(f"{key}: {target} is a symbolic link; choose another path (or --force to replace the link)")
     if target.is_dir() and not target.is_symlink():
-        if not any(target.iterdir()) or owned(target) or force:
+        if not any(target.iterdir()) or force or _owned(owned, target):
             check_writable(target / ".probe", key)
             return
     elif target.exists() or target.is_symlink():
-        if force:
+        if force or (target.is_file() and _owned(owned, target)):
             check_writable(target, key)
             return
     else:

@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import (inference_only_error, is_adapter_checkpoint, is_checkpoint, is_quantized_checkpoint,
+from .checkpoint import (inference_only_error, is_adapter_checkpoint, is_quantized_checkpoint,
                          load_checkpoint, read_model_config, read_record, resolve_checkpoint, save_checkpoint)
 from .errors import OrchardError
+from .files import check_output
 from .lineage import new_record
+from .lineage.record import made_from
 from .model.growth import grow, grown_config
 
 # The `orchard grow` flag of each `grow` argument, for one-line errors that name what the user typed.
@@ -64,13 +66,14 @@ def grow_checkpoint(source: str | Path, out: str | Path | None = None, layers: i
                     hidden_size: int | None = None, intermediate_size: int | None = None,
                     num_attention_heads: int | None = None, num_key_value_heads: int | None = None,
                     depth_method: str = "identity", positions: list[int] | None = None, mlp_method: str = "zero",
-                    seed: int = 0) -> GrowResult:
+                    seed: int = 0, force: bool = False) -> GrowResult:
     """Grow `source` (a checkpoint or run directory, a Hugging Face directory or Hub id) as
     `orchard.model.growth.grow` does and save the float32 result, with the source's tokenizer, to
     the checkpoint directory `out`.
 
     `out=None` writes beside the source, named `NAME-grown` (into the working directory for a Hub
-    id). Quantized and adapter checkpoints are refused: the one holds codes rather than weights, the
+    id). An existing `out` is replaced only when it is an earlier growth of the same source (or with
+    `force`). Quantized and adapter checkpoints are refused: the one holds codes rather than weights, the
     other only adapters. Every size is checked against the source's config.json before the weights
     are read; bad values are one-line errors naming the `orchard grow` flag they come from."""
     resolved = resolve_checkpoint(source)
@@ -88,10 +91,8 @@ def grow_checkpoint(source: str | Path, out: str | Path | None = None, layers: i
     except ValueError as error:
         raise _flag_error(error) from None
     out = default_out(source, resolved) if out is None else Path(out)
-    if out.resolve() == resolved.resolve():
-        raise OrchardError(f"--out: {out} is the checkpoint being grown")
-    if out.exists() and not is_checkpoint(out):
-        raise OrchardError(f"--out: {out} exists and is not a checkpoint; choose another directory")
+    check_output(out, "--out", "grow", owned=lambda target: made_from(target, "grow", resolved), inputs=(resolved,),
+                 force=force)
 
     checkpoint = load_checkpoint(resolved)
     try:

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (WEIGHTS_FILE, inference_only_error, is_checkpoint, is_quantized_checkpoint, load_merged,
+from .checkpoint import (WEIGHTS_FILE, inference_only_error, is_quantized_checkpoint, load_merged, loaded_paths,
                          model_state_dict, read_model_config, read_quantization, read_record, resolve_checkpoint,
                          save_checkpoint, weights_files)
 from .errors import OrchardError
+from .files import check_output
 from .lineage import new_record
-from .lineage.record import parent_entry
+from .lineage.record import made_from, parent_entry
 from .model import CausalLM
 from .model.quantization import (MINIMIZE_ERROR_DEFAULT, SCHEMES, check_quantization_settings, decoder_linears,
                                  quantize_model)
@@ -59,7 +60,7 @@ def format_size(num_bytes: int) -> str:
 
 
 def quantize_checkpoint(source: str | Path, out: str | Path | None, bits: int, group_size: int | None = None,
-                        minimize_error: bool | None = None) -> QuantizeResult:
+                        minimize_error: bool | None = None, force: bool = False) -> QuantizeResult:
     """Quantize `source` (a checkpoint or run directory, a Hugging Face directory or Hub id; an adapter
     checkpoint is merged into its base first) into the checkpoint directory `out`.
 
@@ -67,7 +68,9 @@ def quantize_checkpoint(source: str | Path, out: str | Path | None, bits: int, g
     directory for a Hub id, not into the Hugging Face cache). `group_size=None` is 32 for int4 and
     must stay None for int8; `minimize_error=None` is `MINIMIZE_ERROR_DEFAULT` (int4 only). When `out`
     already holds what this call would write (its record names the same parent weights and recipe),
-    it is returned as it is: re-running a pipeline reads two records instead of quantizing. Bad values
+    it is returned as it is: re-running a pipeline reads two records instead of quantizing. Any other
+    existing `out` is replaced only when it is an earlier quantization of the same source (or with
+    `force`). Bad values
     are one-line errors naming the `orchard quantize` flag they come from."""
     try:
         group_size = check_quantization_settings(bits, group_size)
@@ -80,10 +83,8 @@ def quantize_checkpoint(source: str | Path, out: str | Path | None, bits: int, g
     if is_quantized_checkpoint(resolved):
         raise inference_only_error(resolved, "quantize")
     out = default_out(source, resolved, bits, group_size) if out is None else Path(out)
-    if out.resolve() == resolved.resolve():
-        raise OrchardError(f"--out: {out} is the checkpoint being quantized")
-    if out.exists() and not is_checkpoint(out):
-        raise OrchardError(f"--out: {out} exists and is not a checkpoint; choose another directory")
+    check_output(out, "--out", "quantize", owned=lambda target: made_from(target, "quantize", resolved),
+                 inputs=loaded_paths(resolved), force=force)
 
     recipe = {"bits": bits, "group_size": group_size, "scheme": SCHEMES[bits]}
     if bits == 4:

@@ -27,16 +27,33 @@ def quickstart(args) -> None:
 
 def tokenizer_train(args) -> None:
     from ..data.corpus import iter_text_chunks, resolve_paths
-    from ..tokenizer import Tokenizer
+    from ..files import atomic_directory, check_output, read_json, write_json
+    from ..lineage import new_record
+    from ..tokenizer import MIN_VOCAB_SIZE, Tokenizer
 
-    if args.vocab_size < 300:
-        raise OrchardError(f"--vocab-size: must be at least 300 (256 bytes + special tokens), got {args.vocab_size}")
+    if args.vocab_size < MIN_VOCAB_SIZE:
+        raise OrchardError(f"--vocab-size: must be at least {MIN_VOCAB_SIZE} (256 bytes + special tokens), "
+                           f"got {args.vocab_size}")
     paths = resolve_paths(args.data, key="--data")
+    out = Path(args.out)
+    recipe = {"data": [str(p.resolve()) for p in paths], "vocab_size": args.vocab_size, "text_field": args.text_field}
+
+    def trained_here(target: Path) -> bool:
+        record = read_json(target / "orchard.json")
+        return record.get("stage") == "tokenizer" and record.get("recipe") == recipe
+
+    # Before training, which can take long: a file in the way or someone else's folder is refused now.
+    check_output(out, "--out", "tokenizer train", owned=trained_here, inputs=tuple(paths), force=args.force)
     tokenizer = Tokenizer.train((text for text, _ in iter_text_chunks(paths, args.text_field)),
                                 vocab_size=args.vocab_size, show_progress=sys.stderr.isatty())
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    tokenizer.save(args.out)
-    print(f"saved a {tokenizer.vocab_size}-token tokenizer to {args.out}")
+
+    def write(tmp: Path) -> None:
+        tokenizer.save(tmp)
+        write_json(tmp / "orchard.json", {**new_record("tokenizer", recipe, {"files": len(paths)}),
+                                          "tokenizer_sha256": tokenizer.fingerprint()})
+
+    atomic_directory(out, write)
+    print(f"saved a {tokenizer.vocab_size}-token tokenizer to {out}")
 
 
 def train(args, module: str, config_name: str) -> None:
@@ -205,18 +222,19 @@ def export(args) -> None:
     if args.format == "hf":
         from ..interop.export import export_hf
 
-        written = export_hf(source, Path(args.out))
+        written = export_hf(source, Path(args.out), force=args.force)
     else:
         from ..interop.gguf import export_gguf
 
-        written = export_gguf(source, Path(args.out), args.dtype)
+        written = export_gguf(source, Path(args.out), args.dtype, force=args.force)
     print(f"wrote {written}")
 
 
 def quantize(args) -> None:
     from ..quantize import quantize_checkpoint
 
-    result = quantize_checkpoint(args.checkpoint, args.out, args.bits, args.group_size, args.minimize_error)
+    result = quantize_checkpoint(args.checkpoint, args.out, args.bits, args.group_size, args.minimize_error,
+                                 force=args.force)
     print(result.summary())
 
 
@@ -226,7 +244,8 @@ def grow(args) -> None:
     result = grow_checkpoint(args.checkpoint, args.out, layers=args.layers, hidden_size=args.hidden_size,
                              intermediate_size=args.intermediate_size, num_attention_heads=args.heads,
                              num_key_value_heads=args.kv_heads, depth_method=args.depth_method,
-                             positions=_positions(args.positions), mlp_method=args.mlp_method, seed=args.seed)
+                             positions=_positions(args.positions), mlp_method=args.mlp_method, seed=args.seed,
+                             force=args.force)
     print(result.summary())
 
 

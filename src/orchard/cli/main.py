@@ -1,7 +1,8 @@
 """The `orchard` command: one subcommand per stage of a model's life.
 
 User mistakes (a missing file, a malformed record, a bad config value) are `OrchardError`s and
-print as one line with exit status 2; `--debug` shows the traceback instead.
+print as one line with exit status 2, as does a refusal of the machine (a full disk, a folder that
+cannot be written: an `OSError`); `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ def _recipe_help(config_cls) -> str:
         if doc:
             lines.extend("      " + line for line in textwrap.wrap(doc, 80))
     return "\n".join(lines)
+
+
+FORCE_HELP = "replace an existing --out that orchard did not write from this input (never an input itself)"
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_tok.add_argument("--out", required=True, help="directory to write the tokenizer into")
     train_tok.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size (default 4096)")
     train_tok.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet records")
+    train_tok.add_argument("--force", action="store_true", help=FORCE_HELP)
 
     for name, help_text, description, config_cls, example in _training_commands():
         sub = commands.add_parser(name, formatter_class=HelpFormatter, help=help_text,
@@ -130,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="continue a prompt (streams tokens)",
                                    description="Sample a continuation of --prompt from a checkpoint.")
-    generate.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory or Hub id")
+    generate.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory, or hf:ORG/NAME for a Hub model")
     generate.add_argument("--prompt", required=True, help="text to continue")
     generate.add_argument("--num-samples", type=int, default=1, help="independent samples (default 1)")
     generate.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
@@ -141,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="talk to a model in the terminal",
                                description="A chat REPL using the checkpoint's chat template. "
                                            "Commands: /reset clears the conversation, /quit leaves.")
-    chat.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory or Hub id")
+    chat.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory, or hf:ORG/NAME for a Hub model")
     chat.add_argument("--system", default=None, help="system prompt")
     _add_sampling_arguments(chat)
 
@@ -149,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Evaluate a checkpoint on text: loss and perplexity per token, "
                                                "and bits per byte, which compares models with different "
                                                "tokenizers.")
-    evaluate.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory or Hub id")
+    evaluate.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory, or hf:ORG/NAME for a Hub model")
     evaluate.add_argument("--data", required=True, nargs="+", help="corpus files or globs")
     evaluate.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet records")
     evaluate.add_argument("--seq-len", type=int, default=256, help="context length of each window (default 256)")
@@ -161,11 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Export a checkpoint as a Hugging Face directory that "
                                              "transformers loads with no custom code, or as a GGUF file for "
                                              "llama.cpp.")
-    export.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory or Hub id")
+    export.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory, or hf:ORG/NAME for a Hub model")
     export.add_argument("--format", choices=["hf", "gguf"], required=True, help="hf: a directory; gguf: one file")
     export.add_argument("--out", required=True, help="output directory (hf) or file (gguf)")
     export.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16",
                         help="GGUF tensor type (default f16); hf keeps the checkpoint's dtype")
+    export.add_argument("--force", action="store_true", help=FORCE_HELP)
 
     quantize = commands.add_parser("quantize", help="int8/int4 weight-only quantization, for inference",
                                    description="Quantize the decoder's linear layers of a checkpoint to int8 "
@@ -173,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "of input columns) and write a new checkpoint that eval, "
                                                "generate and chat load as any other. Embeddings and norms stay "
                                                "as they are. A quantized checkpoint is not trained further.")
-    quantize.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory or Hub id")
+    quantize.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory, or hf:ORG/NAME for a Hub model")
     quantize.add_argument("--bits", type=int, required=True, help="8 or 4")
     quantize.add_argument("--group-size", type=int, default=None,
                           help="int4: input columns sharing a scale and zero, a power of two (default 32; "
@@ -183,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "measured, it did not lower perplexity)")
     quantize.add_argument("--out", default=None,
                           help="output directory (default: beside the checkpoint, named NAME-int8 or NAME-int4-g32)")
+    quantize.add_argument("--force", action="store_true", help=FORCE_HELP)
 
     grow = commands.add_parser("grow", formatter_class=HelpFormatter,
                                help="grow a model (layers, width, heads) without changing what it computes",
@@ -193,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "that stay zero. Width grows first, then depth. `orchard pretrain "
                                            "init=GROWN init_trainable=new` trains only the inserted blocks.",
                                epilog="example: orchard grow runs/pretrain --layers 8 --intermediate-size 1024")
-    grow.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory or Hub id")
+    grow.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory, or hf:ORG/NAME for a Hub model")
     grow.add_argument("--layers", type=int, default=None, help="number of blocks after growing")
     grow.add_argument("--hidden-size", type=int, default=None, help="width of the residual stream after growing")
     grow.add_argument("--intermediate-size", type=int, default=None, help="width of each MLP after growing")
@@ -213,10 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "sharing their output weights")
     grow.add_argument("--seed", type=int, default=0, help="seed of the new weights' initialisation (default 0)")
     grow.add_argument("--out", default=None, help="output directory (default: beside the checkpoint, named NAME-grown)")
+    grow.add_argument("--force", action="store_true", help=FORCE_HELP)
 
     info = commands.add_parser("info", help="config, parameter count and lineage of a checkpoint",
                                description="Show a checkpoint's architecture, size and family tree.")
-    info.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory or Hub id")
+    info.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory, or hf:ORG/NAME for a Hub model")
     info.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
@@ -253,6 +261,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"orchard: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        # The machine said no (a full disk, a read-only folder, a file in the way): not a bug in
+        # orchard, and every write is atomic, so nothing half-written is left to clean up.
+        if args.debug:
+            raise
+        from ..files import disk_error
+
+        print(f"orchard: error: {disk_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\norchard: interrupted (run the same command again to resume)", file=sys.stderr)

@@ -8,27 +8,40 @@ no warnings about missing or unexpected weights.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import (RECORD_FILE, WEIGHTS_INDEX_FILE, atomic_directory, checked_weights, is_adapter_checkpoint,
-                          load_merged, read_model_config, resolve_checkpoint, save_checkpoint, weights_files, write_json)
+from ..checkpoint import (RECORD_FILE, WEIGHTS_INDEX_FILE, checked_weights, is_adapter_checkpoint, load_merged,
+                          loaded_paths, read_model_config, read_record, resolve_checkpoint, save_checkpoint, weights_files)
+from ..files import atomic_directory, check_output, copy_regular_file, write_json
+from ..lineage.record import parent_entry
 from ..model import CausalLM
 
-# Copied as they are when present. orchard.json (the lineage) goes along, since transformers ignores
-# files it does not know; training_state.pt (the optimizer) stays behind.
+# Copied as they are when present (regular files only: never through a link that leaves the
+# checkpoint). The lineage record goes along too, since transformers ignores files it does not
+# know, with the export noted in it; the training state (the optimizer) stays behind.
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                "generation_config.json", RECORD_FILE)
+                "generation_config.json")
 
 
-def export_hf(checkpoint_dir: Path, out_dir: Path) -> Path:
+def export_note(source: Path, fmt: str) -> dict:
+    """What an exported copy records of its making, so that exporting the same checkpoint again may
+    replace it (and nothing else)."""
+    return {"format": fmt, "source": parent_entry(source)}
+
+
+def export_hf(checkpoint_dir: Path, out_dir: Path, force: bool = False) -> Path:
     """Write the checkpoint (or run's final checkpoint) `checkpoint_dir` to `out_dir` as a Hugging
-    Face model directory, atomically; returns `out_dir`."""
+    Face model directory, atomically; returns `out_dir`. An existing `out_dir` is replaced only when
+    it is an earlier export of the same checkpoint (or with `force`), never when it holds the source."""
     source = resolve_checkpoint(checkpoint_dir)
+    out_dir = Path(out_dir)
+    note = export_note(source, "hf")
+    check_output(out_dir, "--out", "export", owned=lambda target: read_record(target).get("export") == note,
+                 inputs=loaded_paths(source), force=force)
     if is_adapter_checkpoint(source):
-        return _export_merged(source, Path(out_dir))
+        return _export_merged(source, out_dir, note)
     config = read_model_config(source)
     with torch.device("meta"):
         model = CausalLM(config)
@@ -43,16 +56,16 @@ def export_hf(checkpoint_dir: Path, out_dir: Path) -> Path:
         # Rewritten rather than copied: transformers reads the dtype and the rotary settings from it.
         write_json(tmp / "config.json", config.to_hf_dict(dtype))
         for name in [f.name for f in files] + [name for name in COPIED_FILES if (source / name).is_file()]:
-            shutil.copyfile(source / name, tmp / name)
+            copy_regular_file(source, name, tmp)
+        write_json(tmp / RECORD_FILE, {**read_record(source), "export": note})
 
-    out_dir = Path(out_dir)
     atomic_directory(out_dir, write)
     return out_dir
 
 
-def _export_merged(source: Path, out_dir: Path) -> Path:
+def _export_merged(source: Path, out_dir: Path, note: dict) -> Path:
     """An adapter checkpoint is exported as its base with the adapter merged in: a plain model that
     any tool runs (the adapter alone, in PEFT's format, is in the checkpoint's `peft/` folder)."""
     checkpoint = load_merged(source)
-    save_checkpoint(out_dir, checkpoint.model, checkpoint.tokenizer, checkpoint.record)
+    save_checkpoint(out_dir, checkpoint.model, checkpoint.tokenizer, {**checkpoint.record, "export": note})
     return out_dir

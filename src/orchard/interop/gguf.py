@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OrchardError
+from ..files import check_output, remove_stale_temporaries, temporary_path
 
 DTYPES = ("f32", "f16", "q8_0")
 
@@ -145,12 +146,25 @@ def _vocabulary(tokenizer_file: Path, vocab_size: int, gguf) -> tuple[str, list[
     return pre, tokens, types, list(merges)
 
 
-def export_gguf(checkpoint_dir: Path, out_file: Path, dtype: str = "f16") -> Path:
+EXPORT_KEY = "orchard.export"
+"""Metadata key recording which checkpoint a file was exported from (llama.cpp ignores it)."""
+
+
+def _export_note(gguf_file: Path, gguf) -> dict | None:
+    """The `orchard.export` note of a GGUF file orchard wrote, or None."""
+    field = gguf.GGUFReader(gguf_file).fields.get(EXPORT_KEY)
+    return json.loads(field.contents()) if field is not None else None
+
+
+def export_gguf(checkpoint_dir: Path, out_file: Path, dtype: str = "f16", force: bool = False) -> Path:
     """Write the checkpoint at `checkpoint_dir` (or a run's latest) as a GGUF file at `out_file`,
-    with 2-D weights in `dtype` ("f32", "f16" or "q8_0"); returns the path written.
+    with 2-D weights in `dtype` ("f32", "f16" or "q8_0"); returns the path written. An adapter
+    checkpoint is written with its LoRA (or DoRA) merged into the base, as the HF export does.
 
     The file is written beside `out_file` under a temporary name and renamed into place, so an
-    interrupted export never leaves a truncated file behind.
+    interrupted export never leaves a truncated file behind. An existing `out_file` is replaced only
+    when it is an earlier GGUF export of the same checkpoint (its `orchard.export` key says so), or
+    with `force`.
     """
     if dtype not in DTYPES:
         raise OrchardError(f"unknown GGUF dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -158,13 +172,18 @@ def export_gguf(checkpoint_dir: Path, out_file: Path, dtype: str = "f16") -> Pat
         import gguf
     except ImportError:
         raise OrchardError("GGUF export needs the gguf package: pip install gguf") from None
-    from ..checkpoint import load_checkpoint, model_state_dict
+    from ..checkpoint import load_merged, loaded_paths, model_state_dict, resolve_checkpoint
+    from .export import export_note
 
-    checkpoint = load_checkpoint(checkpoint_dir)
-    model, tokenizer, config = checkpoint.model, checkpoint.tokenizer, checkpoint.model.config
+    source = resolve_checkpoint(checkpoint_dir)
     out_file = Path(out_file)
     if out_file.is_dir():
         raise OrchardError(f"{out_file}: is a directory; give the GGUF file's name (e.g. model-{dtype}.gguf)")
+    note = export_note(source, "gguf")
+    check_output(out_file, "--out", "export", owned=lambda target: _export_note(target, gguf) == note,
+                 inputs=loaded_paths(source), force=force)
+    checkpoint = load_merged(source)
+    model, tokenizer, config = checkpoint.model, checkpoint.tokenizer, checkpoint.model.config
 
     # llama.cpp runs these as other architectures (qwen3) or needs extra rope metadata; not written yet.
     if config.qk_norm:
@@ -187,11 +206,13 @@ def export_gguf(checkpoint_dir: Path, out_file: Path, dtype: str = "f16") -> Pat
     pre, tokens, token_types, merges = _vocabulary(checkpoint.path / "tokenizer.json", config.vocab_size, gguf)
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.parent / f".{out_file.name}.tmp-{os.getpid()}"
+    remove_stale_temporaries(out_file.parent, out_file.name)
+    tmp = temporary_path(out_file)
     writer = gguf.GGUFWriter(tmp, arch_name)
     try:
         # --- hyperparameters (TextModel / LlamaModel.set_gguf_parameters) ---
         writer.add_name(_model_name(checkpoint.path))
+        writer.add_string(EXPORT_KEY, json.dumps(note, sort_keys=True))
         writer.add_block_count(config.num_hidden_layers)
         writer.add_context_length(config.max_position_embeddings)
         writer.add_embedding_length(config.hidden_size)

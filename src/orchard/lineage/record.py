@@ -10,10 +10,10 @@ model's family tree and the compute its ancestors already spent.
 from __future__ import annotations
 
 import datetime
-import json
 from pathlib import Path
 
 from .. import __version__
+from ..files import read_json
 
 FORMAT = "orchard-lineage/1"
 
@@ -24,11 +24,21 @@ def parent_entry(checkpoint_dir: str | Path) -> dict:
     record_file = checkpoint_dir / "orchard.json"
     sha = None
     if record_file.is_file():
-        sha = json.loads(record_file.read_text(encoding="utf-8")).get("weights_sha256")
+        sha = read_json(record_file).get("weights_sha256")
     if sha is None:
         from ..checkpoint import weights_sha256  # only foreign checkpoints need hashing
         sha = weights_sha256(checkpoint_dir)
     return {"path": str(checkpoint_dir), "weights_sha256": sha}
+
+
+def made_from(target: str | Path, stage: str, source: str | Path) -> bool:
+    """Whether the checkpoint `target` is what the command `stage` made from the checkpoint `source`
+    as it is now (its record names `source`'s path and weights), and so may be made again in place."""
+    record_file = Path(target) / "orchard.json"
+    if not record_file.is_file():
+        return False
+    record = read_json(record_file)
+    return record.get("stage") == stage and record.get("parent") == parent_entry(source)
 
 
 def new_record(stage: str, recipe: dict, data: dict, parent: str | Path | None = None,
@@ -61,7 +71,7 @@ def ancestry(checkpoint_dir: str | Path) -> list[dict]:
         if not record_file.is_file():
             chain.append({"path": str(current), "stage": "external", "missing_record": True})
             break
-        record = json.loads(record_file.read_text(encoding="utf-8"))
+        record = read_json(record_file)
         record = {"path": str(current), **record}
         chain.append(record)
         parent = record.get("parent")
@@ -72,7 +82,7 @@ def ancestry(checkpoint_dir: str | Path) -> list[dict]:
         if not parent_record.is_file():
             chain.append({"path": parent["path"], "stage": "unavailable", "missing_record": True})
             break
-        actual = json.loads(parent_record.read_text(encoding="utf-8")).get("weights_sha256")
+        actual = read_json(parent_record).get("weights_sha256")
         if parent.get("weights_sha256") and actual != parent["weights_sha256"]:
             chain.append({"path": parent["path"], "stage": "changed since", "missing_record": True})
             break

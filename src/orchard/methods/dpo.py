@@ -19,16 +19,19 @@ validates on the held-out split. Read top to bottom, a run is:
 from __future__ import annotations
 
 import hashlib
-import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from ..checkpoint import load_merged
 from ..config import to_dict
 from ..errors import OrchardError
+from ..files import atomic_file
 from ..lineage import new_record
 from ..peft.config import PeftConfig, apply_peft
 from ..training import TrainConfig, Trainer, TrainResult
@@ -40,7 +43,7 @@ from .pairs import (PairBatches, PreferenceDataConfig, TokenizedPair, collate_pa
                     pair_training_defaults)
 from .preference_losses import dpo_loss, ipo_loss, orpo_loss, simpo_loss
 
-REFERENCE_FILE = "reference_logps.pt"
+REFERENCE_FILE = "reference_logps.safetensors"
 
 
 @dataclass
@@ -192,14 +195,14 @@ def _fingerprint(splits: dict[str, list[TokenizedPair]], parent_sha: str | None,
 
 def cached_reference(out: Path, model, train, val, pad_id: int, batch_size: int, parent_sha: str | None,
                      precision: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """The reference log-probabilities of every pair, from `out/reference_logps.pt` when it was
-    computed for these pairs by this parent at this precision, else computed now and saved."""
+    """The reference log-probabilities of every pair, from `out/reference_logps.safetensors` when it
+    was computed for these pairs by this parent at this precision, else computed now and saved (a
+    cache that cannot be read, or holds something else, is computed again)."""
     cache_file = out / REFERENCE_FILE
     fingerprint = _fingerprint({"train": train, "val": val}, parent_sha, precision)
-    if cache_file.is_file():
-        cached = torch.load(cache_file, weights_only=True)
-        if cached.get("fingerprint") == fingerprint:
-            return {"train": cached["train"], "val": cached["val"]}
+    cached = _read_reference(cache_file, fingerprint, {"train": len(train), "val": len(val)})
+    if cached is not None:
+        return cached
     model.to(device)
 
     def autocast():
@@ -207,11 +210,26 @@ def cached_reference(out: Path, model, train, val, pad_id: int, batch_size: int,
 
     reference = {"train": reference_log_probs(model, train, pad_id, batch_size, autocast),
                  "val": reference_log_probs(model, val, pad_id, batch_size, autocast)}
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")  # each process of a torchrun its own
-    torch.save({**reference, "fingerprint": fingerprint}, tmp)
-    os.replace(tmp, cache_file)
+    # Each process of a torchrun writes its own temporary (named by its pid) and renames it.
+    atomic_file(cache_file, lambda tmp: save_file({k: v.contiguous() for k, v in reference.items()}, tmp,
+                                                  metadata={"fingerprint": fingerprint}))
     return reference
+
+
+def _read_reference(cache_file: Path, fingerprint: str, sizes: dict[str, int]) -> dict[str, torch.Tensor] | None:
+    if not cache_file.is_file():
+        return None
+    try:
+        with safe_open(cache_file, framework="pt") as handle:
+            if (handle.metadata() or {}).get("fingerprint") != fingerprint:
+                return None
+            cached = {split: handle.get_tensor(split) for split in sizes}
+    except (SafetensorError, OSError, KeyError) as error:
+        print(f"{cache_file} is unreadable ({error}); computing it again", file=sys.stderr)
+        return None
+    if any(len(cached[split]) != size for split, size in sizes.items()):
+        return None
+    return cached
 
 
 def run(config: DPOConfig) -> TrainResult:

@@ -21,12 +21,16 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
+import threading
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
+import jinja2
 import jinja2.utils
 import numpy as np
 from jinja2 import TemplateError, nodes
@@ -37,6 +41,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 
 from orchard.errors import OrchardError
+from orchard.files import contained_file
 
 SPECIAL_TOKENS = {
     "bos": "<|begin_of_text|>",
@@ -160,10 +165,76 @@ class _GenerationTag(Extension):
         return caller()
 
 
+# A chat template comes with a checkpoint, from whoever shared it: its rendering is bounded, so a
+# template that loops (or builds a huge string) ends in a one-line error instead of hanging `chat`.
+TEMPLATE_MAX_CHARS = 1 << 22
+TEMPLATE_MAX_SECONDS = 10.0
+
+
+class _TemplateTimeout(Exception):
+    pass
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """transformers' sandbox, with `*` and `**` unable to make a string, list or number too large to
+    render, and no loader: `{% include %}`, `{% import %}` and `{% extends %}` find no template."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for sequence, count in ((left, right), (right, left)):
+                if isinstance(sequence, (str, list, tuple)) and isinstance(count, int) \
+                        and len(sequence) * count > TEMPLATE_MAX_CHARS:
+                    raise SecurityError(f"{operator} would make a value of {len(sequence) * count:,} items")
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
+            raise SecurityError(f"exponent {right} is too large")
+        return super().call_binop(context, operator, left, right)
+
+
+@contextmanager
+def _time_limit(seconds: float):
+    """Raise _TemplateTimeout in the main thread after `seconds` (elsewhere, signals cannot reach the
+    work, and only the output bound applies)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _TemplateTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _render(template, context: dict) -> str:
+    """`template.render(**context)`, within TEMPLATE_MAX_CHARS of output and TEMPLATE_MAX_SECONDS."""
+    pieces, size = [], 0
+    try:
+        with _time_limit(TEMPLATE_MAX_SECONDS):
+            for piece in template.generate(**context):
+                size += len(piece)
+                if size > TEMPLATE_MAX_CHARS:
+                    raise OrchardError(f"chat template: rendered more than {TEMPLATE_MAX_CHARS:,} characters; "
+                                       f"it does not stop")
+                pieces.append(piece)
+    except _TemplateTimeout:
+        raise OrchardError(f"chat template: still rendering after {TEMPLATE_MAX_SECONDS:g} s; it does not stop") from None
+    except RecursionError:
+        raise OrchardError("chat template: recursion too deep; it does not stop") from None
+    return "".join(pieces)
+
+
 @lru_cache(maxsize=16)
 def _compile_template(source: str):
-    # Same environment as transformers' _compile_jinja_template, so templates render identically.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
+    # transformers' _compile_jinja_template's environment, so templates render identically, bounded.
+    env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols],
+                              loader=jinja2.DictLoader({}))
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -215,10 +286,17 @@ def _alias_reasoning(messages: list[dict]) -> list[dict]:
 # --- reading a tokenizer directory -------------------------------------------------------------
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise OrchardError(f"{path}: not UTF-8 text") from None
+
+
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
         raise OrchardError(f"{path}: invalid JSON ({e})") from None
 
 
@@ -255,15 +333,16 @@ def _read_chat_templates(directory: Path, config: dict) -> str | dict[str, str] 
     # file) is read last, for checkpoints that keep their template only there.
     files = {}
     if (directory / CHAT_TEMPLATE_FILE).is_file():
-        files["default"] = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        files["default"] = _read_text(contained_file(directory, CHAT_TEMPLATE_FILE))
     if (directory / CHAT_TEMPLATE_DIR).is_dir():
         for file in sorted((directory / CHAT_TEMPLATE_DIR).glob("*.jinja")):
-            files[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
+            files[file.name.removesuffix(".jinja")] = _read_text(contained_file(directory,
+                                                                                f"{CHAT_TEMPLATE_DIR}/{file.name}"))
     if files:
         return files["default"] if list(files) == ["default"] else files
     found = _named_templates(config.get("chat_template"), f"{directory / CONFIG_FILE}: chat_template")
     if found is None and (directory / LEGACY_CHAT_TEMPLATE_FILE).is_file():
-        legacy_file = directory / LEGACY_CHAT_TEMPLATE_FILE
+        legacy_file = contained_file(directory, LEGACY_CHAT_TEMPLATE_FILE)
         legacy = _read_json(legacy_file)
         if not isinstance(legacy, dict):
             raise OrchardError(f"{legacy_file}: expected a JSON object with a \"chat_template\" key")
@@ -358,7 +437,7 @@ class Tokenizer:
         end-of-text token is required.
         """
         path = Path(path)
-        tokenizer_file = path / "tokenizer.json" if path.is_dir() else path
+        tokenizer_file = contained_file(path, "tokenizer.json") if path.is_dir() else path
         if not tokenizer_file.is_file():
             raise OrchardError(f"{tokenizer_file}: no such file")
         try:
@@ -368,14 +447,14 @@ class Tokenizer:
             raise OrchardError(f"{tokenizer_file}: not a valid tokenizer.json ({first_line})") from None
 
         directory = tokenizer_file.parent
-        config_file = directory / CONFIG_FILE
+        config_file = contained_file(directory, CONFIG_FILE)
         config: dict = {}
         if config_file.is_file():
             config = _read_json(config_file)
             if not isinstance(config, dict):
                 raise OrchardError(f"{config_file}: expected a JSON object")
         tokens_from = {key: config_file for key in config}
-        map_file = directory / SPECIAL_TOKENS_MAP_FILE
+        map_file = contained_file(directory, SPECIAL_TOKENS_MAP_FILE)
         if map_file.is_file() and "added_tokens_decoder" not in config:
             # transformers reads this legacy file only then, and its entries win over the config's.
             special_map = _read_json(map_file)
@@ -539,13 +618,16 @@ class Tokenizer:
         chat = _alias_reasoning(_plain([{k: v for k, v in m.items() if v is not None} for m in messages]))
         template = _compile_template(source)
         try:
-            return template.render(
+            return _render(template, dict(
                 messages=chat,
                 tools=_plain(tools),
                 documents=_plain(documents),
                 add_generation_prompt=add_generation_prompt,
                 **_plain({**self.special_tokens_map, **kwargs}),
-            )
+            ))
+        except jinja2.TemplateNotFound as e:
+            raise OrchardError(f"chat template: it includes, imports or extends {e.name!r}; a chat template must be "
+                               f"self-contained") from None
         except TemplateError as e:
             raise OrchardError(f"chat template: {e.message}") from None
 
