@@ -191,13 +191,15 @@ def evaluate(args) -> None:
     from ..data.tokens import build_token_cache
     from ..evaluation.language_modeling import evaluate_language_modeling
 
-    if args.seq_len <= 0 or args.batch_size <= 0:
-        raise OrchardError("--seq-len and --batch-size must be positive")
+    for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size),
+                        ("--max-sequences", args.max_sequences)):
+        if value is not None and value <= 0:
+            raise OrchardError(f"{flag}: must be positive, got {value}")
+    paths = resolve_paths(args.data, key="--data")
     checkpoint = load_checkpoint(args.checkpoint)
     if args.seq_len > checkpoint.model.config.max_position_embeddings:
         raise OrchardError(f"--seq-len: {args.seq_len} exceeds the model's "
                            f"{checkpoint.model.config.max_position_embeddings} positions")
-    paths = resolve_paths(args.data, key="--data")
     cache = build_token_cache(paths, checkpoint.tokenizer, args.text_field)
     sequences = PackedSequences(cache.tokens, args.seq_len)
     if len(sequences) == 0:
@@ -265,8 +267,10 @@ def info(args) -> None:
     path = resolve_checkpoint(args.checkpoint)
     chain = ancestry(path)
     # An adapter checkpoint's architecture is its base's.
-    base = next(Path(r["path"]) for r in chain if (Path(r["path"]) / "config.json").is_file()) \
-        if not (path / "config.json").is_file() and len(chain) > 1 else path
+    base = next((Path(r["path"]) for r in chain if (Path(r["path"]) / "config.json").is_file()), None)
+    if base is None:
+        parent = (chain[0].get("parent") or {}).get("path")
+        raise OrchardError(f"{path}: adapter checkpoint whose base model {parent!r} is not available")
     config = read_model_config(base)
     summary = {
         "checkpoint": str(path),

@@ -13,15 +13,20 @@ import numpy as np
 import torch
 
 from ..data.packing import PackedSequences
+from ..errors import OrchardError
 from ..methods.losses import bits_per_byte, token_cross_entropy
 
 
 @torch.no_grad()
 def evaluate_language_modeling(model: torch.nn.Module, sequences: PackedSequences, token_bytes: np.ndarray,
                                batch_size: int, max_sequences: int | None = None) -> dict[str, float]:
-    """Metrics over the first `max_sequences` windows of `sequences` (all of them when None)."""
+    """Metrics over the first `max_sequences` windows of `sequences` (all of them when None). No
+    window at all is an error: a loss of 0 and a perplexity of 1 over nothing would read as perfect."""
     device = next(model.parameters()).device
     count = len(sequences) if max_sequences is None else min(len(sequences), max_sequences)
+    if count <= 0:
+        raise OrchardError(f"evaluation: no window of {sequences.seq_len} tokens to evaluate on "
+                           f"({len(sequences.tokens)} tokens, at most {max_sequences} windows)")
     loss_sum, tokens, num_bytes = 0.0, 0, 0
     byte_table = torch.from_numpy(np.asarray(token_bytes, dtype=np.int64))
     for start in range(0, count, batch_size):

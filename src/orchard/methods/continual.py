@@ -55,7 +55,6 @@ Runs in one process (not under torchrun: the engine closes its process group at 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -66,7 +65,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..checkpoint import (
     FINAL_DIR,
@@ -74,8 +73,8 @@ from ..checkpoint import (
     is_adapter_checkpoint,
     load_checkpoint,
     load_merged,
+    read_weights,
     resolve_checkpoint,
-    write_json,
 )
 from ..config import to_dict
 from ..data.conversations import ReadStats, TokenizedConversation, collate_padded, read_conversations
@@ -84,6 +83,7 @@ from ..data.packing import PackedSequences
 from ..data.synthetic import CONTINUAL_TASKS, World, continual_task
 from ..data.tokens import build_token_cache
 from ..errors import OrchardError
+from ..files import atomic_file, read_json, write_json
 from ..evaluation import continual as continual_metrics
 from ..evaluation.completion import chat_exact_match
 from ..evaluation.language_modeling import evaluate_language_modeling
@@ -478,8 +478,12 @@ def format_value(task: Task, score: float) -> str:
     return f"{task_value(task, score):.3f} bpb" if task.text is not None else f"{score:.0%}"
 
 
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+def _read_cached(path: Path) -> dict | None:
+    """A score cache this run wrote, or None when it is missing or unreadable (then computed again)."""
+    try:
+        return read_json(path) if path.is_file() else None
+    except OrchardError:
+        return None
 
 
 # --- the run -----------------------------------------------------------------------------------------------
@@ -528,11 +532,8 @@ def _evaluate_row(config: ContinualConfig, tasks: list[Task], finals: list[Path]
 
 def _save_fisher(fisher: dict[str, torch.Tensor], path: Path, config: ContinualConfig) -> None:
     """Atomically: a run killed while writing leaves no half-written Fisher to be trusted later."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    save_file(fisher, partial, metadata={"format": "pt", "ewc_gamma": str(config.ewc_gamma),
-                                         "ewc_batches": str(config.ewc_batches)})
-    os.replace(partial, path)
+    atomic_file(path, lambda tmp: save_file(fisher, tmp, metadata={
+        "format": "pt", "ewc_gamma": str(config.ewc_gamma), "ewc_batches": str(config.ewc_batches)}))
 
 
 def run(config: ContinualConfig) -> TrainResult:
@@ -563,7 +564,7 @@ def _run(config: ContinualConfig) -> TrainResult:
     key = {"tasks": names, "sources": [t.source for t in tasks], "eval_items": config.eval_items,
            "eval_on": config.eval_on, "world_seed": config.world_seed, "max_length": config.data.max_length,
            "train_items": config.data.train_items}
-    cached = _read_json(out / "baseline.json")
+    cached = _read_cached(out / "baseline.json")
     if cached is not None and cached.get("key") == key:
         baseline = cached["baseline"]
     else:
@@ -591,15 +592,20 @@ def _run(config: ContinualConfig) -> TrainResult:
 
         if config.strategy == "ewc":
             fisher_file = dirs[i] / FISHER_FILE
-            if fisher_file.is_file():
-                fisher = load_file(fisher_file)
+            try:
+                stored = read_weights(fisher_file) if fisher_file.is_file() else None
+            except OrchardError as problem:
+                print(f"{problem}; computing it again", file=sys.stderr)
+                stored = None
+            if stored is not None:
+                fisher = stored
             else:
                 trained = load_checkpoint(finals[i], device).model.float()
                 new = diagonal_fisher(trained, current, config.ewc_batches, device)
                 fisher = new if fisher is None else {k: config.ewc_gamma * fisher[k] + new[k] for k in new}
                 _save_fisher(fisher, fisher_file, config)
 
-        scores = _read_json(dirs[i] / SCORES_FILE)
+        scores = _read_cached(dirs[i] / SCORES_FILE)
         if scores is None or scores.get("key") != key:
             row = _evaluate_row(config, tasks, finals, base, i, device)
             write_json(dirs[i] / SCORES_FILE, {"key": key, "scores": row})

@@ -43,12 +43,13 @@ import torch
 from torch import nn
 
 from ..checkpoint import (load_checkpoint, load_merged, read_model_config, read_record, resolve_checkpoint,
-                          weights_sha256, write_json)
+                          weights_sha256)
 from ..config import load_config, to_dict
 from ..data.packing import EpochOrder, PackedSequences, micro_batch_samples, split_tokens
 from ..data.synthetic import answer_matches, write_jsonl
 from ..data.tokens import build_token_cache
 from ..errors import OrchardError
+from ..files import read_json, remove_stale_temporaries, temporary_path, write_json
 from ..evaluation.language_modeling import evaluate_language_modeling
 from ..lineage import new_record
 from ..model import CausalLM, ModelConfig
@@ -289,12 +290,22 @@ def cache_directory(token_cache_dir: Path, teacher_sha: str, k: int, seq_len: in
 
 
 def open_teacher_cache(directory: Path) -> TeacherCache | None:
+    """The cache in `directory`, or None when there is none. One that cannot be read as what
+    `build_teacher_cache` writes (plain .npy arrays, never pickled objects) is removed, to be built
+    again: it is orchard's own, in orchard's cache."""
     meta_file = directory / "meta.json"
     if not meta_file.is_file():
         return None
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    ids = {split: np.load(directory / f"{split}.ids.npy", mmap_mode="r") for split in meta["windows"]}
-    log_probs = {split: np.load(directory / f"{split}.log_probs.npy", mmap_mode="r") for split in meta["windows"]}
+    try:
+        meta = read_json(meta_file)
+        ids = {split: np.load(directory / f"{split}.ids.npy", mmap_mode="r", allow_pickle=False)
+               for split in meta["windows"]}
+        log_probs = {split: np.load(directory / f"{split}.log_probs.npy", mmap_mode="r", allow_pickle=False)
+                     for split in meta["windows"]}
+    except (OrchardError, OSError, ValueError, KeyError, TypeError) as problem:
+        print(f"{directory}: unreadable teacher cache ({problem}); building it again", file=sys.stderr)
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
     return TeacherCache(directory, ids, log_probs, meta)
 
 
@@ -306,7 +317,8 @@ def build_teacher_cache(directory: Path, teacher: Teacher, splits: dict[str, Pac
     in a temporary directory and renamed into place, so a killed build is never mistaken for one."""
     from tqdm import tqdm
 
-    tmp = directory.with_name(f".{directory.name}.tmp{np.random.randint(1 << 30)}")
+    remove_stale_temporaries(directory.parent, directory.name)
+    tmp = temporary_path(directory)
     tmp.mkdir(parents=True)
     model = teacher.model.to(device).eval()
     id_dtype = np.uint16 if teacher.config.vocab_size <= 65535 else np.int32

@@ -58,8 +58,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.seq_len <= 0:
             raise ValueError(f"data.seq_len must be positive, got {self.seq_len}")
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"data.val_fraction must be at least 0 and below 1, got {self.val_fraction}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
         if self.synthetic_documents <= 0:
             raise ValueError(f"data.synthetic_documents must be positive, got {self.synthetic_documents}")
 

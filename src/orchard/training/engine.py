@@ -38,7 +38,7 @@ from ..model import CausalLM
 from ..tokenizer import Tokenizer
 from .distributed import Distributed
 from .progress import Progress
-from .run_directory import first_difference, open_run
+from .run_directory import METRICS_FILE, first_difference, open_run
 
 
 @dataclass
@@ -99,11 +99,19 @@ class TrainConfig:
             raise ValueError(f"train.lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio}")
-        for name in ("warmup_steps", "eval_every", "save_every", "log_every", "eval_batches"):
+        if self.eval_batches <= 0:
+            raise ValueError(f"train.eval_batches must be positive, got {self.eval_batches}")
+        for name in ("warmup_steps", "eval_every", "save_every", "log_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must not be negative, got {getattr(self, name)}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"train.keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+        try:
+            resolve_device(self.device)
+        except OrchardError as error:
+            raise ValueError(str(error)) from None
+        except RuntimeError:
+            raise ValueError(f"train.device: expected cpu, cuda, cuda:N or auto, got {self.device!r}") from None
 
 
 Batch = dict[str, torch.Tensor]
@@ -136,6 +144,8 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OrchardError(f"train.device: {name} asked for, but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise OrchardError(f"train.device: {name} asked for, but there are {torch.cuda.device_count()} CUDA devices")
     return device
 
 
@@ -215,7 +225,7 @@ class Trainer:
             self.params += [p for p in self.extra_modules.parameters() if p.requires_grad]
         self.optimizer = self._make_optimizer(self.params)
         self.state = TrainState()
-        self.metrics_file = self.out_dir / "metrics.jsonl"
+        self.metrics_file = self.out_dir / METRICS_FILE
 
     # --- setup -----------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from ..files import check_writable, read_json, remove_stale_temporaries, write_j
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
+METRICS_FILE = "metrics.jsonl"
 
 RESUMABLE_CHANGES = {"out", "train.max_steps", "train.max_tokens", "train.max_time", "train.eval_every",
                      "train.eval_batches", "train.save_every", "train.keep_checkpoints", "train.log_every",
@@ -166,8 +167,10 @@ def open_run(out: str | Path, stage: str, recipe: dict | None = None) -> Iterato
             remove_stale_temporaries(directory)
         yield out
     except BaseException:
-        if created and {entry.name for entry in out.iterdir()} <= {RUN_FILE, LOCK_FILE}:
-            shutil.rmtree(out, ignore_errors=True)  # a run that failed before it wrote anything
+        if created and not _has_checkpoints(out) and not (out / METRICS_FILE).exists():
+            # This command made the directory and failed before training began (bad data, say):
+            # what it set up there (run.json, a tokenizer) must not look like a run later.
+            shutil.rmtree(out, ignore_errors=True)
         raise
     finally:
         del _open[key]
