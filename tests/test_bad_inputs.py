@@ -23,44 +23,19 @@ import torch
 from orchard.checkpoint import save_checkpoint
 from orchard.cli.main import main
 from orchard.lineage.record import parent_entry
-from orchard.model import CausalLM, ModelConfig
 from orchard.peft import LoraConfig, add_lora
 from orchard.tokenizer import Tokenizer
 from orchard.tokenizer import bpe
 from cli_errors import run_error
+from untrusted import SENTENCES, TINY_MODEL, Payload, tiny_model, write_corpus
 
-SENTENCES = ["The quick brown fox jumps over the lazy dog.\n", "Orchards grow apples, pears and plums.\n",
-             "敏捷的棕色狐狸跳过了懒狗。\n", "A small model learns the shape of the text it reads.\n"]
-TINY = ["tokenizer.vocab_size=300", "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
-        "model.num_attention_heads=2", "model.num_key_value_heads=1", "data.seq_len=16", "train.max_steps=2",
-        "train.batch_size=2", "train.eval_every=0", "train.save_every=1", "train.precision=fp32",
-        "train.progress=false"]
-
-
-class Payload:
-    """A pickle that creates `marker` when unpickled: proof that a file ran code."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
-def tiny_model(tokenizer: Tokenizer) -> CausalLM:
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-    model = CausalLM(config)
-    model.reset_parameters(seed=0)
-    return model
+TINY = [*TINY_MODEL, "train.max_steps=2", "train.eval_every=0", "train.save_every=1"]
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-inputs")
-    corpus = root / "corpus.txt"
-    corpus.write_text("".join(SENTENCES * 60), encoding="utf-8")
+    corpus = write_corpus(root / "corpus.txt")
     tokenizer = Tokenizer.train(iter(SENTENCES * 20), vocab_size=300)
     checkpoint = save_checkpoint(root / "ckpt", tiny_model(tokenizer), tokenizer, {"stage": "pretrain"})
     adapted = tiny_model(tokenizer)
@@ -241,6 +216,7 @@ CASES = [
     ("out-is-a-file", lambda d, b: (d.joinpath("out").write_text("keep me"), pretrain(d, b))[1], "is a file"),
     ("out-under-a-file", lambda d, b: (d.joinpath("f").write_text("keep me"), pretrain(d, b, f"out={d / 'f' / 'run'}"))[1],
      "a file is in the way"),
+    ("out-read-only-place", lambda d, b: pretrain(d, b, "out=/proc/orchard-run"), "out: cannot write"),
     ("out-foreign-dir", lambda d, b: (foreign_dir(d / "out"), pretrain(d, b))[1], "did not write"),
     ("sft-out-foreign-dir", lambda d, b: (foreign_dir(d / "out"), sft(d, b.ckpt, data=b.chats))[1], "did not write"),
     ("export-hf-foreign-dir", lambda d, b: ["export", str(b.ckpt), "--format", "hf", "--out", str(foreign_dir(d / "x"))],

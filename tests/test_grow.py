@@ -385,7 +385,7 @@ def test_orchard_grow_refuses_quantized_adapter_and_odd_targets(tmp_path, source
     assert "--out" in line
     (tmp_path / "file").write_text("x")
     line = run_error(capsys, ["grow", str(source), "--layers", "3", "--out", str(tmp_path / "file")])
-    assert "--out" in line and "not a checkpoint" in line
+    assert "--out" in line and "did not write from this input" in line
 
 
 # --- training a grown model -----------------------------------------------------------------

@@ -17,12 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-SENTENCES = ["The quick brown fox jumps over the lazy dog.\n", "Orchards grow apples, pears and plums.\n",
-             "敏捷的棕色狐狸跳过了懒狗。\n", "A small model learns the shape of the text it reads.\n"]
-TINY = ["tokenizer.vocab_size=300", "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
-        "model.num_attention_heads=2", "model.num_key_value_heads=1", "data.seq_len=16", "train.max_steps=6",
-        "train.batch_size=2", "train.eval_every=3", "train.save_every=1", "train.keep_checkpoints=2",
-        "train.precision=fp32", "train.progress=false"]
+from untrusted import TINY_MODEL, write_corpus
+
+TINY = [*TINY_MODEL, "train.max_steps=6", "train.eval_every=3", "train.save_every=1", "train.keep_checkpoints=2"]
 
 # What each trial waits for before it kills: a write under way (its temporary directory), or a time.
 MOMENTS = ["tokenizer", "tokenizer", "step-000002", "step-000004", "step-000006", "final", "time", "time", "time", "time"]
@@ -70,8 +67,7 @@ def kill_during(cmd: list[str], env: dict, out: Path, moment: str, seconds: floa
 
 
 def test_killed_runs_resume_to_the_same_bytes(tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(SENTENCES * 60), encoding="utf-8")
+    corpus = write_corpus(tmp_path / "corpus.txt")
     env = environment(tmp_path)
     reference = tmp_path / "reference"
     started = time.perf_counter()
@@ -100,13 +96,11 @@ def test_killed_runs_resume_to_the_same_bytes(tmp_path):
 
 
 def test_a_second_process_on_a_run_directory_stops_at_once(tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(SENTENCES * 60), encoding="utf-8")
+    corpus = write_corpus(tmp_path / "corpus.txt")
     env = environment(tmp_path)
     out = tmp_path / "run"
-    slow = command(out, corpus)[:-len(TINY)] + [*TINY[:-7], "train.max_steps=100000", "train.max_time=60",
-                                                  "train.batch_size=2", "train.eval_every=0", "train.save_every=0",
-                                                  "train.precision=fp32", "train.progress=false"]
+    slow = [*command(out, corpus)[:6], *TINY_MODEL, "train.max_steps=100000", "train.max_time=60",
+            "train.eval_every=0", "train.save_every=0"]
     first = subprocess.Popen(slow, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60

@@ -466,7 +466,7 @@ def test_cli_user_errors(tmp_path, base, capsys):
     assert str(missing) in run_error(capsys, ["quantize", str(missing), "--bits", "8"])
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
-    assert "is not a checkpoint" in run_error(capsys, ["quantize", str(source), "--bits", "8",
+    assert "did not write from this input" in run_error(capsys, ["quantize", str(source), "--bits", "8",
                                                        "--out", str(tmp_path / "taken")])
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
 

@@ -50,6 +50,7 @@ from ..quantize import quantize_checkpoint
 from ..model import ModelConfig
 from ..model.generation import SamplingConfig, generate_text
 from ..training import TrainConfig
+from ..training.run_directory import open_run
 
 SAMPLE_PROMPTS = ["Tom Snow woke up early in", "Hugo Wood lives in", "37 + 45 =", "汤姆·斯诺住在", "一天早上，"]
 
@@ -70,116 +71,118 @@ def quickstart_config(out: Path, max_time: float) -> pretrain.PretrainConfig:
 def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eval_items: int = 200,
                    distill_steps: int = 200, continual_steps: int = 60, continual_items: int = 50,
                    grow_steps: int = 60) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    report = Report("orchard quickstart", out)
-    report.text("The whole pipeline that exists so far, on orchard's built-in synthetic bilingual world "
-                "(stories, facts about generated people, arithmetic in English and Chinese).")
+    # Claimed as a run directory: a folder of the user's is refused, and one quickstart runs at a time.
+    with open_run(out, "quickstart"):
+        report = Report("orchard quickstart", out)
+        report.text("The whole pipeline that exists so far, on orchard's built-in synthetic bilingual world "
+                    "(stories, facts about generated people, arithmetic in English and Chinese).")
 
-    # 1. Pretraining
-    print("[1/9] pretraining on the built-in world", file=sys.stderr)
-    config = quickstart_config(out, max_time)
-    result = pretrain.run(config)
-    metrics = result.state.metrics
+        # 1. Pretraining
+        print("[1/9] pretraining on the built-in world", file=sys.stderr)
+        config = quickstart_config(out, max_time)
+        result = pretrain.run(config)
+        metrics = result.state.metrics
 
-    # 2. Evaluation and samples
-    print("[2/9] evaluating and sampling", file=sys.stderr)
-    checkpoint = load_checkpoint(result.final_dir)
-    world = World()
-    tasks = {
-        "fact recall (English)": fact_completion_items(world, "en", 100),
-        "fact recall (Chinese)": fact_completion_items(world, "zh", 100),
-        "arithmetic (English)": arithmetic_items("en", 100),
-        "arithmetic (Chinese)": arithmetic_items("zh", 100),
-    }
-    accuracies = {name: completion_accuracy(checkpoint.model, checkpoint.tokenizer, items)
-                  for name, items in tasks.items()}
-    sampling = SamplingConfig(max_new_tokens=60, temperature=0.7, top_p=0.9, seed=0, stop=["\n\n"])
-    samples = generate_text(checkpoint.model, checkpoint.tokenizer, SAMPLE_PROMPTS, sampling)
+        # 2. Evaluation and samples
+        print("[2/9] evaluating and sampling", file=sys.stderr)
+        checkpoint = load_checkpoint(result.final_dir)
+        world = World()
+        tasks = {
+            "fact recall (English)": fact_completion_items(world, "en", 100),
+            "fact recall (Chinese)": fact_completion_items(world, "zh", 100),
+            "arithmetic (English)": arithmetic_items("en", 100),
+            "arithmetic (Chinese)": arithmetic_items("zh", 100),
+        }
+        accuracies = {name: completion_accuracy(checkpoint.model, checkpoint.tokenizer, items)
+                      for name, items in tasks.items()}
+        sampling = SamplingConfig(max_new_tokens=60, temperature=0.7, top_p=0.9, seed=0, stop=["\n\n"])
+        samples = generate_text(checkpoint.model, checkpoint.tokenizer, SAMPLE_PROMPTS, sampling)
 
-    first_val = next((row for row in read_metrics(Path(config.out) / "metrics.jsonl") if "val_loss" in row), {})
-    record = ancestry(result.final_dir)[0]
-    training = record.get("training", {})
-    report.heading("Pretraining")
-    report.table(["metric", "value"], [
-        ["parameters", f"{checkpoint.model.num_parameters():,}"],
-        ["training steps", training.get("steps")],
-        ["training tokens", f"{training.get('tokens', 0):,}"],
-        ["wall time (s)", training.get("wall_seconds")],
-        ["training FLOPs", f"{training.get('flops', 0):.3g}"],
-        ["precision", training.get("precision")],
-        ["validation loss before training (nats/token)", first_val.get("val_loss")],
-        ["validation loss after training (nats/token)", metrics.get("val_loss")],
-        ["validation perplexity", metrics.get("val_perplexity")],
-        ["validation bits per byte", metrics.get("val_bpb")],
-        *[[f"{name}, greedy exact match", f"{result_.accuracy:.0%}"] for name, result_ in accuracies.items()],
-    ])
-    png = plot_loss_curves(Path(config.out) / "metrics.jsonl", out / "pretrain_loss.png",
-                           "pretraining on the built-in world")
-    report.image(png, "pretraining loss")
-    report.text("Samples (temperature 0.7, top-p 0.9):")
-    report.samples(list(zip(SAMPLE_PROMPTS, samples)))
-    report.text("Greedy completions of held-in facts (first five):")
-    report.table(["prompt", "expected", "model", "correct"],
-                 [[p, a, o, "yes" if ok else "no"] for p, a, o, ok in accuracies["fact recall (English)"].examples[:5]])
-    report.text(f"Checkpoint: `{result.final_dir}` (try `orchard generate {result.final_dir} --prompt \"Tom Snow\"`, "
-                f"`orchard chat {result.final_dir}`, `orchard info {result.final_dir}`).")
+        first_val = next((row for row in read_metrics(Path(config.out) / "metrics.jsonl") if "val_loss" in row), {})
+        record = ancestry(result.final_dir)[0]
+        training = record.get("training", {})
+        report.heading("Pretraining")
+        report.table(["metric", "value"], [
+            ["parameters", f"{checkpoint.model.num_parameters():,}"],
+            ["training steps", training.get("steps")],
+            ["training tokens", f"{training.get('tokens', 0):,}"],
+            ["wall time (s)", training.get("wall_seconds")],
+            ["training FLOPs", f"{training.get('flops', 0):.3g}"],
+            ["precision", training.get("precision")],
+            ["validation loss before training (nats/token)", first_val.get("val_loss")],
+            ["validation loss after training (nats/token)", metrics.get("val_loss")],
+            ["validation perplexity", metrics.get("val_perplexity")],
+            ["validation bits per byte", metrics.get("val_bpb")],
+            *[[f"{name}, greedy exact match", f"{result_.accuracy:.0%}"] for name, result_ in accuracies.items()],
+        ])
+        png = plot_loss_curves(Path(config.out) / "metrics.jsonl", out / "pretrain_loss.png",
+                               "pretraining on the built-in world")
+        report.image(png, "pretraining loss")
+        report.text("Samples (temperature 0.7, top-p 0.9):")
+        report.samples(list(zip(SAMPLE_PROMPTS, samples)))
+        report.text("Greedy completions of held-in facts (first five):")
+        examples = accuracies["fact recall (English)"].examples[:5]
+        report.table(["prompt", "expected", "model", "correct"],
+                     [[p, a, o, "yes" if ok else "no"] for p, a, o, ok in examples])
+        report.text(f"Checkpoint: `{result.final_dir}` (try `orchard generate {result.final_dir} --prompt "
+                    f"\"Tom Snow\"`, `orchard chat {result.final_dir}`, `orchard info {result.final_dir}`).")
 
-    # 3. Fine-tuning: full SFT and LoRA from the same pretrained checkpoint
-    print("[3/9] fine-tuning on instruction conversations (full, then LoRA)", file=sys.stderr)
-    seen = exact_match_items(world, "train")[:eval_items]
-    held_out = exact_match_items(world, "held_out")[:eval_items]
-    runs = {"pretrained (no fine-tuning)": result.final_dir}
-    for label, overrides in [("full SFT", ["train.lr=1e-3"]),
-                             ("LoRA r=8 (attention)", ["peft.method=lora", "peft.r=8", "train.lr=5e-3",
-                                                       "peft.target_modules=[q_proj,k_proj,v_proj,o_proj]"])]:
-        name = "lora" if "peft.method=lora" in overrides else "sft"
-        sft_config = load_config(sft.SFTConfig, None, [
-            f"init={result.final_dir}", f"out={out / name}", "data.max_length=256", f"train.max_steps={sft_steps}",
-            "train.batch_size=16",
-            "train.eval_every=50", "train.save_every=50", *overrides])
-        runs[label] = sft.run(sft_config).final_dir
-    rows = []
-    for label, run_dir in runs.items():
-        tuned = load_checkpoint(run_dir)
-        trainable = read_record(run_dir).get("parameters", {}).get("trainable")
-        total = tuned.model.num_parameters()
-        scores = [chat_exact_match(tuned.model, tuned.tokenizer, items).accuracy for items in (seen, held_out)]
-        rows.append([label, *(f"{a:.1%}" for a in scores),
-                     f"{trainable:,} ({trainable / total:.2%})" if trainable else "-", str(run_dir)])
-    report.heading("Fine-tuning")
-    report.text(f"Questions about the world's facts and arithmetic word problems ({len(held_out)} of each kind of "
-                "split, English and Chinese), answered in the chat format; greedy replies, exact match on the "
-                "answer. 'Trained' questions are from the fine-tuning data; held-out ones ask about facts the "
-                "model saw only in pretraining, so they measure whether fine-tuning reaches its knowledge.")
-    report.table(["model", "exact match, trained questions", "exact match, held-out questions",
-                  "trained parameters", "checkpoint"], rows)
+        # 3. Fine-tuning: full SFT and LoRA from the same pretrained checkpoint
+        print("[3/9] fine-tuning on instruction conversations (full, then LoRA)", file=sys.stderr)
+        seen = exact_match_items(world, "train")[:eval_items]
+        held_out = exact_match_items(world, "held_out")[:eval_items]
+        runs = {"pretrained (no fine-tuning)": result.final_dir}
+        for label, overrides in [("full SFT", ["train.lr=1e-3"]),
+                                 ("LoRA r=8 (attention)", ["peft.method=lora", "peft.r=8", "train.lr=5e-3",
+                                                           "peft.target_modules=[q_proj,k_proj,v_proj,o_proj]"])]:
+            name = "lora" if "peft.method=lora" in overrides else "sft"
+            sft_config = load_config(sft.SFTConfig, None, [
+                f"init={result.final_dir}", f"out={out / name}", "data.max_length=256", f"train.max_steps={sft_steps}",
+                "train.batch_size=16",
+                "train.eval_every=50", "train.save_every=50", *overrides])
+            runs[label] = sft.run(sft_config).final_dir
+        rows = []
+        for label, run_dir in runs.items():
+            tuned = load_checkpoint(run_dir)
+            trainable = read_record(run_dir).get("parameters", {}).get("trainable")
+            total = tuned.model.num_parameters()
+            scores = [chat_exact_match(tuned.model, tuned.tokenizer, items).accuracy for items in (seen, held_out)]
+            rows.append([label, *(f"{a:.1%}" for a in scores),
+                         f"{trainable:,} ({trainable / total:.2%})" if trainable else "-", str(run_dir)])
+        report.heading("Fine-tuning")
+        report.text(f"Questions about the world's facts and arithmetic word problems ({len(held_out)} of each kind of "
+                    "split, English and Chinese), answered in the chat format; greedy replies, exact match on the "
+                    "answer. 'Trained' questions are from the fine-tuning data; held-out ones ask about facts the "
+                    "model saw only in pretraining, so they measure whether fine-tuning reaches its knowledge.")
+        report.table(["model", "exact match, trained questions", "exact match, held-out questions",
+                      "trained parameters", "checkpoint"], rows)
 
-    # 4. Alignment, from the full SFT model
-    print("[4/9] aligning the fine-tuned model: reward model, DPO, GRPO", file=sys.stderr)
-    align(out, report, runs["full SFT"], held_out)
+        # 4. Alignment, from the full SFT model
+        print("[4/9] aligning the fine-tuned model: reward model, DPO, GRPO", file=sys.stderr)
+        align(out, report, runs["full SFT"], held_out)
 
-    # 5, 6. Distillation and quantization
-    distill_and_quantize(out, report, result.final_dir, distill_steps)
+        # 5, 6. Distillation and quantization
+        distill_and_quantize(out, report, result.final_dir, distill_steps)
 
-    # 7. Continual learning, from the full SFT model
-    keep_learning(out, report, runs["full SFT"], continual_steps, continual_items)
+        # 7. Continual learning, from the full SFT model
+        keep_learning(out, report, runs["full SFT"], continual_steps, continual_items)
 
-    # 8. Growth, from the pretrained model
-    grow_and_train(out, report, config, result.final_dir, grow_steps)
+        # 8. Growth, from the pretrained model
+        grow_and_train(out, report, config, result.final_dir, grow_steps)
 
-    # 9. Export for other tools
-    print("[9/9] exporting for transformers and llama.cpp", file=sys.stderr)
-    report.heading("Export")
-    rows = [["Hugging Face directory", str(export_hf(result.final_dir, out / "export" / "hf")),
-             _size(out / "export" / "hf" / "model.safetensors")]]
-    for dtype in ("f16", "q8_0"):
-        try:
-            gguf_file = export_gguf(result.final_dir, out / "export" / f"model-{dtype}.gguf", dtype)
-            rows.append([f"GGUF {dtype} (llama.cpp)", str(gguf_file), _size(gguf_file)])
-        except OrchardError as error:  # the gguf package is optional
-            rows.append([f"GGUF {dtype} (llama.cpp)", f"skipped: {error}", ""])
-    report.table(["format", "path", "weights"], rows)
-    return report.write()
+        # 9. Export for other tools
+        print("[9/9] exporting for transformers and llama.cpp", file=sys.stderr)
+        report.heading("Export")
+        rows = [["Hugging Face directory", str(export_hf(result.final_dir, out / "export" / "hf")),
+                 _size(out / "export" / "hf" / "model.safetensors")]]
+        for dtype in ("f16", "q8_0"):
+            try:
+                gguf_file = export_gguf(result.final_dir, out / "export" / f"model-{dtype}.gguf", dtype)
+                rows.append([f"GGUF {dtype} (llama.cpp)", str(gguf_file), _size(gguf_file)])
+            except OrchardError as error:  # the gguf package is optional
+                rows.append([f"GGUF {dtype} (llama.cpp)", f"skipped: {error}", ""])
+        report.table(["format", "path", "weights"], rows)
+        return report.write()
 
 
 ALIGNMENT_STAGES = {

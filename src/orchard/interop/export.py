@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import (RECORD_FILE, WEIGHTS_INDEX_FILE, checked_weights, is_adapter_checkpoint, load_merged,
-                          loaded_paths, read_model_config, read_record, resolve_checkpoint, save_checkpoint, weights_files)
+                          loaded_paths, read_model_config, read_record, resolve_checkpoint, save_checkpoint,
+                          weights_files)
 from ..files import atomic_directory, check_output, copy_regular_file, write_json
 from ..lineage.record import parent_entry
 from ..model import CausalLM
@@ -31,6 +32,13 @@ def export_note(source: Path, fmt: str) -> dict:
     return {"format": fmt, "source": parent_entry(source)}
 
 
+def same_export(note: dict | None, source: Path, fmt: str) -> bool:
+    """Whether `note` records an export in `fmt` of the checkpoint at `source` (whose weights may have
+    changed since)."""
+    return isinstance(note, dict) and note.get("format") == fmt and \
+        (note.get("source") or {}).get("path") == str(source.resolve())
+
+
 def export_hf(checkpoint_dir: Path, out_dir: Path, force: bool = False) -> Path:
     """Write the checkpoint (or run's final checkpoint) `checkpoint_dir` to `out_dir` as a Hugging
     Face model directory, atomically; returns `out_dir`. An existing `out_dir` is replaced only when
@@ -38,7 +46,8 @@ def export_hf(checkpoint_dir: Path, out_dir: Path, force: bool = False) -> Path:
     source = resolve_checkpoint(checkpoint_dir)
     out_dir = Path(out_dir)
     note = export_note(source, "hf")
-    check_output(out_dir, "--out", "export", owned=lambda target: read_record(target).get("export") == note,
+    check_output(out_dir, "--out", "export", owned=lambda target: same_export(read_record(target).get("export"),
+                                                                                 source, "hf"),
                  inputs=loaded_paths(source), force=force)
     if is_adapter_checkpoint(source):
         return _export_merged(source, out_dir, note)

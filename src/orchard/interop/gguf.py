@@ -173,14 +173,15 @@ def export_gguf(checkpoint_dir: Path, out_file: Path, dtype: str = "f16", force:
     except ImportError:
         raise OrchardError("GGUF export needs the gguf package: pip install gguf") from None
     from ..checkpoint import load_merged, loaded_paths, model_state_dict, resolve_checkpoint
-    from .export import export_note
+    from .export import export_note, same_export
 
     source = resolve_checkpoint(checkpoint_dir)
     out_file = Path(out_file)
     if out_file.is_dir():
         raise OrchardError(f"{out_file}: is a directory; give the GGUF file's name (e.g. model-{dtype}.gguf)")
     note = export_note(source, "gguf")
-    check_output(out_file, "--out", "export", owned=lambda target: _export_note(target, gguf) == note,
+    check_output(out_file, "--out", "export",
+                 owned=lambda target: same_export(_export_note(target, gguf), source, "gguf"),
                  inputs=loaded_paths(source), force=force)
     checkpoint = load_merged(source)
     model, tokenizer, config = checkpoint.model, checkpoint.tokenizer, checkpoint.model.config

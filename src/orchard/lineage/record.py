@@ -32,13 +32,14 @@ def parent_entry(checkpoint_dir: str | Path) -> dict:
 
 
 def made_from(target: str | Path, stage: str, source: str | Path) -> bool:
-    """Whether the checkpoint `target` is what the command `stage` made from the checkpoint `source`
-    as it is now (its record names `source`'s path and weights), and so may be made again in place."""
+    """Whether the checkpoint `target` is what the command `stage` made from the checkpoint at
+    `source` (its record names that path as its parent; the weights there may have been trained on
+    since), and so may be made again in place."""
     record_file = Path(target) / "orchard.json"
     if not record_file.is_file():
         return False
     record = read_json(record_file)
-    return record.get("stage") == stage and record.get("parent") == parent_entry(source)
+    return record.get("stage") == stage and (record.get("parent") or {}).get("path") == str(Path(source).resolve())
 
 
 def new_record(stage: str, recipe: dict, data: dict, parent: str | Path | None = None,

@@ -368,15 +368,17 @@ class Trainer:
     def _check_finite(self, metrics: dict[str, float]) -> None:
         """Stop a run that diverged before anything non-finite reaches a checkpoint."""
         bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
-        problem = f"{bad[0]} is {metrics[bad[0]]}" if bad else None
-        if problem is None:
-            name = self._non_finite_parameter()
-            problem = f"the weight {name} is not finite" if name is not None else None
-        if problem is not None:
-            saved = step_checkpoints(self.out_dir)
-            kept = f"; the last checkpoint, {saved[-1].name}, is unaffected" if saved else "; nothing was saved"
-            raise OrchardError(f"step {self.state.step}: {problem}: the run diverged (lower train.lr or check the "
-                               f"data){kept}")
+        if bad:
+            self._diverged(self.state.step, f"{bad[0]} is {metrics[bad[0]]}")
+        name = self._non_finite_parameter()
+        if name is not None:
+            self._diverged(self.state.step, f"the weight {name} is not finite")
+
+    def _diverged(self, step: int, problem: str) -> None:
+        """The one-line error of a run whose step `step` (counted from 1, as checkpoints are) diverged."""
+        saved = [p for p in step_checkpoints(self.out_dir) if int(p.name[len(STEP_PREFIX):]) < step]
+        kept = f"the last checkpoint, {saved[-1].name}, is finite" if saved else "no checkpoint was saved"
+        raise OrchardError(f"step {step}: {problem}: the run diverged (lower train.lr or check the data); {kept}")
 
     def _log(self, entry: dict) -> None:
         if self.dist.rank == 0:
@@ -472,14 +474,12 @@ class Trainer:
             grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip).item()
                          if c.grad_clip > 0 else float("nan"))
             if c.grad_clip > 0 and not math.isfinite(grad_norm):
-                raise OrchardError(f"step {step}: the gradient norm is {grad_norm}: the run diverged (lower "
-                                   f"train.lr or check the data); nothing of this step was saved")
+                self._diverged(step + 1, f"the gradient norm is {grad_norm}")
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.dist.all_reduce_sum(loss_total) / items
             if not math.isfinite(loss):
-                raise OrchardError(f"step {step}: the loss is {loss}: the run diverged (lower train.lr or check "
-                                   f"the data); nothing of this step was saved")
+                self._diverged(step + 1, f"the loss is {loss}")
 
             self.state.step += 1
             self.state.tokens += step_tokens

@@ -34,6 +34,8 @@ from ..files import check_writable, read_json, remove_stale_temporaries, write_j
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.jsonl"
+SETUP_ENTRIES = {RUN_FILE, "tokenizer"}
+"""What a run writes before it trains; a failure with nothing more there removes the run directory."""
 
 RESUMABLE_CHANGES = {"out", "train.max_steps", "train.max_tokens", "train.max_time", "train.eval_every",
                      "train.eval_batches", "train.save_every", "train.keep_checkpoints", "train.log_every",
@@ -167,7 +169,7 @@ def open_run(out: str | Path, stage: str, recipe: dict | None = None) -> Iterato
             remove_stale_temporaries(directory)
         yield out
     except BaseException:
-        if created and not _has_checkpoints(out) and not (out / METRICS_FILE).exists():
+        if created and all(_is_orchard_entry(entry.name) or entry.name in SETUP_ENTRIES for entry in out.iterdir()):
             # This command made the directory and failed before training began (bad data, say):
             # what it set up there (run.json, a tokenizer) must not look like a run later.
             shutil.rmtree(out, ignore_errors=True)
