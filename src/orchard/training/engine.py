@@ -296,10 +296,11 @@ class Trainer:
             for old in step_checkpoints(self.out_dir)[:-self.config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def _check_same_recipe(self, checkpoint_dir: Path) -> None:
+    def _check_same_recipe(self, record: dict) -> None:
         """Refuse to continue a run directory that holds a different run (another model or data):
-        only limits and bookkeeping (steps, time, logging, saving) may change between invocations."""
-        old = read_record(checkpoint_dir).get("recipe")
+        only limits and bookkeeping (steps, time, logging, saving) may change between invocations.
+        `record` is the lineage record of one of its checkpoints."""
+        old = record.get("recipe")
         new = self.record.get("recipe")
         if not old or not new:
             return
@@ -316,15 +317,18 @@ class Trainer:
         steps = [p for p in step_checkpoints(self.out_dir) if has_training_state(p)]
         if not steps:
             return None
-        self._check_same_recipe(steps[-1])
         for candidate in reversed(steps):
             try:
-                saved = self._load_step(candidate)
+                record = read_record(candidate)
+            except OrchardError as problem:
+                self._pass_over(candidate, problem)
+                continue
+            self._check_same_recipe(record)  # another run's checkpoint is refused, not passed over
+            try:
+                saved = self._load_step(candidate, record)
                 break
             except OrchardError as problem:
-                if self.dist.rank == 0:
-                    print(f"{candidate.name} cannot be resumed ({problem}); trying the step before it",
-                          file=sys.stderr)
+                self._pass_over(candidate, problem)
         else:
             raise OrchardError(f"{self.out_dir}: none of its step checkpoints can be resumed (see above); "
                                f"use another out= for a new run")
@@ -344,10 +348,16 @@ class Trainer:
                 "".join(json.dumps(entry) + "\n" for entry in kept), encoding="utf-8"))
         return self.state.step
 
-    def _load_step(self, directory: Path) -> dict:
+    def _pass_over(self, step_dir: Path, problem: OrchardError) -> None:
+        if self.dist.rank == 0:
+            print(f"{step_dir.name} cannot be resumed ({problem}); trying the step before it", file=sys.stderr)
+
+    def _load_step(self, directory: Path, record: dict) -> dict:
         """A step checkpoint's weights put into the model and its training state, checked finite."""
         saved = read_training_state(directory, self.device)
-        metrics = read_record(directory).get("metrics") or {}
+        metrics = record.get("metrics") or {}
+        if not isinstance(metrics, dict):
+            raise OrchardError(f"{directory / 'orchard.json'}: \"metrics\" is not a mapping")
         bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             raise OrchardError(f"its {bad[0]} is {metrics[bad[0]]}")
@@ -406,8 +416,8 @@ class Trainer:
     def _fit(self) -> TrainResult:
         final_dir = self.out_dir / FINAL_DIR
         if is_checkpoint(final_dir):
-            self._check_same_recipe(final_dir)
             record = read_record(final_dir)
+            self._check_same_recipe(record)
             training = record.get("training", {})
             self.state = TrainState(step=training.get("steps", 0), tokens=training.get("tokens", 0),
                                     elapsed=training.get("wall_seconds", 0.0), flops=training.get("flops", 0.0),
