@@ -10,7 +10,6 @@ for the module (a corpus, a tiny checkpoint, an adapter checkpoint on it, a fini
 
 from __future__ import annotations
 
-import gzip
 import json
 import pickle
 import shutil
@@ -18,7 +17,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from orchard.checkpoint import save_checkpoint
 from orchard.cli.main import main

@@ -226,6 +226,21 @@ def test_a_full_disk_is_one_line_and_leaves_no_half_written_checkpoint(tmp_path,
     assert not list(run.glob("step-*")) and not (run / "final").exists() and not list(run.glob(".*.tmp-*"))
 
 
+def test_a_run_directory_from_before_run_json_is_still_resumed(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    assert main(pretrain(run, corpus, "train.max_steps=2")) == 0
+    (run / "run.json").unlink()
+    (run / ".lock").unlink()
+    shutil.rmtree(run / "final")
+    capsys.readouterr()
+    assert main(pretrain(run, corpus, "train.max_steps=3")) == 0
+    assert f"resuming {run} from step 2" in capsys.readouterr().err
+    # Its checkpoints' records still guard the recipe.
+    shutil.rmtree(run / "final")
+    (run / "run.json").unlink(missing_ok=True)
+    assert "holds a run with train.lr=" in run_error(capsys, pretrain(run, corpus, "train.max_steps=4", "train.lr=0.5"))
+
+
 def test_check_output_rules(tmp_path):
     def never(target):
         return False

@@ -30,14 +30,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import OrchardError
-from .files import atomic_directory, contained_file, file_sha256, read_json, write_json
+from .files import atomic_directory, file_sha256, read_json, write_json
 from .model import CausalLM, ModelConfig
 from .model.quantization import (apply_quantization_layout, prepare_quantized, quantization_settings,
                                  quantization_tensor_names)
@@ -177,7 +177,7 @@ def read_training_state(directory: Path, device: str | torch.device = "cpu") -> 
     """What `write_training_state` wrote; anything else (a missing or truncated file, a pickle left
     by an older orchard) is a one-line error naming the file."""
     if (directory / LEGACY_TRAINING_STATE_FILE).is_file() and not (directory / TRAINING_STATE_FILE).is_file():
-        raise OrchardError(f"{directory / LEGACY_TRAINING_STATE_FILE}: a pickle (from orchard before 0.2), which "
+        raise OrchardError(f"{directory / LEGACY_TRAINING_STATE_FILE}: a pickle written by an earlier orchard, which "
                            f"orchard does not load since a pickle can run code")
     document = read_json(directory / TRAINING_STATE_FILE)
     tensors = read_weights(directory / TRAINING_TENSORS_FILE)

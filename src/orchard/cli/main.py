@@ -30,6 +30,7 @@ def _recipe_help(config_cls) -> str:
     return "\n".join(lines)
 
 
+CHECKPOINT_HELP = "checkpoint or run directory, or a Hugging Face model directory, or hf:ORG/NAME for a Hub model"
 FORCE_HELP = "replace an existing --out that orchard did not write from this input (never an input itself)"
 
 
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="continue a prompt (streams tokens)",
                                    description="Sample a continuation of --prompt from a checkpoint.")
-    generate.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory, or hf:ORG/NAME for a Hub model")
+    generate.add_argument("checkpoint", help=CHECKPOINT_HELP)
     generate.add_argument("--prompt", required=True, help="text to continue")
     generate.add_argument("--num-samples", type=int, default=1, help="independent samples (default 1)")
     generate.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="talk to a model in the terminal",
                                description="A chat REPL using the checkpoint's chat template. "
                                            "Commands: /reset clears the conversation, /quit leaves.")
-    chat.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory, or hf:ORG/NAME for a Hub model")
+    chat.add_argument("checkpoint", help=CHECKPOINT_HELP)
     chat.add_argument("--system", default=None, help="system prompt")
     _add_sampling_arguments(chat)
 
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Evaluate a checkpoint on text: loss and perplexity per token, "
                                                "and bits per byte, which compares models with different "
                                                "tokenizers.")
-    evaluate.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory, or hf:ORG/NAME for a Hub model")
+    evaluate.add_argument("checkpoint", help=CHECKPOINT_HELP)
     evaluate.add_argument("--data", required=True, nargs="+", help="corpus files or globs")
     evaluate.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet records")
     evaluate.add_argument("--seq-len", type=int, default=256, help="context length of each window (default 256)")
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Export a checkpoint as a Hugging Face directory that "
                                              "transformers loads with no custom code, or as a GGUF file for "
                                              "llama.cpp.")
-    export.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory, or hf:ORG/NAME for a Hub model")
+    export.add_argument("checkpoint", help=CHECKPOINT_HELP)
     export.add_argument("--format", choices=["hf", "gguf"], required=True, help="hf: a directory; gguf: one file")
     export.add_argument("--out", required=True, help="output directory (hf) or file (gguf)")
     export.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16",
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "of input columns) and write a new checkpoint that eval, "
                                                "generate and chat load as any other. Embeddings and norms stay "
                                                "as they are. A quantized checkpoint is not trained further.")
-    quantize.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory, or hf:ORG/NAME for a Hub model")
+    quantize.add_argument("checkpoint", help=CHECKPOINT_HELP)
     quantize.add_argument("--bits", type=int, required=True, help="8 or 4")
     quantize.add_argument("--group-size", type=int, default=None,
                           help="int4: input columns sharing a scale and zero, a power of two (default 32; "
@@ -200,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "that stay zero. Width grows first, then depth. `orchard pretrain "
                                            "init=GROWN init_trainable=new` trains only the inserted blocks.",
                                epilog="example: orchard grow runs/pretrain --layers 8 --intermediate-size 1024")
-    grow.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory, or hf:ORG/NAME for a Hub model")
+    grow.add_argument("checkpoint", help=CHECKPOINT_HELP)
     grow.add_argument("--layers", type=int, default=None, help="number of blocks after growing")
     grow.add_argument("--hidden-size", type=int, default=None, help="width of the residual stream after growing")
     grow.add_argument("--intermediate-size", type=int, default=None, help="width of each MLP after growing")
@@ -224,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="config, parameter count and lineage of a checkpoint",
                                description="Show a checkpoint's architecture, size and family tree.")
-    info.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face model directory, or hf:ORG/NAME for a Hub model")
+    info.add_argument("checkpoint", help=CHECKPOINT_HELP)
     info.add_argument("--json", action="store_true", help="print JSON")
     return parser
 

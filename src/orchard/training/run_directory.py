@@ -46,7 +46,8 @@ _open: dict[Path, list] = {}
 """Run directories this process holds: resolved path -> [lock file descriptor, nesting depth]."""
 
 
-def first_difference(old, new, ignore: set[str] = RESUMABLE_CHANGES, prefix: str = "") -> tuple[str, object, object] | None:
+def first_difference(old, new, ignore: set[str] = RESUMABLE_CHANGES,
+                     prefix: str = "") -> tuple[str, object, object] | None:
     """The first dotted key whose value differs between two recipes, as (key, old, new)."""
     if isinstance(old, dict) and isinstance(new, dict):
         # A key the old record lacks was added by a later orchard version: nothing to compare.
@@ -68,8 +69,8 @@ def _is_orchard_entry(name: str) -> bool:
 def _is_legacy_run(out: Path) -> bool:
     """A run directory written before run.json existed: its checkpoints carry lineage records."""
     candidates = [out / "final", *sorted(out.glob("step-*"))]
-    return any((path / "orchard.json").is_file() and (path / "config.json").is_file() or
-               (path / "orchard.json").is_file() and (path / "adapters.json").is_file() for path in candidates)
+    return any((path / "orchard.json").is_file() and ((path / "config.json").is_file() or
+                                                      (path / "adapters.json").is_file()) for path in candidates)
 
 
 def _check_claimable(out: Path) -> None:
@@ -118,10 +119,12 @@ def _check_run_file(out: Path, stage: str, recipe: dict | None) -> None:
             write_json(run_file, fresh)
         return
     saved = read_json(run_file)
+    comparable = recipe is not None and isinstance(saved.get("recipe"), dict)
+    changed = first_difference(saved["recipe"], recipe) if comparable else None
     if saved.get("stage") != stage:
         problem = f"holds a `{saved.get('stage')}` run, not `{stage}`"
-    elif recipe is not None and isinstance(saved.get("recipe"), dict) and first_difference(saved["recipe"], recipe):
-        key, before, after = first_difference(saved["recipe"], recipe)
+    elif changed:
+        key, before, after = changed
         problem = f"holds a run with {key}={before!r}, not {after!r}"
     else:
         return
