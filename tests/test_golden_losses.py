@@ -1,0 +1,232 @@
+"""Golden first losses: every method's first training losses and gradient norms, pinned.
+
+Each case trains a tiny model for a few steps (fp32, CPU, one thread, fixed seeds) with the method's
+own command and compares the loss and the gradient norm logged at every step with the values
+recorded below (the gradient norm pins what a loss of exactly 0, as GRPO's first steps have, does
+not). A refactor that moves code must leave them unchanged; a change that alters them alters what
+the method computes, and must say so by updating the numbers in the same commit (as torchtune's
+recipe tests pin theirs).
+
+Floating-point sums differ in their last bits between processors (and PyTorch versions), so the
+comparison is exact, to the last bit, only on the processor and PyTorch that recorded the values
+(`RECORDED_ON`), and within a relative 1e-4 elsewhere. Before a refactor on another machine, record
+there first:
+
+    ORCHARD_RECORD_GOLDEN=1 python -m pytest tests/test_golden_losses.py -s
+
+prints the table (and `RECORDED_ON`) to paste here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchard.cli.main import main
+from untrusted import TINY_MODEL, write_corpus
+
+STEPS = 5
+COMMON = ["train.precision=fp32", "train.device=cpu", "train.log_every=1", "train.eval_every=0", "train.save_every=0",
+          "train.progress=false", "train.seed=7"]
+STUDENT_YAML = "hidden_size: 16\nintermediate_size: 32\nnum_hidden_layers: 1\nnum_attention_heads: 2\n" \
+               "num_key_value_heads: 1\n"
+
+
+def conversation_data(base) -> list[str]:
+    return [f"init={base.dir}", "train.batch_size=4", "train.lr=5e-3", "train.warmup_steps=1",
+            f"train.max_steps={STEPS}"]
+
+
+def pairs(base) -> list[str]:
+    return [f"init={base.dir}", f"data.path={base.pairs}", f"data.val_path={base.val_pairs}", "train.batch_size=4",
+            "train.lr=1e-2", "train.warmup_steps=1", f"train.max_steps={STEPS}"]
+
+
+def online(base) -> list[str]:
+    return [f"init={base.dir}", "max_new_tokens=6", "data.max_prompts=16", "data.eval_prompts=4", "train.batch_size=2",
+            "train.lr=1e-2", "train.warmup_steps=1", f"train.max_steps={STEPS}"]
+
+
+def distillation(base) -> list[str]:
+    return [str(base.dir), f"student={base.student}", f"data.path={base.world}", "data.seq_len=32", "top_k=8",
+            "max_train_windows=24", "train.eval_batches=2", "train.batch_size=4", "train.lr=1e-2",
+            "train.warmup_steps=1", f"train.max_steps={STEPS}"]
+
+
+def continual(base) -> list[str]:
+    return [f"init={base.dir}", "tasks=[arithmetic,facts-en]", "eval_items=2", "data.train_items=8",
+            "data.max_length=96", "train.max_steps=3", "train.batch_size=2", "train.warmup_steps=1", "train.lr=1e-2",
+            "peft.r=4", "ewc_batches=2", "replay_size=8"]
+
+
+# name: (command, overrides given the shared files, the run directories whose losses are compared)
+CASES = {
+    "pretrain": ("pretrain", lambda b: [f"data.path={b.corpus}", *TINY_MODEL, f"train.max_steps={STEPS}"], ["."]),
+    "pretrain-grown": ("pretrain", lambda b: [f"init={b.grown}", "init_trainable=new", f"data.path={b.corpus}",
+                                               "data.seq_len=16", "train.batch_size=2", "train.lr=1e-2",
+                                               f"train.max_steps={STEPS}"], ["."]),
+    "sft": ("sft", conversation_data, ["."]),
+    "sft-lora": ("sft", lambda b: [*conversation_data(b), "peft.method=lora", "peft.r=4"], ["."]),
+    "sft-dora": ("sft", lambda b: [*conversation_data(b), "peft.method=dora", "peft.r=4"], ["."]),
+    "sft-adapter": ("sft", lambda b: [*conversation_data(b), "peft.method=adapter"], ["."]),
+    "sft-prefix": ("sft", lambda b: [*conversation_data(b), "peft.method=prefix"], ["."]),
+    "reward": ("reward", pairs, ["."]),
+    "dpo": ("dpo", lambda b: [*pairs(b), "loss=dpo"], ["."]),
+    "ipo": ("dpo", lambda b: [*pairs(b), "loss=ipo"], ["."]),
+    "simpo": ("dpo", lambda b: [*pairs(b), "loss=simpo", "beta=2"], ["."]),
+    "orpo": ("dpo", lambda b: [*pairs(b), "loss=orpo"], ["."]),
+    # Rewards that differ between the replies of a group, so the advantages (and gradients) are not all 0.
+    "grpo": ("grpo", lambda b: [*online(b), "num_generations=4", "rewards=[length_penalty,single_line]"], ["."]),
+    "ppo": ("ppo", online, ["."]),
+    "distill-offline": ("distill", lambda b: [*distillation(b), "mode=offline"], ["."]),
+    "distill-online": ("distill", lambda b: [*distillation(b), "mode=online", "hidden_weight=1.0"], ["."]),
+    "distill-on-policy": ("distill", lambda b: [*distillation(b), "mode=on_policy", "lmbda=0.5"], ["."]),
+    "distill-sequence": ("distill", lambda b: [str(b.dir), f"student={b.student}", "mode=sequence",
+                                               "prompts.max_prompts=6", "prompts.eval_prompts=2",
+                                               "samples_per_prompt=2", "max_new_tokens=5", "data.seq_len=128",
+                                               "train.batch_size=2", "train.lr=1e-2", "train.warmup_steps=1",
+                                               f"train.max_steps={STEPS}"], ["."]),
+    "continual-naive": ("continual", lambda b: [*continual(b), "strategy=naive"], ["task-0-arithmetic",
+                                                                                  "task-1-facts-en"]),
+    "continual-replay": ("continual", lambda b: [*continual(b), "strategy=replay"], ["task-0-arithmetic",
+                                                                                    "task-1-facts-en"]),
+    "continual-ewc": ("continual", lambda b: [*continual(b), "strategy=ewc"], ["task-0-arithmetic",
+                                                                              "task-1-facts-en"]),
+    "continual-adapters": ("continual", lambda b: [*continual(b), "strategy=adapters"], ["task-0-arithmetic",
+                                                                                        "task-1-facts-en"]),
+}
+
+RECORDED_ON = 'Intel(R) Xeon(R) Processor with AMX, torch 2.13.0+cpu'
+
+GOLDEN: dict[str, list[float]] = {
+    "pretrain": [
+        5.696339130401611, 1.731807827949524, 5.7032999992370605, 1.779430627822876, 5.71619987487793,
+        1.5192747116088867, 5.699190616607666, 1.8110995292663574, 5.700679779052734, 1.5870611667633057],
+    "pretrain-grown": [
+        5.692068099975586, 0.3682922124862671, 5.699601650238037, 0.37882000207901, 5.716324806213379,
+        0.42303717136383057, 5.699061870574951, 0.31274959444999695, 5.700708866119385, 0.3035811483860016],
+    "sft": [
+        5.9938016157343466, 0.6178209185600281, 5.889523022795377, 0.8166800737380981, 5.787533649344569,
+        0.6183421015739441, 5.717272440592448, 0.6360526084899902, 5.6617153532608695, 0.6120398044586182],
+    "sft-lora": [
+        5.9938016157343466, 0.12910312414169312, 5.985359366081621, 0.16392570734024048, 5.969358522793773,
+        0.1376039832830429, 5.956845601399739, 0.17517836391925812, 5.965906929347826, 0.20844319462776184],
+    "sft-dora": [
+        5.9938016157343466, 0.13359777629375458, 5.9849513502425795, 0.1548471599817276, 5.970297138342697,
+        0.1219850406050682, 5.959611892700195, 0.15154145658016205, 5.971438094429348, 0.1858842968940735],
+    "sft-adapter": [
+        5.9938016157343466, 0.9718764424324036, 5.945135804616153, 0.35611411929130554, 5.959819207923689,
+        0.10871928185224533, 5.938374837239583, 0.14577513933181763, 5.938818783967391, 0.0795958936214447],
+    "sft-prefix": [
+        5.993723382826888, 0.008272224105894566, 5.99366237692637, 0.008471903391182423, 5.984379571921816,
+        0.005947718396782875, 5.981810251871745, 0.007688028737902641, 5.999181810461956, 0.008165853098034859],
+    "reward": [
+        0.6968342065811157, 0.21299080550670624, 0.6959654092788696, 0.27165651321411133, 0.6924417018890381,
+        0.08143697679042816, 0.6924522519111633, 0.15747500956058502, 0.6309082508087158, 1.197791576385498],
+    "dpo": [
+        0.6931471824645996, 1.1156491041183472, 0.6794946193695068, 0.9359118938446045, 0.6834160089492798,
+        0.6239304542541504, 0.7072184085845947, 1.3730233907699585, 0.5810449123382568, 1.1084345579147339],
+    "ipo": [
+        25.0, 223.1298065185547, 23.398569107055664, 181.23358154296875, 23.801162719726562, 131.09629821777344,
+        27.0017032623291, 283.30035400390625, 9.26264476776123, 138.97703552246094],
+    "simpo": [
+        0.9981167316436768, 1.5640193223953247, 1.000685691833496, 2.4721763134002686, 0.9466130137443542,
+        1.3577691316604614, 0.9355122447013855, 1.6908206939697266, 0.8672228455543518, 1.2726577520370483],
+    "orpo": [
+        6.05374813079834, 0.9386842846870422, 6.013813018798828, 2.138690948486328, 6.005285739898682,
+        1.4320096969604492, 5.71699333190918, 1.1787686347961426, 5.855113506317139, 1.0685383081436157],
+    "grpo": [
+        -3.725290298461914e-09, 0.9906591773033142, 0.0001673052756814286, 0.005443092435598373,
+        0.0003351382911205292, 0.6855605840682983, 0.0004687652981374413, 0.8188639879226685, 0.0006627369439229369,
+        0.6323452591896057],
+    "ppo": [
+        0.0006501076665396491, 2.23238468170166, 0.00038753907817105454, 2.0899710655212402, 0.00021184024323398867,
+        1.7451752424240112, 0.0002898771975499888, 1.68958580493927, 0.0007798639126121998, 1.8027329444885254],
+    "distill-offline": [
+        2.9969921112060547, 0.2745775580406189, 2.9913582801818848, 0.2638005018234253, 2.952155828475952,
+        0.3039359450340271, 2.95149302482605, 0.3765072822570801, 2.9083774089813232, 0.37637463212013245],
+    "distill-online": [
+        4.931800842285156, 3.397733449935913, 4.58669376373291, 2.222177743911743, 4.275003910064697,
+        1.9927374124526978, 4.208883762359619, 1.7025933265686035, 4.04424524307251, 1.392525553703308],
+    "distill-on-policy": [
+        0.009612406001371495, 0.005380924791097641, 3.00646710395813, 0.26438722014427185, 0.007656438733046909,
+        0.006144399754703045, 2.982795000076294, 0.31790691614151, 2.9651894569396973, 0.31095463037490845],
+    "distill-sequence": [
+        6.01283440223107, 1.3644641637802124, 5.949170793805804, 1.1411303281784058, 5.846974299504207,
+        1.5029345750808716, 5.739776611328125, 1.0406383275985718, 5.600473022460937, 1.1790634393692017],
+    "continual-naive": [
+        5.989611307779948, 3.227935791015625, 5.737796020507813, 4.241053104400635, 5.362067086356027,
+        3.1844940185546875, 5.7625274658203125, 1.4808838367462158, 5.70722126510908, 1.7491199970245361,
+        5.5040368368459305, 1.060151219367981],
+    "continual-replay": [
+        5.989611307779948, 3.227935791015625, 5.737796020507813, 4.241053104400635, 5.362067086356027,
+        3.1844940185546875, 5.7625274658203125, 1.4808838367462158, 5.270859146118164, 3.847027540206909,
+        5.592716305754905, 1.097809076309204],
+    "continual-ewc": [
+        5.989611307779948, 3.227935791015625, 5.737796020507813, 4.241053104400635, 5.362067086356027,
+        3.1844940185546875, 5.7625274658203125, 1.4808838367462158, 447.59349204009436, 10490.833984375,
+        226.09484011627907, 5486.49169921875],
+    "continual-adapters": [
+        5.989611307779948, 0.6020036339759827, 5.937165069580078, 0.8036425709724426, 5.836960928780692,
+        0.6710825562477112, 5.976478754087936, 0.35682421922683716, 5.954838590801887, 0.31493377685546875,
+        5.942789831826853, 0.3430075943470001],
+}
+
+
+def machine() -> str:
+    """The processor model and the PyTorch version: what the last bits of a sum depend on."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 "unknown processor")
+    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    return f"{model}{' with AMX' if ' amx_bf16' in flags else ''}, torch {torch.__version__}"
+
+
+@pytest.fixture(scope="module")
+def shared(chat_base, tmp_path_factory):
+    """The files every case reads: conftest's tiny chat checkpoint and preference pairs, a text corpus,
+    the built-in world's documents, a student config, and a grown copy of a tiny pretrained model."""
+    from types import SimpleNamespace
+
+    from orchard.data.synthetic import write_corpus as write_world
+
+    root = tmp_path_factory.mktemp("golden")
+    corpus = write_corpus(root / "corpus.txt")
+    student = root / "student.yaml"
+    student.write_text(STUDENT_YAML)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ORCHARD_CACHE", str(root / "cache"))
+        assert main(["pretrain", f"out={root / 'small'}", f"data.path={corpus}", *TINY_MODEL, *COMMON,
+                     "train.max_steps=2"]) == 0
+        assert main(["grow", str(root / "small"), "--layers", "3", "--out", str(root / "grown")]) == 0
+    return SimpleNamespace(dir=chat_base.dir, pairs=chat_base.pairs, val_pairs=chat_base.val_pairs, corpus=corpus,
+                           world=write_world(root / "world.jsonl", 120, seed=0), student=student,
+                           grown=root / "grown")
+
+
+def losses(run_dir: Path) -> list[float]:
+    """Each logged step's loss and gradient norm, in order."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [value for line in lines if "loss" in line for value in (line["loss"], line["grad_norm"])]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_first_losses_are_pinned(name, shared, tmp_path):
+    command, overrides, runs = CASES[name]
+    out = tmp_path / "run"
+    assert main([command, *overrides(shared), *COMMON, f"out={out}"]) == 0
+    found = [value for run in runs for value in losses(out / run)]
+    if os.environ.get("ORCHARD_RECORD_GOLDEN"):
+        print(f"\nRECORDED_ON = {machine()!r}\n    {name!r}: {found!r},")
+        return
+    if machine() == RECORDED_ON:
+        assert found == GOLDEN[name]
+    else:
+        assert found == pytest.approx(GOLDEN[name], rel=1e-4, abs=1e-6)
