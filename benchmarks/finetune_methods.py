@@ -23,7 +23,7 @@ import torch
 
 from orchard.data.conversations import Conversation, collate_packed, pack_conversations, tokenize_conversation
 from orchard.data.synthetic import World, instruction_conversations
-from orchard.methods.losses import token_cross_entropy
+from orchard.losses.tokens import token_cross_entropy
 from orchard.model import CausalLM, ModelConfig
 from orchard.tokenizer import Tokenizer
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from orchard.model import CausalLM, ModelConfig
-from orchard.methods.losses import token_cross_entropy
+from orchard.losses.tokens import token_cross_entropy
 from orchard.tokenizer import Tokenizer
 from orchard.training import TrainConfig, Trainer
 

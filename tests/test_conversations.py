@@ -22,7 +22,7 @@ from orchard.data.conversations import (
 )
 from orchard.data.synthetic import World, generate_documents, instruction_conversations
 from orchard.errors import OrchardError
-from orchard.methods.losses import IGNORE_INDEX, token_cross_entropy
+from orchard.losses.tokens import IGNORE_INDEX, token_cross_entropy
 from orchard.model import CausalLM, ModelConfig
 from orchard.tokenizer.bpe import Tokenizer
 

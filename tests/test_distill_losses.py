@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from orchard.methods.distill_losses import (
+from orchard.losses.distillation import (
     SparseTeacher,
     distillation_loss,
     forward_kl,
@@ -17,7 +17,7 @@ from orchard.methods.distill_losses import (
     teacher_and_student_log_probs,
     top_k_teacher,
 )
-from orchard.methods.losses import IGNORE_INDEX, token_cross_entropy
+from orchard.losses.tokens import IGNORE_INDEX, token_cross_entropy
 
 DIVERGENCE_FUNCTIONS = {"forward_kl": forward_kl, "reverse_kl": reverse_kl,
                         "jsd": lambda s, t, labels, temperature=1.0: generalized_jsd(s, t, labels, beta=0.3,

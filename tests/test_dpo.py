@@ -15,9 +15,9 @@ from orchard.checkpoint import load_checkpoint
 from orchard.config import load_config
 from orchard.methods import dpo
 from orchard.methods.dpo import REFERENCE_FILE, DPOConfig, PreferenceOptimization, cached_reference
-from orchard.methods.losses import IGNORE_INDEX, token_log_probs
+from orchard.losses.tokens import IGNORE_INDEX, token_log_probs
 from orchard.methods.pairs import PreferenceDataConfig, load_pairs
-from orchard.methods.preference_losses import dpo_loss, ipo_loss, orpo_loss, simpo_loss
+from orchard.losses.preference import dpo_loss, ipo_loss, orpo_loss, simpo_loss
 from orchard.training.run_directory import RUN_FILE
 from cli_errors import run_error
 

@@ -16,7 +16,7 @@ from orchard.checkpoint import load_checkpoint
 from orchard.config import load_config
 from orchard.methods import grpo, rollouts
 from orchard.methods.grpo import GRPO, GRPOConfig
-from orchard.methods.losses import IGNORE_INDEX
+from orchard.losses.tokens import IGNORE_INDEX
 from orchard.methods.rollouts import PromptDataConfig, Rollouts, completion_log_probs, layout, load_prompts
 from orchard.model.generation import SamplingConfig, generate
 from orchard.peft.config import PeftConfig, ReferenceModel, apply_peft

@@ -18,7 +18,7 @@ from orchard.checkpoint import load_checkpoint, save_checkpoint
 from orchard.cli.main import main
 from orchard.errors import OrchardError
 from orchard.interop.export import export_hf
-from orchard.interop.hub import resolve_model_path
+from orchard.hub import resolve_model_path
 from orchard.model import CausalLM, ModelConfig
 from orchard.model.generation import SamplingConfig, generate
 from orchard.tokenizer import Tokenizer

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from orchard.errors import OrchardError
-from orchard.interop.peft import (
+from orchard.peft.format import (
     LoraAdapterConfig,
     load_lora_adapter,
     merged_state_dict,

@@ -16,7 +16,7 @@ from orchard.config import load_config
 from orchard.errors import OrchardError
 from orchard.methods import ppo
 from orchard.methods.ppo import PPO, PPOConfig
-from orchard.methods.rl_losses import gae, token_rewards_with_kl, whiten
+from orchard.losses.rl import gae, token_rewards_with_kl, whiten
 from orchard.methods.rollouts import completion_log_probs
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from orchard.methods.preference_losses import dpo_loss, ipo_loss, orpo_loss, simpo_loss
+from orchard.losses.preference import dpo_loss, ipo_loss, orpo_loss, simpo_loss
 
 
 def log_sigmoid(x: float) -> float:

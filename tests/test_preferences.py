@@ -27,7 +27,7 @@ from orchard.data.synthetic import (
     write_preference_corpus,
 )
 from orchard.errors import OrchardError
-from orchard.methods.losses import IGNORE_INDEX
+from orchard.losses.tokens import IGNORE_INDEX
 from orchard.tokenizer.bpe import Tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -16,8 +16,8 @@ from collections import defaultdict
 import pytest
 import torch
 
-from orchard.methods.losses import token_log_probs
-from orchard.methods.rl_losses import (aggregate, clipped_surrogate, clipped_value_loss, gae, grpo_token_loss,
+from orchard.losses.tokens import token_log_probs
+from orchard.losses.rl import (aggregate, clipped_surrogate, clipped_value_loss, gae, grpo_token_loss,
                                        group_advantages, k3_kl, 
                                        token_rewards_with_kl, whiten)
 

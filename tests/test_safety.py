@@ -19,7 +19,7 @@ from orchard.cli.main import TRAINING_COMMANDS, main
 from orchard.errors import OrchardError
 from orchard.files import atomic_directory, check_output, remove_stale_temporaries
 from orchard.interop.export import export_hf
-from orchard.interop.peft import load_lora_adapter
+from orchard.peft.format import load_lora_adapter
 from orchard.lineage.record import parent_entry
 from orchard.methods import dpo
 from orchard.methods.distill import open_teacher_cache

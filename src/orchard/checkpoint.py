@@ -252,7 +252,7 @@ def step_checkpoints(run_dir: Path) -> list[Path]:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, a run directory (its `final/`, else its latest step), or a Hugging Face
     Hub model id (its snapshot in the local cache, downloaded if need be)."""
-    from .interop.hub import resolve_model_path
+    from .hub import resolve_model_path
 
     path = resolve_model_path(path)
     if is_checkpoint(path):

@@ -48,7 +48,7 @@ from typing import TypeVar
 import torch
 
 from ..errors import OrchardError
-from ..methods.losses import IGNORE_INDEX
+from ..losses.tokens import IGNORE_INDEX
 from .corpus import (
     _BOM,
     _decode,

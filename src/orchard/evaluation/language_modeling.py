@@ -14,7 +14,7 @@ import torch
 
 from ..data.packing import PackedSequences
 from ..errors import OrchardError
-from ..methods.losses import bits_per_byte, token_cross_entropy
+from ..losses.tokens import bits_per_byte, token_cross_entropy
 
 
 @torch.no_grad()

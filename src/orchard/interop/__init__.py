@@ -1,1 +1,1 @@
-"""Interoperability: Hugging Face checkpoints in and out, PEFT adapters, GGUF for llama.cpp."""
+"""Exporters: a checkpoint as a Hugging Face model directory (`export`) or a GGUF file for llama.cpp (`gguf`)."""

@@ -18,7 +18,7 @@ no data it distils on the built-in world's documents. Read top to bottom, a run 
      continuations of the windows' first `prompt_tokens` tokens, scored by the teacher (GKD);
    - sequence: the teacher answers the prompts (`prompts.*`), and the student is fine-tuned on
      those answers as on conversations (sequence-level KD, Kim & Rush 2016);
-5. the shared engine, with the loss of `distill_losses`: `alpha` x the divergence (forward KL,
+5. the shared engine, with the loss of `orchard.losses.distillation`: `alpha` x the divergence (forward KL,
    reverse KL or generalised JSD at `temperature`) + (1 - alpha) x the data's cross-entropy, plus
    `hidden_weight` x the projected hidden-state error; validated by the student's loss and bits per
    byte and by all three divergences from the teacher on held-out windows, side by side.
@@ -49,9 +49,12 @@ from ..data.packing import EpochOrder, PackedSequences, micro_batch_samples, spl
 from ..data.synthetic import answer_matches, write_jsonl
 from ..data.tokens import build_token_cache
 from ..errors import OrchardError
-from ..files import read_json, remove_stale_temporaries, temporary_path, write_json
 from ..evaluation.language_modeling import evaluate_language_modeling
+from ..files import read_json, remove_stale_temporaries, temporary_path, write_json
 from ..lineage import new_record
+from ..losses.distillation import SparseTeacher, distillation_loss, forward_kl, generalized_jsd, hidden_state_loss, \
+    reverse_kl, top_k_teacher
+from ..losses.tokens import IGNORE_INDEX
 from ..model import CausalLM, ModelConfig
 from ..model.generation import SamplingConfig, generate
 from ..tokenizer import Tokenizer
@@ -59,9 +62,6 @@ from ..training import TrainConfig, Trainer, TrainResult
 from ..training.distributed import Distributed
 from ..training.engine import resolve_device, resolve_precision
 from ..training.run_directory import open_run
-from .distill_losses import SparseTeacher, distillation_loss, forward_kl, generalized_jsd, hidden_state_loss, \
-    reverse_kl, top_k_teacher
-from .losses import IGNORE_INDEX
 from .pretrain import DataConfig, corpus_paths
 from .rollouts import PromptDataConfig, load_prompts, turn_end_ids
 

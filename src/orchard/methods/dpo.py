@@ -11,7 +11,7 @@ validates on the held-out split. Read top to bottom, a run is:
    (SimPO and ORPO need no reference);
 4. with `peft.method`, adapters on the frozen parent, else every weight trains;
 5. the shared engine: each micro-batch scores its chosen and rejected rows in one forward pass and
-   applies the loss of `preference_losses`; it logs what TRL users know (the implicit rewards of
+   applies the loss of `orchard.losses.preference`; it logs what TRL users know (the implicit rewards of
    chosen and rejected replies, their margin, and how often the chosen one wins) and validates
    the same on held-out pairs.
 """
@@ -33,15 +33,15 @@ from ..config import to_dict
 from ..errors import OrchardError
 from ..files import atomic_file
 from ..lineage import new_record
+from ..losses.preference import dpo_loss, ipo_loss, orpo_loss, simpo_loss
+from ..losses.tokens import token_log_probs
 from ..peft.config import PeftConfig, apply_peft
 from ..training import TrainConfig, Trainer, TrainResult
 from ..training.distributed import Distributed
 from ..training.engine import resolve_device, resolve_precision
 from ..training.run_directory import open_run
-from .losses import token_log_probs
 from .pairs import (PairBatches, PreferenceDataConfig, TokenizedPair, collate_pairs, held_out_batches, load_pairs,
                     pair_training_defaults)
-from .preference_losses import dpo_loss, ipo_loss, orpo_loss, simpo_loss
 
 REFERENCE_FILE = "reference_logps.safetensors"
 

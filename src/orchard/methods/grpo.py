@@ -25,10 +25,10 @@ from typing import Literal
 import torch
 
 from ..config import to_dict
+from ..losses.rl import aggregate, group_advantages, grpo_token_loss, k3_kl
 from ..peft.config import PeftConfig, ReferenceModel
 from ..training import TrainConfig, TrainResult
 from ..training.run_directory import open_run
-from .rl_losses import aggregate, group_advantages, grpo_token_loss, k3_kl
 from .rollouts import Prompt, PromptDataConfig, Rollouts, completion_log_probs, prepare_online_run, train_online
 
 

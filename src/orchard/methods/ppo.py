@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import to_dict
+from ..losses.rl import aggregate, clipped_surrogate, clipped_value_loss, gae, token_rewards_with_kl, whiten
 from ..peft.config import PeftConfig, ReferenceModel
 from ..training import TrainConfig, TrainResult
 from ..training.run_directory import open_run
-from .rl_losses import aggregate, clipped_surrogate, clipped_value_loss, gae, token_rewards_with_kl, whiten
 from .rollouts import Prompt, PromptDataConfig, Rollouts, completion_log_probs, prepare_online_run, train_online
 
 

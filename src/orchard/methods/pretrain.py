@@ -31,12 +31,12 @@ from ..errors import OrchardError
 from ..evaluation.language_modeling import evaluate_language_modeling
 from ..files import atomic_directory
 from ..lineage import new_record
+from ..losses.tokens import token_cross_entropy
 from ..model import CausalLM, ModelConfig
 from ..tokenizer import MIN_VOCAB_SIZE, Tokenizer
 from ..training import TrainConfig, Trainer, TrainResult
 from ..training.distributed import Distributed
 from ..training.run_directory import open_run, read_run_file, record_in_run_file
-from .losses import token_cross_entropy
 
 
 @dataclass

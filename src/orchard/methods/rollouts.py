@@ -10,7 +10,7 @@ for a training forward pass:
     completion_mask                 [1 1 1 1 1     0]
 
 so the logits at columns P-1 .. P+C-2 predict the completion (P prompt columns, C completion ones),
-and the per-token tensors of `rl_losses` are the completion columns alone.
+and the per-token tensors of `orchard.losses.rl` are the completion columns alone.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from ..data.preferences import PromptItem, read_limited, read_prompts, read_spli
 from ..data.synthetic import World, verifiable_prompts
 from ..errors import OrchardError
 from ..lineage import new_record
+from ..losses.tokens import IGNORE_INDEX, token_log_probs
 from ..model.generation import SamplingConfig, generate
 from ..peft.config import ReferenceModel, apply_peft
 from ..rewards import Rewards
 from ..training import Trainer, TrainResult
 from ..training.distributed import Distributed
 from ..training.engine import resolve_device, resolve_precision
-from .losses import IGNORE_INDEX, token_log_probs
 
 
 @dataclass

@@ -34,11 +34,11 @@ from ..data.packing import EpochOrder, micro_batch_samples
 from ..data.synthetic import World, instruction_conversations
 from ..errors import OrchardError
 from ..lineage import new_record
+from ..losses.tokens import token_cross_entropy
 from ..peft.config import PeftConfig, apply_peft
 from ..training import TrainConfig, Trainer, TrainResult
 from ..training.distributed import Distributed
 from ..training.run_directory import open_run
-from .losses import token_cross_entropy
 
 
 @dataclass

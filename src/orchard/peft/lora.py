@@ -11,7 +11,7 @@ the original model. An adapter's tensors live under the layer's name:
     model.layers.0.self_attn.q_proj.lora.<adapter>.magnitude   (out_features,), DoRA only
 
 which is PEFT's `lora_A`/`lora_B` layout, so `adapter_state_dict` hands them to
-`orchard.interop.peft` without transposing. The layer computes
+`orchard.peft.format` without transposing. The layer computes
 
     LoRA:  W x + b + s B A x                      s = alpha / r  (alpha / sqrt(r) with rsLoRA)
     DoRA:  m / ||W + s B A|| * (W x + s B A x) + b, the norm taken over each output row
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OrchardError
-from ..interop.peft import LoraAdapterConfig, load_lora_adapter, save_lora_adapter
+from .format import LoraAdapterConfig, load_lora_adapter, save_lora_adapter
 
 AdapterWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -338,7 +338,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
 
 
 def adapter_state_dict(model: nn.Module, name: str) -> AdapterWeights:
-    """Adapter `name`'s weights as `orchard.interop.peft.save_lora_adapter` takes them:
+    """Adapter `name`'s weights as `orchard.peft.format.save_lora_adapter` takes them:
     module name -> (A (r, in), B (out, r))."""
     layers = _layers_of(model, name)
     if _config_of(model, name).use_dora:

@@ -5,7 +5,7 @@ Conventions
 - Per-token tensors are (B, T): one row per sampled completion, one column per completion token,
   aligned with a (B, T) `mask` (bool or float) that is 1 on the completion tokens the loss covers
   and 0 on padding. Prompts are not part of these tensors. Column t of `logp` is the log-probability
-  the policy gave completion token t (see `orchard.methods.losses.token_log_probs`).
+  the policy gave completion token t (see `orchard.losses.tokens.token_log_probs`).
 - `logp` is the current policy's (with gradient), `old_logp` the sampling policy's and `ref_logp`
   the frozen reference model's (both without gradient). Advantages, rewards and values are data:
   nothing here differentiates through them.

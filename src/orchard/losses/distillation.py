@@ -1,13 +1,13 @@
 """Knowledge-distillation losses as pure functions of tensors.
 
-Conventions (those of `orchard.methods.losses`)
+Conventions (those of `orchard.losses.tokens`)
 -----------------------------------------------
 - Student logits (B, T, V) are aligned with `labels` (B, T): logits[:, t] predict labels[:, t].
   Positions whose label is IGNORE_INDEX (prompt tokens, padding) contribute nothing: they are
   dropped before anything is computed, so their logits (even inf or NaN) affect neither the value
   nor the gradient.
 - Every loss returns the SUM over counted positions; the training engine divides by the count of
-  all micro-batches (see `orchard.methods.rl_losses`). Computed in fp32 whatever the input dtype.
+  all micro-batches (see `orchard.losses.rl`). Computed in fp32 whatever the input dtype.
 - The teacher is given densely, as logits (B, T, V) from a model run alongside the student (online
   distillation), or sparsely, as a `SparseTeacher`: its top-k token ids and their log-probabilities,
   which is what an offline cache stores (V floats per token do not fit on disk; k of them do).
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from orchard.methods.losses import IGNORE_INDEX, token_cross_entropy
+from orchard.losses.tokens import IGNORE_INDEX, token_cross_entropy
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 

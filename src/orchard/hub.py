@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import OrchardError
+from .errors import OrchardError
 
 # What `load_checkpoint` reads from a model repository; `pytorch_model.bin` and other formats stay behind.
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
