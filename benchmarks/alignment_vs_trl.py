@@ -417,7 +417,7 @@ def cpu_name() -> str:
 
 
 def main() -> None:
-    from orchard.training.engine import cpu_has_bf16_matmul
+    from orchard.training.runtime import cpu_has_bf16_matmul
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

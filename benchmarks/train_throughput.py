@@ -56,6 +56,7 @@ class RandomTokens:
     """A method whose batches are random tokens: measures the engine, not the data pipeline."""
 
     name = "benchmark"
+    trainable_modules = None
 
     def __init__(self, vocab_size: int, batch_size: int, seq_len: int):
         self.vocab_size, self.batch_size, self.seq_len = vocab_size, batch_size, seq_len

@@ -12,6 +12,7 @@ from orchard.checkpoint import load_checkpoint, read_record, read_training_state
 from orchard.config import load_config
 from orchard.errors import OrchardError
 from orchard.methods import distill
+from orchard.training.runtime import Runtime
 
 STUDENT_YAML = """\
 hidden_size: 16
@@ -111,7 +112,7 @@ def test_on_policy_batches_are_the_students_continuations(chat_base, corpus, stu
     tokens = build_token_cache([corpus], teacher.tokenizer).tokens
     windows = PackedSequences(tokens, 32)
     method = distill.Distillation(cfg, windows, windows, 8, 2, teacher.tokenizer.token_byte_lengths(), student,
-                                  teacher.model, None, [teacher.tokenizer.eos_id], teacher.tokenizer.pad_id, "fp32")
+                                  teacher.model, None, [teacher.tokenizer.eos_id], teacher.tokenizer.pad_id, Runtime())
     batch = method.batch(0, 0, 0, 1)
     assert torch.equal(batch["input_ids"][:, :8], windows.batch([method.order[s] for s in range(4)])["input_ids"][:, :8])
     assert (batch["labels"][:, :7] == -100).all()  # only the generated tokens are targets

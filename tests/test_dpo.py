@@ -19,6 +19,7 @@ from orchard.losses.tokens import IGNORE_INDEX, token_log_probs
 from orchard.methods.pairs import PreferenceDataConfig, load_pairs
 from orchard.losses.preference import dpo_loss, ipo_loss, orpo_loss, simpo_loss
 from orchard.training.run_directory import RUN_FILE
+from orchard.training.runtime import Runtime
 from cli_errors import run_error
 
 
@@ -147,8 +148,8 @@ def test_reference_log_probs_are_cached_for_the_same_pairs_parent_and_precision(
     monkeypatch.setattr(dpo, "reference_log_probs", counted)
 
     def cached(train_pairs=train, sha="abc", precision="fp32"):
-        return cached_reference(tmp_path, model, train_pairs, val, tokenizer.pad_id, 8, sha, precision,
-                                torch.device("cpu"))
+        return cached_reference(tmp_path, model, train_pairs, val, tokenizer.pad_id, 8, sha,
+                                Runtime(precision=precision))
 
     first = cached()
     assert calls == [len(train), len(val)] and (tmp_path / REFERENCE_FILE).is_file()

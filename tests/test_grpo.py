@@ -21,6 +21,7 @@ from orchard.methods.rollouts import PromptDataConfig, Rollouts, completion_log_
 from orchard.model.generation import SamplingConfig, generate
 from orchard.peft.config import PeftConfig, ReferenceModel, apply_peft
 from orchard.rewards import Rewards
+from orchard.training.runtime import Runtime
 from cli_errors import run_error
 
 IDS = torch.tensor([[5, 9, 12, 7, 30, 41]])
@@ -114,7 +115,7 @@ def test_rollouts_are_a_pure_function_of_the_step(chat_base, tmp_path):
                                                                            ("Where does Tom Snow live?", "Greenfield")]
     rewards = Rewards(["exact_match", "length_penalty"])
     rollouts = Rollouts(model, tokenizer, train, rewards, SamplingConfig(max_new_tokens=5, temperature=1.0), 3,
-                        batch_size=2, grad_accum=1, seed=4, precision="fp32")
+                        batch_size=2, grad_accum=1, seed=4, runtime=Runtime())
     first, again, other = rollouts.batch(0, 0, 0, 1), rollouts.batch(0, 0, 0, 1), rollouts.batch(1, 0, 0, 1)
     assert all(torch.equal(first[k], again[k]) for k in first if k != "rewards_by_function")
     assert not torch.equal(first["input_ids"], other["input_ids"])

@@ -123,3 +123,13 @@ def test_no_import_goes_up_a_floor(importers, imported, why):
 def test_nothing_imports_the_cli():
     assert sorted(f"{name} -> {target}" for name, targets in graph().items() if not name.startswith("orchard.cli")
                   for target in targets if target.startswith("orchard.cli")) == []
+
+
+def test_only_the_runtime_decides_device_and_precision():
+    """Device, precision and autocast are decided in `training/runtime.py` (and the process group's
+    device in `training/distributed.py`, which it owns); everything else asks a `Runtime`."""
+    owners = {SOURCE / "training" / "runtime.py", SOURCE / "training" / "distributed.py"}
+    decisions = ("torch.autocast(", "cuda.is_available(", "is_bf16_supported(", "Distributed.from_environment(")
+    found = sorted(f"{path.relative_to(SOURCE)}: {word}" for path in SOURCE.rglob("*.py") if path not in owners
+                   for word in decisions if word in path.read_text(encoding="utf-8"))
+    assert found == []

@@ -25,6 +25,7 @@ from orchard.methods import dpo
 from orchard.methods.distill import open_teacher_cache
 from orchard.peft import LoraConfig, add_lora
 from orchard.tokenizer import Tokenizer
+from orchard.training.runtime import Runtime
 from cli_errors import run_error
 from untrusted import SENTENCES, TINY_MODEL, Payload, tiny_model, write_corpus
 
@@ -101,8 +102,7 @@ def test_a_pickled_dpo_reference_cache_is_computed_again(tmp_path, monkeypatch):
     monkeypatch.setattr(dpo, "reference_log_probs", lambda model, pairs, *a: computed.append(1) or
                         torch.zeros(len(pairs), 2))
     pair = SimpleNamespace(chosen=SimpleNamespace(input_ids=[1, 2]), rejected=SimpleNamespace(input_ids=[1, 3]))
-    reference = dpo.cached_reference(tmp_path, torch.nn.Linear(1, 1), [pair] * 3, [pair] * 2, 0, 2, "sha", "fp32",
-                                     torch.device("cpu"))
+    reference = dpo.cached_reference(tmp_path, torch.nn.Linear(1, 1), [pair] * 3, [pair] * 2, 0, 2, "sha", Runtime())
     assert computed == [1, 1] and reference["train"].shape == (3, 2) and not marker.exists()
     assert load_file(tmp_path / dpo.REFERENCE_FILE)["val"].shape == (2, 2)
 

@@ -97,8 +97,8 @@ from ..peft.lora import (
     trainable_parameter_count,
 )
 from ..training import TrainConfig, Trainer, TrainResult
-from ..training.engine import resolve_device
 from ..training.run_directory import open_run
+from ..training.runtime import Runtime
 from .pretrain import PackedLanguageModeling
 from .sft import (
     ConversationDataConfig,
@@ -360,6 +360,7 @@ class ContinualLanguageModeling:
     positions; a text batch neither), so replayed conversations mix into a text task and back."""
 
     name = "continual"
+    trainable_modules = None
 
     def __init__(self, current, replay: ConversationLanguageModeling | None = None,
                  replay_ratio: float = 0.0, seed: int = 0, penalty: EWCPenalty | None = None):
@@ -550,7 +551,8 @@ def _run(config: ContinualConfig) -> TrainResult:
     if config.strategy == "adapters" and is_adapter_checkpoint(base):
         raise OrchardError(f"init: strategy=adapters trains adapters on a full checkpoint, and {base} is an "
                            f"adapter checkpoint; merge it first (e.g. train from its merged export)")
-    device = resolve_device(config.train.device)
+    runtime = Runtime.create(config.train.device, config.train.precision)
+    device = runtime.device
     out = Path(config.out)
     start = load_merged(base)
     tokenizer = start.tokenizer
@@ -587,7 +589,7 @@ def _run(config: ContinualConfig) -> TrainResult:
             finals.append(parent)
         else:
             result = _train_task(config, i, task, tasks, current, parent, dirs[i], fisher, recipe,
-                                 replace(config.train, max_steps=steps[i]), tokenizer)
+                                 replace(config.train, max_steps=steps[i]), runtime, tokenizer)
             finals.append(dirs[i] / FINAL_DIR)
 
         if config.strategy == "ewc":
@@ -638,7 +640,7 @@ def _run(config: ContinualConfig) -> TrainResult:
 
 def _train_task(config: ContinualConfig, i: int, task: Task, tasks: list[Task], current, parent: Path,
                 run_dir: Path, fisher: dict[str, torch.Tensor] | None, recipe: dict, train: TrainConfig,
-                tokenizer) -> TrainResult:
+                runtime: Runtime, tokenizer) -> TrainResult:
     """Task i trained from `parent` with the strategy's changes, into `run_dir` (resumable)."""
     checkpoint = load_merged(parent)
     model = checkpoint.model.float().train()
@@ -669,5 +671,5 @@ def _train_task(config: ContinualConfig, i: int, task: Task, tasks: list[Task], 
                            "tasks": [t.name for t in tasks]}
     print(f"task {i} ({task.name}): {config.strategy}, {train.max_steps} steps", file=sys.stderr)
     trainer = Trainer(train, model, method, tokenizer, run_dir, record,
-                      flops_per_token=model.config.training_flops_per_token(config.data.max_length))
+                      flops_per_token=model.config.training_flops_per_token(config.data.max_length), runtime=runtime)
     return trainer.fit()

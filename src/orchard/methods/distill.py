@@ -33,7 +33,6 @@ import re
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -59,9 +58,8 @@ from ..model import CausalLM, ModelConfig
 from ..model.generation import SamplingConfig, generate
 from ..tokenizer import Tokenizer
 from ..training import TrainConfig, Trainer, TrainResult
-from ..training.distributed import Distributed
-from ..training.engine import resolve_device, resolve_precision
 from ..training.run_directory import open_run
+from ..training.runtime import Runtime
 from .pretrain import DataConfig, corpus_paths
 from .rollouts import PromptDataConfig, load_prompts, turn_end_ids
 
@@ -311,8 +309,7 @@ def open_teacher_cache(directory: Path) -> TeacherCache | None:
 
 @torch.no_grad()
 def build_teacher_cache(directory: Path, teacher: Teacher, splits: dict[str, PackedSequences],
-                        windows: dict[str, int], k: int, batch_size: int, precision: str,
-                        device: torch.device) -> TeacherCache:
+                        windows: dict[str, int], k: int, batch_size: int, runtime: Runtime) -> TeacherCache:
     """Run the teacher once over `windows[split]` windows of each split and store its top-k; written
     in a temporary directory and renamed into place, so a killed build is never mistaken for one."""
     from tqdm import tqdm
@@ -320,9 +317,8 @@ def build_teacher_cache(directory: Path, teacher: Teacher, splits: dict[str, Pac
     remove_stale_temporaries(directory.parent, directory.name)
     tmp = temporary_path(directory)
     tmp.mkdir(parents=True)
-    model = teacher.model.to(device).eval()
+    model = teacher.model.to(runtime.device).eval()
     id_dtype = np.uint16 if teacher.config.vocab_size <= 65535 else np.int32
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     started, tokens = time.perf_counter(), 0
     seq_len = next(iter(splits.values())).seq_len
     total = sum(windows.values())
@@ -335,8 +331,8 @@ def build_teacher_cache(directory: Path, teacher: Teacher, splits: dict[str, Pac
             log_probs = np.lib.format.open_memmap(tmp / f"{split}.log_probs.npy", "w+", np.float16, (count, seq_len, k))
             for start in range(0, count, batch_size):
                 batch = sequences.batch(range(start, min(start + batch_size, count)))
-                with autocast:
-                    logits = model(batch["input_ids"].to(device)).logits
+                with runtime.autocast():
+                    logits = model(batch["input_ids"].to(runtime.device)).logits
                 top = top_k_teacher(logits.float(), k)
                 ids[start:start + len(top.ids)] = top.ids.cpu().numpy().astype(id_dtype)
                 log_probs[start:start + len(top.ids)] = top.log_probs.cpu().numpy().astype(np.float16)
@@ -349,7 +345,7 @@ def build_teacher_cache(directory: Path, teacher: Teacher, splits: dict[str, Pac
         stored = sum(f.stat().st_size for f in tmp.glob("*.npy"))
         write_json(tmp / "meta.json", {
             "teacher": str(teacher.path), "teacher_weights_sha256": teacher.weights_sha256,
-            "k": k, "seq_len": seq_len, "windows": windows, "tokens": tokens, "precision": precision,
+            "k": k, "seq_len": seq_len, "windows": windows, "tokens": tokens, "precision": runtime.precision,
             "bytes": stored, "bytes_per_token": stored / max(tokens, 1),
             "build_seconds": round(seconds, 2), "build_flops": teacher.forward_flops_per_token() * tokens})
         if directory.exists():  # another process finished the same cache first
@@ -372,11 +368,11 @@ class Distillation:
 
     def __init__(self, config: DistillConfig, train: PackedSequences, val: PackedSequences, num_train: int,
                  num_val: int, token_bytes, student: CausalLM, teacher: CausalLM | None,
-                 cache: TeacherCache | None, end_ids: list[int], pad_id: int, precision: str):
+                 cache: TeacherCache | None, end_ids: list[int], pad_id: int, runtime: Runtime):
         self.config, self.train, self.val = config, train, val
         self.num_val, self.token_bytes = num_val, token_bytes
         self.student, self.teacher, self.cache = student, teacher, cache
-        self.end_ids, self.pad_id, self.precision = end_ids, pad_id, precision
+        self.end_ids, self.pad_id, self.runtime = end_ids, pad_id, runtime
         self.order = EpochOrder(num_train, config.train.seed)
         self.trainable_modules = None
         if config.hidden_weight > 0:
@@ -416,7 +412,7 @@ class Distillation:
         self.student.eval()
         sampling = SamplingConfig(max_new_tokens=self.config.max_new_tokens,
                                   temperature=self.config.sampling_temperature, top_p=1.0, seed=seed)
-        with self._autocast():
+        with self.runtime.autocast():
             completions = generate(self.student, prompts.tolist(), sampling, self.end_ids, self.pad_id)
         self.student.train(was_training)
         P, C = prompts.shape[1], max(1, max(len(c) for c in completions))
@@ -431,10 +427,6 @@ class Distillation:
                 labels[row, P - 1:P - 1 + len(completion)] = torch.tensor(completion)
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
                 "on_policy": torch.ones(len(prompts), dtype=torch.bool)}
-
-    def _autocast(self):
-        device = self.student.lm_head.weight.device
-        return torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
@@ -499,8 +491,7 @@ class Distillation:
 
 # --- sequence-level distillation -------------------------------------------------------------------
 
-def teacher_replies(config: DistillConfig, teacher: Teacher, out: Path, precision: str,
-                    device: torch.device) -> tuple[Path, dict]:
+def teacher_replies(config: DistillConfig, teacher: Teacher, out: Path, runtime: Runtime) -> tuple[Path, dict]:
     """The teacher's answers to the training prompts as conversations in `out/teacher_replies.jsonl`,
     reused while the teacher, prompts and sampling settings are the same."""
     tokenizer = teacher.tokenizer
@@ -512,14 +503,16 @@ def teacher_replies(config: DistillConfig, teacher: Teacher, out: Path, precisio
                 "reasoning": config.reasoning, "seed": config.train.seed}
     target, meta_file = out / REPLIES_FILE, out / (REPLIES_FILE + ".meta.json")
     if target.is_file() and meta_file.is_file():
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        try:
+            meta = read_json(meta_file)
+        except OrchardError:
+            meta = {}  # unreadable: made again
         if meta.get("settings") == settings:
             return target, meta
     from tqdm import tqdm
 
-    model = teacher.model.to(device).eval()
+    model = teacher.model.to(runtime.device).eval()
     end_ids = turn_end_ids(tokenizer)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     records, rejected, started = [], 0, time.perf_counter()
     batch_size = 32
     expanded = [p for p in prompts for _ in range(config.samples_per_prompt)]
@@ -528,7 +521,7 @@ def teacher_replies(config: DistillConfig, teacher: Teacher, out: Path, precisio
         chunk = expanded[start:start + batch_size]
         sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.sampling_temperature,
                                   top_p=1.0, seed=config.train.seed + start)
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), runtime.autocast():
             completions = generate(model, [p.ids for p in chunk], sampling, end_ids, tokenizer.pad_id)
         for prompt, completion in zip(chunk, completions):
             reply = tokenizer.decode(completion).strip()
@@ -549,16 +542,14 @@ def teacher_replies(config: DistillConfig, teacher: Teacher, out: Path, precisio
     return target, meta
 
 
-def run_sequence_level(config: DistillConfig, teacher: Teacher, distributed: Distributed) -> TrainResult:
+def run_sequence_level(config: DistillConfig, teacher: Teacher, runtime: Runtime) -> TrainResult:
     """Sequence-level KD: the teacher writes answers once; the student is fine-tuned on them exactly as
     `orchard sft` fine-tunes on conversations."""
     from .sft import ConversationDataConfig, ConversationLanguageModeling, SFTConfig, tokenize_all
 
     tokenizer = teacher.tokenizer
-    device = distributed.device if distributed.active else resolve_device(config.train.device)
-    precision = resolve_precision(config.train.precision, device)
-    with distributed.rank_zero_first():
-        replies, meta = teacher_replies(config, teacher, Path(config.out), precision, device)
+    with runtime.distributed.rank_zero_first():
+        replies, meta = teacher_replies(config, teacher, Path(config.out), runtime)
     student, student_init = build_student(config, teacher, config.data.seq_len)
     summary = parameter_summary(teacher.config, student.config)
     sft_config = SFTConfig(data=ConversationDataConfig(path=str(replies), max_length=config.data.seq_len),
@@ -572,14 +563,14 @@ def run_sequence_level(config: DistillConfig, teacher: Teacher, distributed: Dis
     method.name = "distill-sequence"
     data_record = {"source": str(replies), "answers": meta["answers"], "rejected": meta["rejected"],
                    "skipped_too_long": too_long, "teacher_seconds": meta["seconds"], "teacher_loaded": teacher.loaded}
-    return _train(config, student, method, tokenizer, data_record, summary, student_init, distributed,
+    return _train(config, student, method, tokenizer, data_record, summary, student_init, runtime,
                   stage="distill-sequence")
 
 
 # --- the run ---------------------------------------------------------------------------------------
 
 def _train(config: DistillConfig, student: CausalLM, method, tokenizer, data_record: dict, summary: dict,
-           student_init: str | None, distributed: Distributed, stage: str, extra_flops: float = 0.0) -> TrainResult:
+           student_init: str | None, runtime: Runtime, stage: str, extra_flops: float = 0.0) -> TrainResult:
     recipe = to_dict(config)
     record = new_record(stage, recipe, data_record, parent=config.teacher)
     record["parameters"] = summary
@@ -587,7 +578,7 @@ def _train(config: DistillConfig, student: CausalLM, method, tokenizer, data_rec
         record["student_init"] = student_init
     flops = student.config.training_flops_per_token(config.data.seq_len) + extra_flops
     trainer = Trainer(config.train, student, method, tokenizer, Path(config.out), record, flops_per_token=flops,
-                      distributed=distributed)
+                      runtime=runtime)
     return trainer.fit()
 
 
@@ -600,21 +591,19 @@ def _run(config: DistillConfig) -> TrainResult:
     if not config.teacher:
         raise OrchardError("teacher: distill needs a teacher checkpoint, e.g. orchard distill runs/big/final "
                            "--student student.yaml")
-    distributed = Distributed.from_environment(config.train.device)
+    runtime = Runtime.create(config.train.device, config.train.precision)
     teacher = Teacher(config.teacher)
     if config.mode == "sequence":
-        return run_sequence_level(config, teacher, distributed)
+        return run_sequence_level(config, teacher, runtime)
     if config.hidden_weight > 0 and config.mode == "offline":
         raise OrchardError("hidden_weight: hidden-state alignment needs the teacher's hidden states, which the "
                            "offline cache does not keep; use mode=online or mode=on_policy")
     tokenizer = teacher.tokenizer
-    device = distributed.device if distributed.active else resolve_device(config.train.device)
-    precision = resolve_precision(config.train.precision, device)
 
-    with distributed.rank_zero_first():
+    with runtime.distributed.rank_zero_first():
         paths = corpus_paths(config.data)
         token_cache = build_token_cache(paths, tokenizer, config.data.text_field,
-                                        show_progress=sys.stderr.isatty() and distributed.rank == 0)
+                                        show_progress=sys.stderr.isatty() and runtime.distributed.rank == 0)
     where = ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
     train_tokens, val_tokens = split_tokens(token_cache.tokens, config.data.val_fraction, config.data.seq_len, where)
     train, val = PackedSequences(train_tokens, config.data.seq_len), PackedSequences(val_tokens, config.data.seq_len)
@@ -629,30 +618,30 @@ def _run(config: DistillConfig) -> TrainResult:
     if config.mode == "offline":
         windows = {"train": num_train, "val": num_val}
         directory = cache_directory(token_cache.directory, teacher.weights_sha256, config.top_k, config.data.seq_len,
-                                    windows, precision)
-        with distributed.rank_zero_first():
+                                    windows, runtime.precision)
+        with runtime.distributed.rank_zero_first():
             cache = open_teacher_cache(directory)
             built_now = cache is None
             if built_now:
                 print(f"caching the teacher's top-{config.top_k} log-probabilities of {num_train + num_val} windows "
                       f"in {directory}", file=sys.stderr)
                 cache = build_teacher_cache(directory, teacher, {"train": train, "val": val}, windows, config.top_k,
-                                            2 * config.train.batch_size, precision, device)
+                                            2 * config.train.batch_size, runtime)
                 teacher.release()
         cache_record = {"path": str(cache.directory), "built_now": built_now,
                         **{k: cache.meta[k] for k in ("k", "tokens", "bytes", "bytes_per_token", "build_seconds",
                                                       "build_flops")}}
     else:
-        teacher_model = teacher.model.to(device).eval().requires_grad_(False)
+        teacher_model = teacher.model.to(runtime.device).eval().requires_grad_(False)
         teacher_flops = teacher.forward_flops_per_token()  # one teacher forward pass per training token
 
     method = Distillation(config, train, val, num_train, num_val, tokenizer.token_byte_lengths(), student,
-                          teacher_model, cache, turn_end_ids(tokenizer), tokenizer.pad_id, precision)
+                          teacher_model, cache, turn_end_ids(tokenizer), tokenizer.pad_id, runtime)
     data_record = {"paths": [str(p) for p in paths], "fingerprint": token_cache.fingerprint,
                    "train_windows": num_train, "val_windows": num_val, "seq_len": config.data.seq_len,
                    "teacher_loaded": teacher.loaded}
     if cache_record:
         data_record["teacher_cache"] = cache_record
     summary = parameter_summary(teacher.config, student.config)
-    return _train(config, student, method, tokenizer, data_record, summary, student_init, distributed,
+    return _train(config, student, method, tokenizer, data_record, summary, student_init, runtime,
                   stage=f"distill-{config.mode.replace('_', '-')}", extra_flops=teacher_flops)

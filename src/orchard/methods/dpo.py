@@ -37,9 +37,8 @@ from ..losses.preference import dpo_loss, ipo_loss, orpo_loss, simpo_loss
 from ..losses.tokens import token_log_probs
 from ..peft.config import PeftConfig, apply_peft
 from ..training import TrainConfig, Trainer, TrainResult
-from ..training.distributed import Distributed
-from ..training.engine import resolve_device, resolve_precision
 from ..training.run_directory import open_run
+from ..training.runtime import Runtime
 from .pairs import (PairBatches, PreferenceDataConfig, TokenizedPair, collate_pairs, held_out_batches, load_pairs,
                     pair_training_defaults)
 
@@ -93,6 +92,7 @@ class PreferenceOptimization:
     """The engine's view of DPO and its relatives: batches of pairs, one of four losses."""
 
     name = "dpo"
+    trainable_modules = None
 
     def __init__(self, config: DPOConfig, train: list[TokenizedPair], val: list[TokenizedPair], pad_id: int,
                  reference: dict[str, torch.Tensor] | None):
@@ -194,22 +194,18 @@ def _fingerprint(splits: dict[str, list[TokenizedPair]], parent_sha: str | None,
 
 
 def cached_reference(out: Path, model, train, val, pad_id: int, batch_size: int, parent_sha: str | None,
-                     precision: str, device: torch.device) -> dict[str, torch.Tensor]:
+                     runtime: Runtime) -> dict[str, torch.Tensor]:
     """The reference log-probabilities of every pair, from `out/reference_logps.safetensors` when it
-    was computed for these pairs by this parent at this precision, else computed now and saved (a
-    cache that cannot be read, or holds something else, is computed again)."""
+    was computed for these pairs by this parent at the runtime's precision, else computed now and
+    saved (a cache that cannot be read, or holds something else, is computed again)."""
     cache_file = out / REFERENCE_FILE
-    fingerprint = _fingerprint({"train": train, "val": val}, parent_sha, precision)
+    fingerprint = _fingerprint({"train": train, "val": val}, parent_sha, runtime.precision)
     cached = _read_reference(cache_file, fingerprint, {"train": len(train), "val": len(val)})
     if cached is not None:
         return cached
-    model.to(device)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-    reference = {"train": reference_log_probs(model, train, pad_id, batch_size, autocast),
-                 "val": reference_log_probs(model, val, pad_id, batch_size, autocast)}
+    model.to(runtime.device)
+    reference = {"train": reference_log_probs(model, train, pad_id, batch_size, runtime.autocast),
+                 "val": reference_log_probs(model, val, pad_id, batch_size, runtime.autocast)}
     # Each process of a torchrun writes its own temporary (named by its pid) and renames it.
     atomic_file(cache_file, lambda tmp: save_file({k: v.contiguous() for k, v in reference.items()}, tmp,
                                                   metadata={"fingerprint": fingerprint}))
@@ -240,23 +236,20 @@ def run(config: DPOConfig) -> TrainResult:
 def _run(config: DPOConfig) -> TrainResult:
     if not config.init:
         raise OrchardError("init: dpo needs a checkpoint to align, e.g. init=runs/quickstart/sft")
-    distributed = Distributed.from_environment(config.train.device)
+    runtime = Runtime.create(config.train.device, config.train.precision)
     checkpoint = load_merged(config.init)
     model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
     train, val, data_record = load_pairs(config.data, tokenizer, config.train.seed)
 
     reference = None
     if config.uses_reference:
-        device = distributed.device if distributed.active else resolve_device(config.train.device)
-        precision = resolve_precision(config.train.precision, device)
         reference = cached_reference(Path(config.out), model, train, val, tokenizer.pad_id,
-                                     2 * config.train.batch_size, checkpoint.record.get("weights_sha256"),
-                                     precision, device)
+                                     2 * config.train.batch_size, checkpoint.record.get("weights_sha256"), runtime)
     trainable, total = apply_peft(model, config.peft, config.train.seed)
     method = PreferenceOptimization(config, train, val, tokenizer.pad_id, reference)
     record = new_record(config.loss, to_dict(config), data_record, parent=checkpoint.path,
                         peft_method=config.peft.method, parameters=(trainable, total))
     trainer = Trainer(config.train, model, method, tokenizer, Path(config.out), record,
                       flops_per_token=model.config.training_flops_per_token(config.data.max_length),
-                      distributed=distributed)
+                      runtime=runtime)
     return trainer.fit()

@@ -92,6 +92,7 @@ class GRPO:
     """The engine's view of GRPO: each micro-batch a fresh rollout, the clipped group-relative loss."""
 
     name = "grpo"
+    trainable_modules = None
 
     def __init__(self, config: GRPOConfig, rollouts: Rollouts, val: list[Prompt], reference: ReferenceModel | None):
         self.config, self.rollouts, self.val, self.reference = config, rollouts, val, reference
@@ -106,7 +107,7 @@ class GRPO:
                                                batch["reward_valid"], scale=self.config.scale_rewards)
         device = self.rollouts.policy.lm_head.weight.device
         on_device = {k: v.to(device) for k, v in batch.items()}
-        with torch.no_grad(), self.rollouts.autocast():
+        with torch.no_grad(), self.rollouts.runtime.autocast():
             if self.reference is not None:
                 with self.reference.model() as reference:
                     batch["ref_logps"] = completion_log_probs(reference, on_device, self.config.temperature).cpu()

@@ -87,6 +87,7 @@ class PPO:
     """The engine's view of PPO: each micro-batch a fresh rollout with values and advantages."""
 
     name = "ppo"
+    trainable_modules = None
 
     def __init__(self, config: PPOConfig, rollouts: Rollouts, val: list[Prompt], reference: ReferenceModel):
         self.config, self.rollouts, self.val, self.reference = config, rollouts, val, reference
@@ -99,7 +100,7 @@ class PPO:
         policy = self.rollouts.policy
         device = policy.lm_head.weight.device
         on_device = {k: v.to(device) for k, v in batch.items()}
-        with torch.no_grad(), self.rollouts.autocast():
+        with torch.no_grad(), self.rollouts.runtime.autocast():
             was_training = policy.training
             policy.eval()
             old_logps, old_values = completion_log_probs(policy, on_device, c.temperature, with_values=True)

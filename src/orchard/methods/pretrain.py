@@ -35,7 +35,7 @@ from ..losses.tokens import token_cross_entropy
 from ..model import CausalLM, ModelConfig
 from ..tokenizer import MIN_VOCAB_SIZE, Tokenizer
 from ..training import TrainConfig, Trainer, TrainResult
-from ..training.distributed import Distributed
+from ..training.runtime import Runtime
 from ..training.run_directory import open_run, read_run_file, record_in_run_file
 
 
@@ -102,6 +102,7 @@ class PackedLanguageModeling:
     """The engine's view of pretraining: batches of packed windows, summed cross-entropy."""
 
     name = "pretrain"
+    trainable_modules = None
 
     def __init__(self, train: PackedSequences, val: PackedSequences, token_bytes, config: TrainConfig):
         self.train, self.val, self.token_bytes, self.config = train, val, token_bytes, config
@@ -257,12 +258,12 @@ def run(config: PretrainConfig) -> TrainResult:
 
 
 def _run(config: PretrainConfig, run_dir: Path) -> TrainResult:
-    distributed = Distributed.from_environment(config.train.device)
-    with distributed.rank_zero_first():  # one process writes the tokenizer and caches, the rest read them
+    runtime = Runtime.create(config.train.device, config.train.precision)
+    with runtime.distributed.rank_zero_first():  # one process writes the tokenizer and caches, the rest read them
         paths = corpus_paths(config.data)
         tokenizer = prepare_tokenizer(config, paths, run_dir)
         cache = build_token_cache(paths, tokenizer, config.data.text_field,
-                                  show_progress=sys.stderr.isatty() and distributed.rank == 0)
+                                  show_progress=sys.stderr.isatty() and runtime.distributed.rank == 0)
     where = ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
     train_tokens, val_tokens = split_tokens(cache.tokens, config.data.val_fraction, config.data.seq_len, where)
     model, parent = build_model(config, tokenizer)
@@ -282,5 +283,5 @@ def _run(config: PretrainConfig, run_dir: Path) -> TrainResult:
     record = new_record("pretrain", to_dict(config), data_record, parent=parent, parameters=counts)
     trainer = Trainer(config.train, model, method, tokenizer, run_dir, record,
                       flops_per_token=model.config.training_flops_per_token(config.data.seq_len),
-                      distributed=distributed)
+                      runtime=runtime)
     return trainer.fit()

@@ -29,7 +29,7 @@ from ..lineage import new_record
 from ..peft.config import PeftConfig, apply_peft
 from ..rewards.models import sequence_scores
 from ..training import TrainConfig, Trainer, TrainResult
-from ..training.distributed import Distributed
+from ..training.runtime import Runtime
 from ..training.run_directory import open_run
 from .pairs import (PairBatches, PreferenceDataConfig, TokenizedPair, held_out_batches, load_pairs,
                     pair_training_defaults)
@@ -64,6 +64,7 @@ class RewardModeling:
     """The engine's view of reward modelling: batches of pairs, the Bradley-Terry loss."""
 
     name = "reward"
+    trainable_modules = None
 
     def __init__(self, config: RewardConfig, train: list[TokenizedPair], val: list[TokenizedPair], pad_id: int):
         self.config, self.val, self.pad_id = config, val, pad_id
@@ -113,7 +114,7 @@ def run(config: RewardConfig) -> TrainResult:
 def _run(config: RewardConfig) -> TrainResult:
     if not config.init:
         raise OrchardError("init: reward needs a checkpoint to start from, e.g. init=runs/quickstart/sft")
-    distributed = Distributed.from_environment(config.train.device)
+    runtime = Runtime.create(config.train.device, config.train.precision)
     checkpoint = load_merged(config.init)
     model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
     train, val, data_record = load_pairs(config.data, tokenizer, config.train.seed)
@@ -127,5 +128,5 @@ def _run(config: RewardConfig) -> TrainResult:
                         peft_method=config.peft.method, parameters=(trainable, total))
     trainer = Trainer(config.train, model, method, tokenizer, Path(config.out), record,
                       flops_per_token=model.config.training_flops_per_token(config.data.max_length),
-                      distributed=distributed)
+                      runtime=runtime)
     return trainer.fit()

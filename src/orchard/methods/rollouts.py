@@ -16,7 +16,6 @@ and the per-token tensors of `orchard.losses.rl` are the completion columns alon
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +33,7 @@ from ..model.generation import SamplingConfig, generate
 from ..peft.config import ReferenceModel, apply_peft
 from ..rewards import Rewards
 from ..training import Trainer, TrainResult
-from ..training.distributed import Distributed
-from ..training.engine import resolve_device, resolve_precision
+from ..training.runtime import Runtime
 
 
 @dataclass
@@ -125,11 +123,11 @@ class Rollouts:
     uninterrupted one would have."""
 
     def __init__(self, policy, tokenizer, prompts: list[Prompt], rewards: Rewards, sampling: SamplingConfig,
-                 num_generations: int, batch_size: int, grad_accum: int, seed: int, precision: str,
+                 num_generations: int, batch_size: int, grad_accum: int, seed: int, runtime: Runtime,
                  num_iterations: int = 1):
         self.policy, self.tokenizer, self.prompts, self.rewards = policy, tokenizer, prompts, rewards
         self.sampling, self.num_generations = sampling, num_generations
-        self.batch_size, self.grad_accum, self.seed, self.precision = batch_size, grad_accum, seed, precision
+        self.batch_size, self.grad_accum, self.seed, self.runtime = batch_size, grad_accum, seed, runtime
         self.num_iterations = num_iterations
         self.order = EpochOrder(len(prompts), seed)
         self.end_ids = turn_end_ids(tokenizer)
@@ -145,15 +143,11 @@ class Rollouts:
             self._prepared[key] = prepare(self.batch(key[0], micro, rank, world))
         return self._prepared[key]
 
-    def autocast(self):
-        device = self.policy.lm_head.weight.device
-        return torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
-
     @torch.no_grad()
     def sample(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[int]]:
         was_training = self.policy.training
         self.policy.eval()
-        with self.autocast():
+        with self.runtime.autocast():
             completions = generate(self.policy, prompt_ids, sampling, self.end_ids, self.tokenizer.pad_id,
                                    keep_end_token=True)
         self.policy.train(was_training)
@@ -226,7 +220,7 @@ class OnlineRun:
 
     checkpoint: object
     model: object
-    distributed: Distributed
+    runtime: Runtime
     rollouts: Rollouts
     val: list[Prompt]
     reference: ReferenceModel | None
@@ -240,17 +234,16 @@ def prepare_online_run(config, stage: str, num_generations: int, keep_reference:
     PPO config (init, rewards, data, max_new_tokens, temperature, num_iterations, peft, train)."""
     if not config.init:
         raise OrchardError(f"init: {stage} needs a checkpoint to train, e.g. init=runs/quickstart/sft")
-    distributed = Distributed.from_environment(config.train.device)
+    runtime = Runtime.create(config.train.device, config.train.precision)
     checkpoint = load_merged(config.init)
     model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
-    device = distributed.device if distributed.active else resolve_device(config.train.device)
-    rewards = Rewards(config.rewards, device)
+    rewards = Rewards(config.rewards, runtime.device)
     train, val, data_record = load_prompts(config.data, tokenizer, config.train.seed)
     if max(len(p.ids) for p in train + val) + config.max_new_tokens > model.config.max_position_embeddings:
         raise OrchardError(f"max_new_tokens: prompts of up to data.max_prompt_length tokens plus "
                            f"{config.max_new_tokens} new ones exceed the model's "
                            f"{model.config.max_position_embeddings} positions")
-    reference = ReferenceModel(model, config.peft).to(device) if keep_reference else None
+    reference = ReferenceModel(model, config.peft).to(runtime.device) if keep_reference else None
     trainable, total = apply_peft(model, config.peft, config.train.seed)
     if value_head and not model.config.num_labels:
         model.add_score_head(1, seed=config.train.seed)  # trainable on a frozen base too
@@ -258,18 +251,17 @@ def prepare_online_run(config, stage: str, num_generations: int, keep_reference:
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                               top_p=getattr(config, "top_p", 1.0))
     rollouts = Rollouts(model, tokenizer, train, rewards, sampling, num_generations, config.train.batch_size,
-                        config.train.grad_accum, config.train.seed,
-                        resolve_precision(config.train.precision, device), config.num_iterations)
+                        config.train.grad_accum, config.train.seed, runtime, config.num_iterations)
     record = new_record(stage, to_dict(config), data_record, parent=checkpoint.path,
                         peft_method=config.peft.method, parameters=(trainable, total))
-    return OnlineRun(checkpoint, model, distributed, rollouts, val, reference, record)
+    return OnlineRun(checkpoint, model, runtime, rollouts, val, reference, record)
 
 
 def train_online(config, run: OnlineRun, method) -> TrainResult:
     context = config.data.max_prompt_length + config.max_new_tokens
     trainer = Trainer(config.train, run.model, method, run.checkpoint.tokenizer, Path(config.out), run.record,
                       flops_per_token=run.model.config.training_flops_per_token(context),
-                      distributed=run.distributed)
+                      runtime=run.runtime)
     return trainer.fit()
 
 

@@ -37,7 +37,7 @@ from ..lineage import new_record
 from ..losses.tokens import token_cross_entropy
 from ..peft.config import PeftConfig, apply_peft
 from ..training import TrainConfig, Trainer, TrainResult
-from ..training.distributed import Distributed
+from ..training.runtime import Runtime
 from ..training.run_directory import open_run
 
 
@@ -89,6 +89,7 @@ class ConversationLanguageModeling:
     """The engine's view of SFT: batches of packed (or padded) conversations, loss on assistant tokens."""
 
     name = "sft"
+    trainable_modules = None
 
     def __init__(self, train: list, val: list, config: SFTConfig, pad_id: int):
         self.config, self.pad_id = config, pad_id
@@ -183,7 +184,7 @@ def run(config: SFTConfig) -> TrainResult:
 def _run(config: SFTConfig) -> TrainResult:
     if not config.init:
         raise OrchardError("init: sft needs a checkpoint to fine-tune, e.g. init=runs/quickstart/pretrain")
-    distributed = Distributed.from_environment(config.train.device)
+    runtime = Runtime.create(config.train.device, config.train.precision)
     checkpoint = load_merged(config.init)
     model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
 
@@ -208,5 +209,5 @@ def _run(config: SFTConfig) -> TrainResult:
                         peft_method=config.peft.method, parameters=(trainable, total))
     trainer = Trainer(config.train, model, method, tokenizer, Path(config.out), record,
                       flops_per_token=model.config.training_flops_per_token(config.data.max_length),
-                      distributed=distributed)
+                      runtime=runtime)
     return trainer.fit()

@@ -36,9 +36,9 @@ from ..errors import OrchardError
 from ..files import atomic_file, read_json_lines
 from ..model import CausalLM
 from ..tokenizer import Tokenizer
-from .distributed import Distributed
 from .progress import Progress
 from .run_directory import METRICS_FILE, first_difference, open_run
+from .runtime import Runtime, resolve_device
 
 
 @dataclass
@@ -134,38 +134,9 @@ class Method(Protocol):
     def evaluate(self, model: CausalLM) -> dict[str, float]:
         """Validation metrics of the unwrapped model (runs on rank 0 only, under no_grad)."""
 
-    # Optional: `trainable_modules`, an nn.Module of weights that train with the model but are not
-    # part of it (distillation's projections of hidden states); saved with the training state only.
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise OrchardError(f"train.device: {name} asked for, but no CUDA device is available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise OrchardError(f"train.device: {name} asked for, but there are {torch.cuda.device_count()} CUDA devices")
-    return device
-
-
-def cpu_has_bf16_matmul() -> bool:
-    """True on x86 CPUs with AVX512-BF16 or AMX, where bf16 matmuls beat fp32 ones."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` -> bf16 autocast on CUDA with bf16 and on CPUs with bf16 matrix instructions
-    (measured 1.3-1.8x faster per training step than fp32 on an AVX512-BF16 EPYC), else fp32."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_bf16_matmul() else "fp32"
+    trainable_modules: torch.nn.Module | None
+    """Weights that train with the model but are not part of it (distillation's projections of
+    hidden states), saved with the training state only; None for most methods."""
 
 
 def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
@@ -202,8 +173,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, model: CausalLM, method: Method, tokenizer: Tokenizer,
-                 out_dir: str | Path, record: dict, flops_per_token: float,
-                 distributed: Distributed | None = None):
+                 out_dir: str | Path, record: dict, flops_per_token: float, runtime: Runtime | None = None):
         if config.max_steps is None and config.max_tokens is None and config.max_time is None:
             raise OrchardError("train: set a limit: train.max_steps, train.max_tokens or train.max_time")
         self.config = config
@@ -212,11 +182,10 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.record = record
         self.flops_per_token = flops_per_token
-        self.dist = distributed or Distributed.from_environment(config.device)
-        self.device = self.dist.device if self.dist.active else resolve_device(config.device)
-        self.precision = resolve_precision(config.precision, self.device)
+        self.runtime = runtime or Runtime.create(config.device, config.precision)
+        self.dist, self.device, self.precision = self.runtime.distributed, self.runtime.device, self.runtime.precision
         self.model = model.to(self.device)
-        self.extra_modules = getattr(method, "trainable_modules", None)
+        self.extra_modules = method.trainable_modules
         if self.extra_modules is not None:
             self.extra_modules.to(self.device)
         # Frozen parameters (a base under adapters, say) are left out of the optimizer.
@@ -238,11 +207,6 @@ class Trainer:
         fused = self.device.type in ("cpu", "cuda")
         return torch.optim.AdamW(groups, lr=self.config.lr, betas=(self.config.beta1, self.config.beta2),
                                  fused=fused)
-
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
 
     # --- limits and progress --------------------------------------------------------------
 
@@ -399,7 +363,7 @@ class Trainer:
         metrics: dict[str, float] = {}
         if self.dist.rank == 0:
             self.model.eval()
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), self.runtime.autocast():
                 metrics = self.method.evaluate(self.model)
             self.model.train()
             self._log({"step": self.state.step, "tokens": self.state.tokens, **metrics})
@@ -437,7 +401,7 @@ class Trainer:
         if resumed_from is None and self.dist.rank == 0:
             # Lines of an earlier attempt that was killed before its first checkpoint: it starts over.
             self.metrics_file.unlink(missing_ok=True)
-        model = self.dist.wrap(self.model)
+        model = self.runtime.wrap(self.model)
         if self.config.compile:
             model = torch.compile(model)
         model.train()
@@ -468,7 +432,7 @@ class Trainer:
             for micro, batch in enumerate(batches):
                 # Gradients are all-reduced once, on the last micro-batch.
                 sync = self.dist.no_sync(model) if micro < len(batches) - 1 else nullcontext()
-                with sync, self._autocast():
+                with sync, self.runtime.autocast():
                     total, metrics = self.method.loss(model, batch)
                 # DDP averages gradients over processes, so scale by world / global item count.
                 (total * (world / items)).backward()
