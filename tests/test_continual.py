@@ -276,9 +276,10 @@ def test_text_task_errors(chat_base, tmp_path):
 
 
 def test_cli_registers_continual():
-    from orchard.cli.main import TRAINING_COMMANDS, build_parser
+    from orchard.cli.main import build_parser
+    from orchard.methods.registry import COMMANDS
 
-    assert TRAINING_COMMANDS["continual"][:2] == ("continual", "ContinualConfig")
+    assert COMMANDS["continual"].config is ContinualConfig and COMMANDS["continual"].run is continual.run
     assert "continual" in build_parser().format_help()
     with pytest.raises(ValueError):
         ContinualConfig(replay_ratio=1.5)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from orchard.checkpoint import load_checkpoint, read_training_state, read_weights, save_checkpoint
-from orchard.cli.main import TRAINING_COMMANDS, main
+from orchard.cli.main import main
 from orchard.errors import OrchardError
 from orchard.files import atomic_directory, check_output, remove_stale_temporaries
 from orchard.interop.export import export_hf
@@ -23,6 +23,7 @@ from orchard.peft.format import load_lora_adapter
 from orchard.lineage.record import parent_entry
 from orchard.methods import dpo
 from orchard.methods.distill import open_teacher_cache
+from orchard.methods.registry import COMMANDS
 from orchard.peft import LoraConfig, add_lora
 from orchard.tokenizer import Tokenizer
 from orchard.training.runtime import Runtime
@@ -200,7 +201,7 @@ def test_training_out_never_takes_over_a_users_folder(tmp_path, corpus, capsys):
     assert sorted(p.name for p in folder.iterdir()) == ["thesis.tex"]
 
 
-@pytest.mark.parametrize("command", sorted(TRAINING_COMMANDS))
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_no_training_command_writes_into_a_users_folder(command, tmp_path, capsys):
     folder = tmp_path / "documents"
     folder.mkdir()

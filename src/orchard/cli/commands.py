@@ -56,15 +56,13 @@ def tokenizer_train(args) -> None:
     print(f"saved a {tokenizer.vocab_size}-token tokenizer to {out}")
 
 
-def train(args, module: str, config_name: str) -> None:
-    """Any training command: load its config (recipe, then key=value overrides) and run it."""
-    import importlib
-
+def train(args, command) -> None:
+    """Any training command (a `methods.registry.TrainingCommand`): load its config (recipe, then
+    key=value overrides) and run it."""
     from ..config import load_config
 
-    method = importlib.import_module(f"orchard.methods.{module}")
     recipe, overrides = args.recipe, list(args.overrides)
-    if module == "distill" and recipe and Path(recipe).is_dir():
+    if command.name == "distill" and recipe and Path(recipe).is_dir():
         # `orchard distill TEACHER [RECIPE] ...`: the first argument is the teacher checkpoint.
         teacher = recipe
         recipe = overrides.pop(0) if overrides and "=" not in overrides[0] else None
@@ -73,7 +71,7 @@ def train(args, module: str, config_name: str) -> None:
         overrides.append(f"student={args.student}")
     if recipe and "=" in recipe and not Path(recipe).exists():
         recipe, overrides = None, [recipe] + overrides  # no recipe, only overrides
-    result = method.run(load_config(getattr(method, config_name), recipe, overrides))
+    result = command.run(load_config(command.config, recipe, overrides))
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.state.metrics.items())
     print(f"{result.final_dir}: {result.state.step} steps, {result.state.tokens:,} tokens; {metrics}")
 

@@ -13,6 +13,7 @@ import textwrap
 
 from .. import __version__
 from ..errors import OrchardError
+from ..methods.registry import COMMANDS
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -44,57 +45,6 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed for repeatable samples")
 
 
-TRAINING_COMMANDS = {
-    # name: (module under orchard.methods, its config class, one-line help, description, example overrides)
-    "pretrain": ("pretrain", "PretrainConfig", "pretrain a model on text",
-                 "Pretrain a model. With no recipe and no data.path it trains a small model on the built-in "
-                 "synthetic world.", "train.max_steps=200"),
-    "sft": ("sft", "SFTConfig", "fine-tune on conversations (full, LoRA, DoRA, QLoRA, adapters, prefix)",
-            "Supervised fine-tuning of init=CHECKPOINT on conversations, with the loss on assistant tokens only. "
-            "peft.method=lora|dora|... trains adapters on the frozen base and saves only them. With no data.path "
-            "it uses the built-in world's instruction conversations.",
-            "init=runs/quickstart/pretrain peft.method=lora"),
-    "reward": ("reward", "RewardConfig", "train a reward model on preference pairs (Bradley-Terry)",
-               "Train a scalar reward head on init=CHECKPOINT so that chosen replies score above rejected ones; "
-               "reports held-out pairwise accuracy. With no data.path it uses the built-in world's pairs.",
-               "init=runs/quickstart/sft"),
-    "dpo": ("dpo", "DPOConfig", "align on preference pairs with DPO, IPO, SimPO or ORPO",
-            "Offline preference optimisation of init=CHECKPOINT (loss=dpo|ipo|simpo|orpo). The reference model's "
-            "log-probabilities are computed once and cached. With no data.path it uses the built-in world's pairs.",
-            "init=runs/quickstart/sft loss=dpo beta=0.1"),
-    "grpo": ("grpo", "GRPOConfig", "online RL with group-relative advantages (GRPO, DAPO, Dr. GRPO)",
-             "Sample num_generations replies per prompt, score them with the rewards, and push the policy "
-             "towards the better ones of each group. With no data.path it uses the built-in world's questions "
-             "with the exact-match reward.", "init=runs/quickstart/sft rewards=[exact_match]"),
-    "ppo": ("ppo", "PPOConfig", "online RL with a value head and GAE (PPO, as in RLHF)",
-            "Proximal policy optimisation of init=CHECKPOINT with a learned value head, GAE, clipped losses and "
-            "a KL penalty to the reference. With no data.path it uses the built-in world's questions.",
-            "init=runs/quickstart/sft rewards=[model:runs/quickstart/reward/final]"),
-    "distill": ("distill", "DistillConfig", "distil a teacher into a smaller student (KD, GKD, sequence-level)",
-                "Train a student (--student: a checkpoint, or a YAML of model fields) on TEACHER's distributions: "
-                "offline from the teacher's cached top-k log-probabilities, online, on-policy on the student's "
-                "own text (GKD), or on the teacher's answers (mode=sequence). With no data.path it uses the "
-                "built-in world's documents. Usage: orchard distill TEACHER --student STUDENT [RECIPE] [key=value ...]",
-                "mode=offline divergence=forward_kl alpha=0.5 temperature=2"),
-    "continual": ("continual", "ContinualConfig", "train one checkpoint through a sequence of tasks (naive, replay, "
-                  "EWC, adapters)",
-                  "Continual learning: train init=CHECKPOINT on tasks one after another (conversation .jsonl "
-                  "files, or text corpora as text:PATH for continued pretraining) "
-                  "(strategy=naive|replay|ewc|adapters), scoring every task after each one; writes the accuracy "
-                  "matrix, its metrics (forgetting, transfer) and a heat map to OUT/continual.json, OUT/R.png and "
-                  "OUT/report.md. With no tasks it uses the built-in stream (arithmetic, facts-en, facts-zh).",
-                  "init=runs/quickstart/sft strategy=replay train.max_steps=100"),
-}
-
-
-def _training_commands():
-    import importlib
-
-    for name, (module, config_name, help_text, description, example) in TRAINING_COMMANDS.items():
-        config_cls = getattr(importlib.import_module(f"orchard.methods.{module}"), config_name)
-        yield name, help_text, description, config_cls, example
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orchard", formatter_class=HelpFormatter,
@@ -122,17 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     train_tok.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet records")
     train_tok.add_argument("--force", action="store_true", help=FORCE_HELP)
 
-    for name, help_text, description, config_cls, example in _training_commands():
-        sub = commands.add_parser(name, formatter_class=HelpFormatter, help=help_text,
-                                  description=description + " Running the same command again resumes from the "
-                                                            "last checkpoint.",
-                                  epilog=_recipe_help(config_cls))
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(name, formatter_class=HelpFormatter, help=command.help,
+                                  description=command.description + " Running the same command again resumes from "
+                                                                    "the last checkpoint.",
+                                  epilog=_recipe_help(command.config))
         if name == "distill":
             sub.add_argument("--student", default=None, metavar="CONFIG_OR_CKPT",
                              help="the student: a checkpoint, or a .yaml of model fields for a fresh one")
         sub.add_argument("recipe", nargs="?", help="a recipe YAML (see recipes/)" +
                          ("; or the teacher checkpoint, followed by an optional recipe" if name == "distill" else ""))
-        sub.add_argument("overrides", nargs="*", metavar="key=value", help=f"e.g. {example}")
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help=f"e.g. {command.example}")
 
     generate = commands.add_parser("generate", help="continue a prompt (streams tokens)",
                                    description="Sample a continuation of --prompt from a checkpoint.")
@@ -280,9 +230,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int | None:
     from . import commands
 
-    if args.command in TRAINING_COMMANDS:
-        module, config_name = TRAINING_COMMANDS[args.command][:2]
-        return commands.train(args, module, config_name)
+    if args.command in COMMANDS:
+        return commands.train(args, COMMANDS[args.command])
     handler = {
         "quickstart": commands.quickstart, "tokenizer": commands.tokenizer_train,
         "generate": commands.generate, "chat": commands.chat, "eval": commands.evaluate, "info": commands.info,

@@ -83,12 +83,13 @@ from ..data.packing import PackedSequences
 from ..data.synthetic import CONTINUAL_TASKS, World, continual_task
 from ..data.tokens import build_token_cache
 from ..errors import OrchardError
-from ..files import atomic_file, read_json, write_json
 from ..evaluation import continual as continual_metrics
 from ..evaluation.completion import chat_exact_match
 from ..evaluation.language_modeling import evaluate_language_modeling
 from ..evaluation.report import Report
+from ..files import atomic_file, read_json, write_json
 from ..lineage import new_record
+from ..losses.tokens import IGNORE_INDEX
 from ..peft.config import PeftConfig
 from ..peft.lora import (
     LoraConfig,
@@ -378,7 +379,7 @@ class ContinualLanguageModeling:
         return source.batch(step, micro, rank, world)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return int((batch["labels"] != -100).sum())
+        return int((batch["labels"] != IGNORE_INDEX).sum())
 
     def loss(self, model, batch):
         total, metrics = summed_token_loss(model, batch), {}
@@ -453,7 +454,7 @@ def mean_likelihood(model, examples: list, pad_id: int, batch_size: int = 16) ->
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collate_padded(examples[start:start + batch_size], pad_id).items()}
             loss_sum += summed_token_loss(model, batch).item()
-            tokens += int((batch["labels"] != -100).sum())
+            tokens += int((batch["labels"] != IGNORE_INDEX).sum())
     return math.exp(-loss_sum / max(tokens, 1))
 
 

@@ -34,7 +34,7 @@ from ..errors import OrchardError
 from ..files import atomic_file
 from ..lineage import new_record
 from ..losses.preference import dpo_loss, ipo_loss, orpo_loss, simpo_loss
-from ..losses.tokens import token_log_probs
+from ..losses.tokens import IGNORE_INDEX, token_log_probs
 from ..peft.config import PeftConfig, apply_peft
 from ..training import TrainConfig, Trainer, TrainResult
 from ..training.run_directory import open_run
@@ -83,7 +83,7 @@ def sequence_log_probs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"]).logits
     logps = token_log_probs(logits, batch["labels"])
-    tokens = (batch["labels"] != -100).sum(-1).clamp(min=1)
+    tokens = (batch["labels"] != IGNORE_INDEX).sum(-1).clamp(min=1)
     summed = logps.sum(-1)
     return summed, summed / tokens
 

@@ -34,7 +34,7 @@ from ..data.packing import EpochOrder, micro_batch_samples
 from ..data.synthetic import World, instruction_conversations
 from ..errors import OrchardError
 from ..lineage import new_record
-from ..losses.tokens import token_cross_entropy
+from ..losses.tokens import IGNORE_INDEX, token_cross_entropy
 from ..peft.config import PeftConfig, apply_peft
 from ..training import TrainConfig, Trainer, TrainResult
 from ..training.runtime import Runtime
@@ -111,7 +111,7 @@ class ConversationLanguageModeling:
         return self.collate([self.train[self.order[s]] for s in samples])
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return int((batch["labels"] != -100).sum())
+        return int((batch["labels"] != IGNORE_INDEX).sum())
 
     def loss(self, model, batch):
         return summed_token_loss(model, batch), {}
@@ -202,7 +202,7 @@ def _run(config: SFTConfig) -> TrainResult:
     trainable, total = apply_peft(model, config.peft, config.train.seed)
 
     method = ConversationLanguageModeling(train, val, config, tokenizer.pad_id)
-    supervised = sum(sum(1 for label in e.labels if label != -100) for e in train)
+    supervised = sum(sum(1 for label in e.labels if label != IGNORE_INDEX) for e in train)
     data_record = {"source": source, "conversations": len(records), "train": len(train), "val": len(val),
                    "skipped_too_long": too_long, "supervised_tokens": supervised}
     record = new_record("sft", to_dict(config), data_record, parent=checkpoint.path,
