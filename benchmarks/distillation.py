@@ -34,7 +34,7 @@ from orchard.data.synthetic import World
 from orchard.data.tokens import build_token_cache
 from orchard.evaluation.completion import completion_accuracy, held_out_completion_tasks
 from orchard.methods import distill
-from orchard.methods.pretrain import DataConfig, corpus_paths
+from orchard.data.text import TextDataConfig, corpus_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "pretrain" / "tinyshakespeare.txt"
@@ -55,7 +55,7 @@ def exact_match(checkpoint_dir: Path) -> dict[str, float]:
     return scores
 
 
-def teacher_metrics(teacher_dir: Path, seq_len: int, data: DataConfig, windows: int) -> dict:
+def teacher_metrics(teacher_dir: Path, seq_len: int, data: TextDataConfig, windows: int) -> dict:
     """The teacher's own held-out bits per byte on the windows the students are validated on."""
     from orchard.evaluation.language_modeling import evaluate_language_modeling
 
@@ -74,7 +74,7 @@ def run_student(teacher: Path, student: Path, out: Path, settings: list[str]) ->
     return read_record(result.final_dir) | {"path": str(result.final_dir)}, time.perf_counter() - started
 
 
-def cache_sizes(teacher_dir: Path, data: DataConfig, seq_len: int, out: Path) -> list[tuple[int, float]]:
+def cache_sizes(teacher_dir: Path, data: TextDataConfig, seq_len: int, out: Path) -> list[tuple[int, float]]:
     """Bytes per token of the offline cache for k = 8, 32, 128 (100 windows each)."""
     teacher = distill.Teacher(str(teacher_dir))
     tokens = build_token_cache(corpus_paths(data), teacher.tokenizer, data.text_field).tokens
@@ -93,7 +93,7 @@ def built_in(args) -> None:
     teacher = args.teacher
     student = student_yaml(teacher, out / "student.yaml")
     teacher_config = read_model_config(teacher)
-    data = DataConfig(seq_len=128, synthetic_documents=20000, val_fraction=0.05)
+    data = TextDataConfig(seq_len=128, synthetic_documents=20000, val_fraction=0.05)
     common = ["data.seq_len=128", "data.synthetic_documents=20000", "data.val_fraction=0.05",
               f"train.max_steps={args.steps}", "train.batch_size=32", "train.lr=2e-3", "train.warmup_steps=30",
               "train.eval_every=0", "train.eval_batches=10", "train.save_every=500", f"top_k={args.top_k}",
@@ -155,7 +155,7 @@ def shakespeare(args) -> None:
               f"top_k={args.top_k}", f"temperature={args.temperature}"]
     kd, _ = run_student(teacher, student, out / "kd", common + [f"alpha={args.alpha}"])
     plain, _ = run_student(teacher, student, out / "no-teacher", common + ["alpha=0"])
-    data = DataConfig(path=str(SHAKESPEARE), val_fraction=0.1)
+    data = TextDataConfig(path=str(SHAKESPEARE), val_fraction=0.1)
     teacher_bpb = teacher_metrics(teacher, 256, data, 1000)["val_bpb"]
     print(f"\nTiny Shakespeare (validation: the last 10% of the file), {args.shakespeare_steps} steps x 16 x 256 "
           f"tokens per student")

@@ -39,7 +39,7 @@ def held_out(checkpoint_dir: Path, tokenizer):
     from orchard.data.packing import PackedSequences, split_tokens
     from orchard.data.tokens import build_token_cache
     from orchard.lineage import ancestry
-    from orchard.methods.pretrain import DataConfig, corpus_paths
+    from orchard.data.text import TextDataConfig, corpus_paths
 
     pretrain = next((r for r in ancestry(checkpoint_dir) if r.get("stage") == "pretrain"), None)
     if pretrain is None:
@@ -48,7 +48,7 @@ def held_out(checkpoint_dir: Path, tokenizer):
     paths = settings["path"] if isinstance(settings["path"], list) or settings["path"] is None else [settings["path"]]
     if paths is not None:  # a relative path is relative to where the run was started: try the repository
         paths = [p if Path(p).exists() or not (ROOT / p).exists() else str(ROOT / p) for p in paths]
-    data = DataConfig(**{**settings, "path": paths})
+    data = TextDataConfig(**{**settings, "path": paths})
     cache = build_token_cache(corpus_paths(data), tokenizer, data.text_field)
     _, val = split_tokens(cache.tokens, data.val_fraction, data.seq_len)
     return PackedSequences(val, data.seq_len), val

@@ -18,7 +18,6 @@ from orchard.methods.continual import (
     load_task,
     reservoir,
 )
-from orchard.methods.sft import ConversationLanguageModeling
 
 TASKS = ["arithmetic", "facts-en", "facts-zh"]
 
@@ -131,9 +130,8 @@ def test_replay_batches(chat_base, tmp_path):
     buffer = reservoir(iter(tasks[0].train), config.replay_size, config.train.seed)
     assert len(buffer) == 6 and all(any(b is e for e in tasks[0].train) for b in buffer)
     assert reservoir(iter(tasks[0].train), 6, config.train.seed) == buffer  # seeded
-    sft = continual._sft_config(config)
-    current = ConversationLanguageModeling(tasks[1].train, tasks[1].scored, sft, tokenizer.pad_id)
-    replay = ConversationLanguageModeling(buffer, tasks[1].scored, sft, tokenizer.pad_id)
+    current = continual.conversation_modeling(tasks[1].train, tasks[1].scored, config, tokenizer.pad_id)
+    replay = continual.conversation_modeling(buffer, tasks[1].scored, config, tokenizer.pad_id)
     method = ContinualLanguageModeling(current, replay, config.replay_ratio, config.train.seed)
     earlier = {tuple(e.input_ids) for e in tasks[0].train}
     flags = [method.is_replay(step, micro) for step in range(200) for micro in range(4)]

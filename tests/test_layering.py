@@ -133,3 +133,15 @@ def test_only_the_runtime_decides_device_and_precision():
     found = sorted(f"{path.relative_to(SOURCE)}: {word}" for path in SOURCE.rglob("*.py") if path not in owners
                    for word in decisions if word in path.read_text(encoding="utf-8"))
     assert found == []
+
+
+METHODS = ("pretrain", "sft", "reward", "dpo", "grpo", "ppo", "distill", "continual")
+
+
+def test_no_method_imports_another():
+    """Each method reuses shared objectives from `training/` and helpers (`methods/pairs.py`,
+    `methods/rollouts.py`), never another method's module."""
+    modules = {f"orchard.methods.{name}" for name in METHODS}
+    wrong = sorted(f"{name} -> {target}" for name, targets in graph().items() if name in modules
+                   for target in targets if target in modules)
+    assert wrong == []

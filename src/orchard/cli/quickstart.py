@@ -43,6 +43,7 @@ from ..interop.export import export_hf
 from ..interop.gguf import export_gguf
 from ..lineage import ancestry
 from ..data.packing import PackedSequences, split_tokens
+from ..data.text import TextDataConfig, corpus_paths
 from ..data.tokens import build_token_cache
 from ..evaluation.language_modeling import evaluate_language_modeling
 from ..methods import continual, distill, dpo, grpo, pretrain, reward, sft
@@ -62,7 +63,7 @@ def quickstart_config(out: Path, max_time: float) -> pretrain.PretrainConfig:
         model=ModelConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                           num_key_value_heads=2, max_position_embeddings=512),
         tokenizer=pretrain.TokenizerConfig(vocab_size=2048),
-        data=pretrain.DataConfig(seq_len=128, synthetic_documents=20000, val_fraction=0.05),
+        data=TextDataConfig(seq_len=128, synthetic_documents=20000, val_fraction=0.05),
         train=TrainConfig(max_time=Duration(max_time), batch_size=32, lr=2e-3, warmup_steps=30, eval_every=100,
                           eval_batches=10, save_every=100, log_every=5, seed=1337),
     )
@@ -265,7 +266,7 @@ def distill_and_quantize(out: Path, report: Report, teacher_dir: Path, steps: in
 
     world = World()
     tasks = held_out_completion_tasks(world)
-    data = pretrain.DataConfig(seq_len=128, synthetic_documents=20000, val_fraction=0.05)
+    data = TextDataConfig(seq_len=128, synthetic_documents=20000, val_fraction=0.05)
     val = validation_windows(data, teacher.tokenizer)
     rows = []
     for label, path in models.items():
@@ -361,9 +362,9 @@ def grow_and_train(out: Path, report: Report, pretrain_config: pretrain.Pretrain
     ])
 
 
-def validation_windows(data: pretrain.DataConfig, tokenizer) -> PackedSequences:
+def validation_windows(data: TextDataConfig, tokenizer) -> PackedSequences:
     """The pretraining corpus's validation windows, as pretraining split them."""
-    tokens = build_token_cache(pretrain.corpus_paths(data), tokenizer).tokens
+    tokens = build_token_cache(corpus_paths(data), tokenizer).tokens
     return PackedSequences(split_tokens(tokens, data.val_fraction, data.seq_len)[1], data.seq_len)
 
 

@@ -99,15 +99,9 @@ from ..peft.lora import (
 )
 from ..training import TrainConfig, Trainer, TrainResult
 from ..training.run_directory import open_run
+from ..training.objectives import (ConversationLanguageModeling, PackedLanguageModeling, summed_token_loss,
+                                   tokenize_conversations)
 from ..training.runtime import Runtime
-from .pretrain import PackedLanguageModeling
-from .sft import (
-    ConversationDataConfig,
-    ConversationLanguageModeling,
-    SFTConfig,
-    summed_token_loss,
-    tokenize_all,
-)
 
 FISHER_FILE = "fisher.safetensors"
 SCORES_FILE = "scores.json"
@@ -257,7 +251,7 @@ class Task:
     def method(self, config: ContinualConfig, pad_id: int):
         """The engine's view of training on this task alone: SFT's batches and loss, or pretraining's."""
         if self.text is None:
-            return ConversationLanguageModeling(self.train, self.scored, _sft_config(config), pad_id)
+            return conversation_modeling(self.train, self.scored, config, pad_id)
         return PackedLanguageModeling(PackedSequences(self.text.train, self.text.window),
                                       PackedSequences(self.text.scored, self.text.window),
                                       self.text.token_bytes, config.train)
@@ -267,11 +261,16 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "task"
 
 
-def _sft_config(config: ContinualConfig) -> SFTConfig:
-    """The SFT settings the shared conversation code reads (tokenization, packing, batches)."""
-    return SFTConfig(init=config.init, out=config.out, train=config.train,
-                     data=ConversationDataConfig(max_length=config.data.max_length, packing=config.data.packing,
-                                                 train_on=config.data.train_on))
+def conversation_modeling(train: list, val: list, config: ContinualConfig,
+                          pad_id: int) -> ConversationLanguageModeling:
+    """SFT's objective on a task's conversations (or a replay buffer), with this run's settings."""
+    return ConversationLanguageModeling(train, val, pad_id, config.data.max_length, config.data.packing, config.train)
+
+
+def _tokenize(records: list[dict], tokenizer, config: ContinualConfig) -> list:
+    examples, _ = tokenize_conversations(records, tokenizer, config.data.max_length, config.data.train_on,
+                                         "truncate_prompt")
+    return examples
 
 
 def is_text_task(spec: str) -> bool:
@@ -304,7 +303,6 @@ def load_task(spec: str, config: ContinualConfig, tokenizer, world: World | None
     """A task of `config.tasks`, tokenized: a built-in name, a conversations file or a text corpus."""
     if is_text_task(spec):
         return load_text_task(spec, config, tokenizer)
-    sft = _sft_config(config)
     if spec in CONTINUAL_TASKS:
         world = world or World()
         train = continual_task(world, spec, "train", seed=config.world_seed, num_items=config.data.train_items)
@@ -330,8 +328,8 @@ def load_task(spec: str, config: ContinualConfig, tokenizer, world: World | None
         if config.eval_on == "train":
             scored_records = train_records[:config.eval_items]
         items, name, source = None, _safe_name(Path(spec).stem), spec
-    train_examples, _ = tokenize_all(train_records, tokenizer, sft)
-    scored_examples, _ = tokenize_all(scored_records, tokenizer, sft)
+    train_examples = _tokenize(train_records, tokenizer, config)
+    scored_examples = _tokenize(scored_records, tokenizer, config)
     if not train_examples or not scored_examples:
         raise OrchardError(f"tasks: {spec}: no usable conversations within data.max_length={config.data.max_length}")
     return Task(name=name, source=source, train=train_examples, scored=scored_examples, items=items)
@@ -654,7 +652,7 @@ def _train_task(config: ContinualConfig, i: int, task: Task, tasks: list[Task], 
     if config.strategy == "replay" and i > 0 and config.replay_size > 0:
         earlier = (example for t in tasks[:i] for example in t.examples())
         buffer = reservoir(earlier, config.replay_size, train.seed)
-        replay = ConversationLanguageModeling(buffer, [], _sft_config(config), tokenizer.pad_id)
+        replay = conversation_modeling(buffer, [], config, tokenizer.pad_id)
     if config.strategy == "ewc" and i > 0:
         if fisher is None:
             raise OrchardError("ewc: the previous task's Fisher is missing")

@@ -46,6 +46,7 @@ from ..checkpoint import (load_checkpoint, load_merged, read_model_config, read_
 from ..config import load_config, to_dict
 from ..data.packing import EpochOrder, PackedSequences, micro_batch_samples, split_tokens
 from ..data.synthetic import answer_matches, write_jsonl
+from ..data.text import TextDataConfig, corpus_paths
 from ..data.tokens import build_token_cache
 from ..errors import OrchardError
 from ..evaluation.language_modeling import evaluate_language_modeling
@@ -59,8 +60,8 @@ from ..model.generation import SamplingConfig, generate
 from ..tokenizer import Tokenizer
 from ..training import TrainConfig, Trainer, TrainResult
 from ..training.run_directory import open_run
+from ..training.objectives import ConversationLanguageModeling, tokenize_conversations
 from ..training.runtime import Runtime
-from .pretrain import DataConfig, corpus_paths
 from .rollouts import PromptDataConfig, load_prompts, turn_end_ids
 
 CACHE_PREFIX = "teacher-"
@@ -118,7 +119,7 @@ class DistillConfig:
     answers alone."""
     max_train_windows: int | None = None
     """Use only the first this many training windows (so an offline cache holds only what is used)."""
-    data: DataConfig = field(default_factory=lambda: DataConfig(val_fraction=0.05))
+    data: TextDataConfig = field(default_factory=lambda: TextDataConfig(val_fraction=0.05))
     prompts: PromptDataConfig = field(default_factory=PromptDataConfig)
     """sequence mode's prompts (the built-in world's questions by default)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000, lr=2e-3, warmup_steps=30))
@@ -545,22 +546,20 @@ def teacher_replies(config: DistillConfig, teacher: Teacher, out: Path, runtime:
 def run_sequence_level(config: DistillConfig, teacher: Teacher, runtime: Runtime) -> TrainResult:
     """Sequence-level KD: the teacher writes answers once; the student is fine-tuned on them exactly as
     `orchard sft` fine-tunes on conversations."""
-    from .sft import ConversationDataConfig, ConversationLanguageModeling, SFTConfig, tokenize_all
-
     tokenizer = teacher.tokenizer
     with runtime.distributed.rank_zero_first():
         replies, meta = teacher_replies(config, teacher, Path(config.out), runtime)
     student, student_init = build_student(config, teacher, config.data.seq_len)
     summary = parameter_summary(teacher.config, student.config)
-    sft_config = SFTConfig(data=ConversationDataConfig(path=str(replies), max_length=config.data.seq_len),
-                           train=config.train)
     records = [json.loads(line) for line in replies.read_text(encoding="utf-8").splitlines()]
-    examples, too_long = tokenize_all([{"messages": r["messages"], "source": f"{replies}:{i + 1}"}
-                                       for i, r in enumerate(records)], tokenizer, sft_config)
+    # As `orchard sft` with its defaults: every assistant turn supervised, old turns dropped first.
+    examples, too_long = tokenize_conversations([{"messages": r["messages"], "source": f"{replies}:{i + 1}"}
+                                                 for i, r in enumerate(records)], tokenizer, config.data.seq_len,
+                                                "all_assistant", "truncate_prompt")
     random.Random(config.train.seed).shuffle(examples)
     num_val = max(1, int(len(examples) * 0.05))
-    method = ConversationLanguageModeling(examples[num_val:], examples[:num_val], sft_config, tokenizer.pad_id)
-    method.name = "distill-sequence"
+    method = ConversationLanguageModeling(examples[num_val:], examples[:num_val], tokenizer.pad_id, config.data.seq_len,
+                                          True, config.train, name="distill-sequence")
     data_record = {"source": str(replies), "answers": meta["answers"], "rejected": meta["rejected"],
                    "skipped_too_long": too_long, "teacher_seconds": meta["seconds"], "teacher_loaded": teacher.loaded}
     return _train(config, student, method, tokenizer, data_record, summary, student_init, runtime,

@@ -18,50 +18,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from ..checkpoint import (inference_only_error, is_quantized_checkpoint, load_checkpoint, read_record,
                           resolve_checkpoint)
 from ..config import to_dict
-from ..data.corpus import iter_text_chunks, resolve_paths
-from ..data.packing import EpochOrder, PackedSequences, micro_batch_samples, split_tokens
-from ..data.synthetic import write_corpus
-from ..data.tokens import build_token_cache, default_cache_root
+from ..data.corpus import iter_text_chunks
+from ..data.packing import PackedSequences, split_tokens
+from ..data.text import TextDataConfig, corpus_paths
+from ..data.tokens import build_token_cache
 from ..errors import OrchardError
-from ..evaluation.language_modeling import evaluate_language_modeling
 from ..files import atomic_directory
 from ..lineage import new_record
-from ..losses.tokens import token_cross_entropy
 from ..model import CausalLM, ModelConfig
 from ..tokenizer import MIN_VOCAB_SIZE, Tokenizer
 from ..training import TrainConfig, Trainer, TrainResult
+from ..training.objectives import PackedLanguageModeling
 from ..training.runtime import Runtime
 from ..training.run_directory import open_run, read_run_file, record_in_run_file
-
-
-@dataclass
-class DataConfig:
-    path: str | list[str] | None = None
-    """Corpus: a file, a glob or a list of them (.txt, .jsonl, .json, .parquet, optionally .gz).
-    None means the built-in synthetic world."""
-    text_field: str = "text"
-    """Field holding the text in .jsonl/.json/.parquet records."""
-    val_fraction: float = 0.1
-    """The last this fraction of the token stream is validation."""
-    seq_len: int = 256
-    """Tokens per training sequence (the context length trained)."""
-    synthetic_documents: int = 20000
-    """Documents of the built-in world to generate when data.path is None."""
-    synthetic_seed: int = 0
-    """Seed of the built-in world's document stream."""
-
-    def __post_init__(self) -> None:
-        if self.seq_len <= 0:
-            raise ValueError(f"data.seq_len must be positive, got {self.seq_len}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
-        if self.synthetic_documents <= 0:
-            raise ValueError(f"data.synthetic_documents must be positive, got {self.synthetic_documents}")
 
 
 @dataclass
@@ -94,44 +66,8 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """Architecture of a fresh model (ignored with init); vocab_size comes from the tokenizer."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: TextDataConfig = field(default_factory=TextDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000))
-
-
-class PackedLanguageModeling:
-    """The engine's view of pretraining: batches of packed windows, summed cross-entropy."""
-
-    name = "pretrain"
-    trainable_modules = None
-
-    def __init__(self, train: PackedSequences, val: PackedSequences, token_bytes, config: TrainConfig):
-        self.train, self.val, self.token_bytes, self.config = train, val, token_bytes, config
-        self.order = EpochOrder(len(train), config.seed)
-
-    def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
-        samples = micro_batch_samples(step, micro, rank, world, self.config.batch_size, self.config.grad_accum)
-        return self.train.batch([self.order[s] for s in samples])
-
-    def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["labels"].numel()
-
-    def loss(self, model, batch):
-        logits = model(batch["input_ids"]).logits
-        return token_cross_entropy(logits, batch["labels"]), {}
-
-    def evaluate(self, model: CausalLM) -> dict[str, float]:
-        return evaluate_language_modeling(model, self.val, self.token_bytes, self.config.batch_size,
-                                          max_sequences=self.config.eval_batches * self.config.batch_size)
-
-
-def corpus_paths(data: DataConfig) -> list[Path]:
-    """The corpus files; the built-in world is written once into the cache and reused."""
-    if data.path is not None:
-        return resolve_paths(data.path)
-    target = default_cache_root() / "synthetic" / f"world-seed{data.synthetic_seed}-{data.synthetic_documents}.jsonl"
-    if not target.is_file():
-        write_corpus(target, data.synthetic_documents, seed=data.synthetic_seed)
-    return [target]
 
 
 def prepare_tokenizer(config: PretrainConfig, paths: list[Path], run_dir: Path) -> Tokenizer:

@@ -24,19 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from ..checkpoint import load_merged
 from ..config import to_dict
-from ..data.conversations import (ReadStats, collate_packed, collate_padded, length_grouped_order,
-                                  pack_conversations, read_conversations, tokenize_conversation)
-from ..data.packing import EpochOrder, micro_batch_samples
+from ..data.conversations import ReadStats, read_conversations
 from ..data.synthetic import World, instruction_conversations
 from ..errors import OrchardError
 from ..lineage import new_record
-from ..losses.tokens import IGNORE_INDEX, token_cross_entropy
+from ..losses.tokens import IGNORE_INDEX
 from ..peft.config import PeftConfig, apply_peft
 from ..training import TrainConfig, Trainer, TrainResult
+from ..training.objectives import ConversationLanguageModeling, tokenize_conversations
 from ..training.runtime import Runtime
 from ..training.run_directory import open_run
 
@@ -77,72 +74,6 @@ class SFTConfig:
                                                                    weight_decay=0.0, batch_size=8))
 
 
-def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy of a batch's supervised tokens. A packed batch brings its block mask and
-    positions, a padded one its padding mask, a batch of plain text windows neither."""
-    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch.get("position_ids")).logits
-    return token_cross_entropy(logits, batch["labels"])
-
-
-class ConversationLanguageModeling:
-    """The engine's view of SFT: batches of packed (or padded) conversations, loss on assistant tokens."""
-
-    name = "sft"
-    trainable_modules = None
-
-    def __init__(self, train: list, val: list, config: SFTConfig, pad_id: int):
-        self.config, self.pad_id = config, pad_id
-        batch_size = config.train.batch_size
-        if config.data.packing:
-            self.train = pack_conversations(train, config.data.max_length)
-            self.val = pack_conversations(val, config.data.max_length)
-            self.collate = lambda rows: collate_packed(rows, pad_id)
-            self.order = EpochOrder(len(self.train), config.train.seed)
-        else:
-            self.train, self.val = train, val
-            self.collate = lambda rows: collate_padded(rows, pad_id)
-            lengths = [len(example.input_ids) for example in train]
-            self.order = _GroupedOrder(lengths, batch_size, config.train.seed)
-
-    def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
-        c = self.config.train
-        samples = micro_batch_samples(step, micro, rank, world, c.batch_size, c.grad_accum)
-        return self.collate([self.train[self.order[s]] for s in samples])
-
-    def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return int((batch["labels"] != IGNORE_INDEX).sum())
-
-    def loss(self, model, batch):
-        return summed_token_loss(model, batch), {}
-
-    def evaluate(self, model) -> dict[str, float]:
-        loss_sum, tokens = 0.0, 0
-        size = self.config.train.batch_size
-        for start in range(0, min(len(self.val), self.config.train.eval_batches * size), size):
-            batch = self.collate(self.val[start:start + size])
-            batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
-            total, _ = self.loss(model, batch)
-            loss_sum += total.item()
-            tokens += self.count(batch)
-        return {"val_loss": loss_sum / max(tokens, 1)}
-
-
-class _GroupedOrder:
-    """Sample number -> example index for length-grouped batches, epoch after epoch."""
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int):
-        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
-        self._epoch, self._order = -1, []
-
-    def __getitem__(self, sample: int) -> int:
-        epoch, position = divmod(sample, len(self.lengths))
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = length_grouped_order(self.lengths, self.batch_size, self.seed, epoch)
-        return self._order[position]
-
-
 def load_conversations(config: SFTConfig) -> tuple[list[dict], str]:
     """Conversation records and a description of where they came from."""
     if config.data.path is None:
@@ -162,20 +93,6 @@ def load_conversations(config: SFTConfig) -> tuple[list[dict], str]:
     return conversations, str(config.data.path)
 
 
-def tokenize_all(records: list[dict], tokenizer, config: SFTConfig) -> tuple[list, int]:
-    from ..data.conversations import Conversation
-
-    examples, skipped = [], 0
-    for record in records:
-        example = tokenize_conversation(Conversation(record["messages"], record["source"]), tokenizer,
-                                        config.data.max_length, config.data.train_on, config.data.truncation)
-        if example is None:
-            skipped += 1
-        else:
-            examples.append(example)
-    return examples, skipped
-
-
 def run(config: SFTConfig) -> TrainResult:
     with open_run(config.out, "sft", to_dict(config)):
         return _run(config)
@@ -189,7 +106,8 @@ def _run(config: SFTConfig) -> TrainResult:
     model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
 
     records, source = load_conversations(config)
-    examples, too_long = tokenize_all(records, tokenizer, config)
+    examples, too_long = tokenize_conversations(records, tokenizer, config.data.max_length, config.data.train_on,
+                                                config.data.truncation)
     if too_long:
         print(f"skipped {too_long} conversation(s) longer than data.max_length={config.data.max_length}",
               file=sys.stderr)
@@ -201,7 +119,8 @@ def _run(config: SFTConfig) -> TrainResult:
 
     trainable, total = apply_peft(model, config.peft, config.train.seed)
 
-    method = ConversationLanguageModeling(train, val, config, tokenizer.pad_id)
+    method = ConversationLanguageModeling(train, val, tokenizer.pad_id, config.data.max_length, config.data.packing,
+                                          config.train)
     supervised = sum(sum(1 for label in e.labels if label != IGNORE_INDEX) for e in train)
     data_record = {"source": source, "conversations": len(records), "train": len(train), "val": len(val),
                    "skipped_too_long": too_long, "supervised_tokens": supervised}
