@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from orchard.checkpoint import load_checkpoint, read_record
 from orchard.config import load_config
 from orchard.methods import continual
+from orchard.methods.continual import pipeline
 from orchard.methods.continual import (
     ContinualConfig,
     ContinualLanguageModeling,
@@ -52,8 +53,8 @@ def test_naive_writes_matrix_report_and_resumes_without_training(chat_base, tmp_
         raise AssertionError("a finished run trained or evaluated again")
 
     monkeypatch.setattr("orchard.training.engine.Trainer._evaluate", no_training)
-    monkeypatch.setattr(continual, "_evaluate_row", no_training)
-    monkeypatch.setattr(continual, "score_task", no_training)
+    monkeypatch.setattr(pipeline, "_evaluate_row", no_training)
+    monkeypatch.setattr(pipeline, "score_task", no_training)
     again = continual.run(config)
     assert again.resumed_from == 2
     assert json.loads((out / "continual.json").read_text())["R"] == data["R"]
@@ -86,7 +87,7 @@ def test_adapters_scores_are_exact_across_rows(chat_base, tmp_path, monkeypatch)
         calls.append(task.name)
         return continual.mean_likelihood(model, task.scored, tokenizer.pad_id)
 
-    monkeypatch.setattr(continual, "score_task", likelihood)
+    monkeypatch.setattr(pipeline, "score_task", likelihood)
     config = make_config(chat_base, tmp_path, strategy="adapters", tasks=TASKS[:2])
     continual.run(config)
     data = json.loads((tmp_path / "run" / "continual.json").read_text())
