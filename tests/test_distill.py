@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ def test_offline_cache_is_built_once_and_reused_without_the_teacher(chat_base, c
     assert data["teacher_cache"]["path"] == cache["path"]
 
     # The cached entries are the teacher's top-k log-probabilities of the first training window.
-    stored = distill.open_teacher_cache(distill.Path(cache["path"]))
+    stored = distill.open_teacher_cache(Path(cache["path"]))
     teacher = load_checkpoint(chat_base.dir).model
     from orchard.data.packing import PackedSequences, split_tokens
     from orchard.data.tokens import build_token_cache

@@ -152,6 +152,7 @@ def test_no_method_imports_another():
 
 
 def test_every_method_module_is_under_400_lines():
+    """Readable top to bottom: a method that grows past that becomes a package of modules."""
     long = {str(path.relative_to(SOURCE)): len(path.read_text(encoding="utf-8").splitlines())
             for path in (SOURCE / "methods").rglob("*.py")}
-    assert {name: lines for name, lines in long.items() if lines > 400} == {"methods/distill.py": 646}
+    assert {name: lines for name, lines in long.items() if lines > 400} == {}
