@@ -28,15 +28,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import load_merged
 from ..config import to_dict
-from ..errors import OrchardError
 from ..files import atomic_file
-from ..lineage import new_record
 from ..losses.preference import dpo_loss, ipo_loss, orpo_loss, simpo_loss
 from ..losses.tokens import IGNORE_INDEX, token_log_probs
 from ..peft.config import PeftConfig, apply_peft
-from ..training import TrainConfig, Trainer, TrainResult
+from ..training import TrainConfig, TrainResult
+from ..training.launch import finish, start_from
 from ..training.run_directory import open_run
 from ..training.runtime import Runtime
 from .pairs import (PairBatches, PreferenceDataConfig, TokenizedPair, collate_pairs, held_out_batches, load_pairs,
@@ -234,22 +232,15 @@ def run(config: DPOConfig) -> TrainResult:
 
 
 def _run(config: DPOConfig) -> TrainResult:
-    if not config.init:
-        raise OrchardError("init: dpo needs a checkpoint to align, e.g. init=runs/quickstart/sft")
-    runtime = Runtime.create(config.train.device, config.train.precision)
-    checkpoint = load_merged(config.init)
-    model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
+    start = start_from(config.init, "dpo", config.train)
+    model, tokenizer = start.model, start.tokenizer
     train, val, data_record = load_pairs(config.data, tokenizer, config.train.seed)
 
     reference = None
     if config.uses_reference:
         reference = cached_reference(Path(config.out), model, train, val, tokenizer.pad_id,
-                                     2 * config.train.batch_size, checkpoint.record.get("weights_sha256"), runtime)
+                                     2 * config.train.batch_size, start.checkpoint.record.get("weights_sha256"),
+                                     start.runtime)
     trainable, total = apply_peft(model, config.peft, config.train.seed)
     method = PreferenceOptimization(config, train, val, tokenizer.pad_id, reference)
-    record = new_record(config.loss, to_dict(config), data_record, parent=checkpoint.path,
-                        peft_method=config.peft.method, parameters=(trainable, total))
-    trainer = Trainer(config.train, model, method, tokenizer, Path(config.out), record,
-                      flops_per_token=model.config.training_flops_per_token(config.data.max_length),
-                      runtime=runtime)
-    return trainer.fit()
+    return finish(start, config, method, config.loss, data_record, (trainable, total), config.data.max_length)

@@ -17,19 +17,15 @@ reward of `orchard grpo` / `orchard ppo` with `rewards=[model:PATH]` (RLHF). Rea
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_merged
 from ..config import to_dict
-from ..errors import OrchardError
-from ..lineage import new_record
 from ..peft.config import PeftConfig, apply_peft
 from ..rewards.models import sequence_scores
-from ..training import TrainConfig, Trainer, TrainResult
-from ..training.runtime import Runtime
+from ..training import TrainConfig, TrainResult
+from ..training.launch import finish, start_from
 from ..training.run_directory import open_run
 from .pairs import (PairBatches, PreferenceDataConfig, TokenizedPair, held_out_batches, load_pairs,
                     pair_training_defaults)
@@ -112,11 +108,8 @@ def run(config: RewardConfig) -> TrainResult:
 
 
 def _run(config: RewardConfig) -> TrainResult:
-    if not config.init:
-        raise OrchardError("init: reward needs a checkpoint to start from, e.g. init=runs/quickstart/sft")
-    runtime = Runtime.create(config.train.device, config.train.precision)
-    checkpoint = load_merged(config.init)
-    model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
+    start = start_from(config.init, "reward", config.train)
+    model, tokenizer = start.model, start.tokenizer
     train, val, data_record = load_pairs(config.data, tokenizer, config.train.seed)
     trainable, total = apply_peft(model, config.peft, config.train.seed)
     if not model.config.num_labels:
@@ -124,9 +117,4 @@ def _run(config: RewardConfig) -> TrainResult:
         trainable += model.config.hidden_size
         total += model.config.hidden_size  # the head is part of the model too: never more trainable than total
     method = RewardModeling(config, train, val, tokenizer.pad_id)
-    record = new_record("reward", to_dict(config), data_record, parent=checkpoint.path,
-                        peft_method=config.peft.method, parameters=(trainable, total))
-    trainer = Trainer(config.train, model, method, tokenizer, Path(config.out), record,
-                      flops_per_token=model.config.training_flops_per_token(config.data.max_length),
-                      runtime=runtime)
-    return trainer.fit()
+    return finish(start, config, method, "reward", data_record, (trainable, total), config.data.max_length)

@@ -17,22 +17,19 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_merged
-from ..config import to_dict
 from ..data.packing import EpochOrder, micro_batch_samples
 from ..data.preferences import PromptItem, read_limited, read_prompts, read_split
 from ..data.synthetic import World, verifiable_prompts
 from ..errors import OrchardError
-from ..lineage import new_record
 from ..losses.tokens import IGNORE_INDEX, token_log_probs
 from ..model.generation import SamplingConfig, generate
 from ..peft.config import ReferenceModel, apply_peft
 from ..rewards import Rewards
-from ..training import Trainer, TrainResult
+from ..training import TrainResult
+from ..training.launch import Start, finish, start_from
 from ..training.runtime import Runtime
 
 
@@ -215,16 +212,16 @@ def layout(prompt_ids: list[list[int]], completions: list[list[int]], pad_id: in
 
 @dataclass
 class OnlineRun:
-    """What GRPO and PPO build alike before their method: the policy (adapters attached), its
-    rollouts, held-out prompts, the reference, and the lineage facts."""
+    """What GRPO and PPO build alike before their method: the start (runtime and policy, adapters
+    attached), its rollouts, held-out prompts, the reference, and the lineage facts."""
 
-    checkpoint: object
-    model: object
-    runtime: Runtime
+    start: Start
     rollouts: Rollouts
     val: list[Prompt]
     reference: ReferenceModel | None
-    record: dict
+    stage: str
+    data_record: dict
+    parameters: tuple[int, int]
 
 
 def prepare_online_run(config, stage: str, num_generations: int, keep_reference: bool,
@@ -232,11 +229,8 @@ def prepare_online_run(config, stage: str, num_generations: int, keep_reference:
     """Load `config.init` (merged), its rewards and prompts, keep a reference if asked (before any
     adapter is attached), attach `config.peft` and, for PPO, a value head; `config` is a GRPO or
     PPO config (init, rewards, data, max_new_tokens, temperature, num_iterations, peft, train)."""
-    if not config.init:
-        raise OrchardError(f"init: {stage} needs a checkpoint to train, e.g. init=runs/quickstart/sft")
-    runtime = Runtime.create(config.train.device, config.train.precision)
-    checkpoint = load_merged(config.init)
-    model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
+    start = start_from(config.init, stage, config.train)
+    model, tokenizer, runtime = start.model, start.tokenizer, start.runtime
     rewards = Rewards(config.rewards, runtime.device)
     train, val, data_record = load_prompts(config.data, tokenizer, config.train.seed)
     if max(len(p.ids) for p in train + val) + config.max_new_tokens > model.config.max_position_embeddings:
@@ -252,17 +246,12 @@ def prepare_online_run(config, stage: str, num_generations: int, keep_reference:
                               top_p=getattr(config, "top_p", 1.0))
     rollouts = Rollouts(model, tokenizer, train, rewards, sampling, num_generations, config.train.batch_size,
                         config.train.grad_accum, config.train.seed, runtime, config.num_iterations)
-    record = new_record(stage, to_dict(config), data_record, parent=checkpoint.path,
-                        peft_method=config.peft.method, parameters=(trainable, total))
-    return OnlineRun(checkpoint, model, runtime, rollouts, val, reference, record)
+    return OnlineRun(start, rollouts, val, reference, stage, data_record, (trainable, total))
 
 
 def train_online(config, run: OnlineRun, method) -> TrainResult:
-    context = config.data.max_prompt_length + config.max_new_tokens
-    trainer = Trainer(config.train, run.model, method, run.checkpoint.tokenizer, Path(config.out), run.record,
-                      flops_per_token=run.model.config.training_flops_per_token(context),
-                      runtime=run.runtime)
-    return trainer.fit()
+    return finish(run.start, config, method, run.stage, run.data_record, run.parameters,
+                  config.data.max_prompt_length + config.max_new_tokens)
 
 
 def completion_log_probs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0,

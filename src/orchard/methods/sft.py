@@ -21,20 +21,17 @@ from __future__ import annotations
 import random
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-from ..checkpoint import load_merged
 from ..config import to_dict
 from ..data.conversations import ReadStats, read_conversations
 from ..data.synthetic import World, instruction_conversations
 from ..errors import OrchardError
-from ..lineage import new_record
 from ..losses.tokens import IGNORE_INDEX
 from ..peft.config import PeftConfig, apply_peft
-from ..training import TrainConfig, Trainer, TrainResult
+from ..training import TrainConfig, TrainResult
 from ..training.objectives import ConversationLanguageModeling, tokenize_conversations
-from ..training.runtime import Runtime
+from ..training.launch import finish, start_from
 from ..training.run_directory import open_run
 
 
@@ -99,11 +96,8 @@ def run(config: SFTConfig) -> TrainResult:
 
 
 def _run(config: SFTConfig) -> TrainResult:
-    if not config.init:
-        raise OrchardError("init: sft needs a checkpoint to fine-tune, e.g. init=runs/quickstart/pretrain")
-    runtime = Runtime.create(config.train.device, config.train.precision)
-    checkpoint = load_merged(config.init)
-    model, tokenizer = checkpoint.model.float().train(), checkpoint.tokenizer
+    start = start_from(config.init, "sft", config.train)
+    model, tokenizer = start.model, start.tokenizer
 
     records, source = load_conversations(config)
     examples, too_long = tokenize_conversations(records, tokenizer, config.data.max_length, config.data.train_on,
@@ -124,9 +118,4 @@ def _run(config: SFTConfig) -> TrainResult:
     supervised = sum(sum(1 for label in e.labels if label != IGNORE_INDEX) for e in train)
     data_record = {"source": source, "conversations": len(records), "train": len(train), "val": len(val),
                    "skipped_too_long": too_long, "supervised_tokens": supervised}
-    record = new_record("sft", to_dict(config), data_record, parent=checkpoint.path,
-                        peft_method=config.peft.method, parameters=(trainable, total))
-    trainer = Trainer(config.train, model, method, tokenizer, Path(config.out), record,
-                      flops_per_token=model.config.training_flops_per_token(config.data.max_length),
-                      runtime=runtime)
-    return trainer.fit()
+    return finish(start, config, method, "sft", data_record, (trainable, total), config.data.max_length)

@@ -1,0 +1,56 @@
+"""The opening and the close that every method training a checkpoint further shares.
+
+    start = start_from(config.init, "sft", config.train)       # runtime, merged checkpoint, fp32 model
+    ...                                                          # the method's data, adapters, objective
+    return finish(start, config, method, "sft", data_record, parameters, context_length)
+
+`start_from` checks `init`, makes the runtime and loads the checkpoint merged (an adapter checkpoint
+folded into its base) with float32 weights in training mode; `finish` writes the lineage record and
+runs the shared engine with the FLOPs estimate of the method's sequence length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..checkpoint import Checkpoint, load_merged
+from ..config import to_dict
+from ..errors import OrchardError
+from ..lineage import new_record
+from ..model import CausalLM
+from ..tokenizer import Tokenizer
+from .engine import TrainConfig, Trainer, TrainResult
+from .runtime import Runtime
+
+
+@dataclass
+class Start:
+    """What a method that trains a checkpoint further starts from."""
+
+    runtime: Runtime
+    checkpoint: Checkpoint
+    model: CausalLM
+    """The checkpoint's model in float32 (autocast brings the speed), in training mode."""
+    tokenizer: Tokenizer
+
+
+def start_from(init: str | None, command: str, train: TrainConfig) -> Start:
+    """The checkpoint `init` (refused when unset), merged, as `command` trains it on `train`'s runtime."""
+    if not init:
+        raise OrchardError(f"init: {command} needs a checkpoint to start from, e.g. init=runs/quickstart/sft")
+    runtime = Runtime.create(train.device, train.precision)
+    checkpoint = load_merged(init)
+    return Start(runtime, checkpoint, checkpoint.model.float().train(), checkpoint.tokenizer)
+
+
+def finish(start: Start, config, method, stage: str, data_record: dict, parameters: tuple[int, int],
+           context_length: int) -> TrainResult:
+    """Train `start.model` with `method` to `config.train`'s limits in `config.out`: the lineage
+    record (stage, parent, the whole recipe, data, (trainable, total) parameters) and the engine."""
+    record = new_record(stage, to_dict(config), data_record, parent=start.checkpoint.path,
+                        peft_method=config.peft.method, parameters=parameters)
+    trainer = Trainer(config.train, start.model, method, start.tokenizer, Path(config.out), record,
+                      flops_per_token=start.model.config.training_flops_per_token(context_length),
+                      runtime=start.runtime)
+    return trainer.fit()
