@@ -217,6 +217,15 @@ def is_checkpoint(path: Path) -> bool:
     return ((path / "config.json").is_file() and weights) or is_adapter_checkpoint(path)
 
 
+def output_beside(source: str | Path, resolved: Path, suffix: str) -> Path:
+    """Where a command that derives a checkpoint from `source` (quantize, grow) writes it without
+    --out: beside the checkpoint, named NAME{suffix}; for a Hub model, in the working directory, never
+    into the Hugging Face cache."""
+    if Path(source).exists():
+        return resolved.parent / f"{resolved.name}{suffix}"
+    return Path(str(source).rstrip("/").rpartition("/")[2] + suffix)
+
+
 def loaded_paths(path: Path) -> tuple[Path, ...]:
     """The directories that loading the checkpoint `path` reads, which a command's output must never
     replace: the checkpoint, and an adapter checkpoint's base."""

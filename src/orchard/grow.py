@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import (inference_only_error, is_adapter_checkpoint, is_quantized_checkpoint,
-                         load_checkpoint, read_model_config, read_record, resolve_checkpoint, save_checkpoint)
+from .checkpoint import (inference_only_error, is_adapter_checkpoint, is_quantized_checkpoint, load_checkpoint,
+                         output_beside, read_model_config, read_record, resolve_checkpoint, save_checkpoint)
 from .errors import OrchardError
 from .files import check_output
 from .lineage import new_record
@@ -90,7 +90,7 @@ def grow_checkpoint(source: str | Path, out: str | Path | None = None, layers: i
         grown_config(read_model_config(resolved), **settings)
     except ValueError as error:
         raise _flag_error(error) from None
-    out = default_out(source, resolved) if out is None else Path(out)
+    out = output_beside(source, resolved, "-grown") if out is None else Path(out)
     check_output(out, "--out", "grow", owned=lambda target: made_from(target, "grow", resolved), inputs=(resolved,),
                  force=force)
 
@@ -114,13 +114,6 @@ def grow_checkpoint(source: str | Path, out: str | Path | None = None, layers: i
                       function_preserving=description["function_preserving"],
                       new_layers=description.get("new_layers", []), depth_method=description.get("depth_method"),
                       mlp_method=description.get("mlp_method"))
-
-
-def default_out(source: str | Path, resolved: Path) -> Path:
-    """Where `orchard grow` writes without `--out`."""
-    if Path(source).exists():
-        return resolved.parent / f"{resolved.name}-grown"
-    return Path(str(source).rstrip("/").rpartition("/")[2] + "-grown")
 
 
 def _flag_error(error: ValueError) -> OrchardError:

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (WEIGHTS_FILE, inference_only_error, is_quantized_checkpoint, load_merged, loaded_paths,
-                         model_state_dict, read_model_config, read_quantization, read_record, resolve_checkpoint,
-                         save_checkpoint, weights_files)
+                         model_state_dict, output_beside, read_model_config, read_quantization, read_record,
+                         resolve_checkpoint, save_checkpoint, weights_files)
 from .errors import OrchardError
 from .files import check_output
 from .lineage import new_record
@@ -82,7 +82,8 @@ def quantize_checkpoint(source: str | Path, out: str | Path | None, bits: int, g
     resolved = resolve_checkpoint(source)
     if is_quantized_checkpoint(resolved):
         raise inference_only_error(resolved, "quantize")
-    out = default_out(source, resolved, bits, group_size) if out is None else Path(out)
+    suffix = "-int8" if bits == 8 else f"-int4-g{group_size}"
+    out = output_beside(source, resolved, suffix) if out is None else Path(out)
     check_output(out, "--out", "quantize", owned=lambda target: made_from(target, "quantize", resolved),
                  inputs=loaded_paths(resolved), force=force)
 
@@ -107,14 +108,6 @@ def quantize_checkpoint(source: str | Path, out: str | Path | None, bits: int, g
     return QuantizeResult(path=out, quantized=quantized, skipped=skipped,
                           size_before=_size_before(files, bytes_before),
                           size_after=(out / WEIGHTS_FILE).stat().st_size, bits=bits, group_size=group_size)
-
-
-def default_out(source: str | Path, resolved: Path, bits: int, group_size: int | None) -> Path:
-    """Where `orchard quantize` writes without `--out`."""
-    suffix = "-int8" if bits == 8 else f"-int4-g{group_size}"
-    if Path(source).exists():
-        return resolved.parent / f"{resolved.name}{suffix}"
-    return Path(str(source).rstrip("/").rpartition("/")[2] + suffix)
 
 
 def _size_before(files: list[Path], bytes_before: int) -> int:
