@@ -151,3 +151,21 @@ def test_to_dict_round_trips_through_build():
     assert rebuilt == config
     assert isinstance(rebuilt.train.max_time, Duration)
     assert to_dict(rebuilt) == data
+
+
+def test_method_configs_share_the_base_fields_and_read_in_order():
+    """A method config inherits init, out, peft and train; its help and recipe list its own values
+    first, then its sections, then the inherited sections; a redeclared default is the method's own."""
+    from orchard.methods.dpo import DPOConfig
+    from orchard.training.launch import MethodConfig
+
+    config = load_config(DPOConfig, None, ["init=runs/sft", "peft.method=lora", "beta=0.2"])
+    assert isinstance(config, MethodConfig)
+    assert (config.init, config.out, config.peft.method, config.beta) == ("runs/sft", "runs/dpo", "lora", 0.2)
+    assert (config.train.max_steps, config.train.lr) == (200, 5e-5)  # the pair methods' defaults, not the base's
+    assert list(to_dict(config))[:3] == ["init", "out", "loss"]
+    assert list(to_dict(config))[-3:] == ["data", "peft", "train"]
+    keys = [key for key, _, _ in describe(DPOConfig)]
+    assert keys.index("beta") < keys.index("data.path") < keys.index("peft.method") < keys.index("train.lr")
+    docs = {key: doc for key, _, doc in describe(DPOConfig)}
+    assert docs["out"] == "Run directory. Running again resumes it."

@@ -68,6 +68,15 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def reading_order(cls: type) -> list[dataclasses.Field]:
+    """A config's fields as a reader wants them: its values first, then its own sections, then the
+    sections it inherits (`train`, `peft` of a method config), each group in declaration order."""
+    hints = _type_hints(cls)
+    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    return sorted(dataclasses.fields(cls), key=lambda f: (dataclasses.is_dataclass(hints[f.name]),
+                                                           f.name in inherited and dataclasses.is_dataclass(hints[f.name])))
+
+
 def _type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -184,7 +193,7 @@ def _merged(base: dict, update: dict) -> dict:
 def to_dict(config: Any) -> Any:
     """The plain-data form of a config (what a checkpoint's lineage records)."""
     if dataclasses.is_dataclass(config):
-        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+        return {f.name: to_dict(getattr(config, f.name)) for f in reading_order(type(config))}
     if isinstance(config, list):
         return [to_dict(v) for v in config]
     if isinstance(config, Duration):
@@ -249,7 +258,7 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[st
     rows = []
     docs = field_docs(cls)
     hints = _type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in reading_order(cls):
         key = f"{prefix}{f.name}"
         if defaults is not None:
             default = getattr(defaults, f.name)

@@ -28,14 +28,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..config import to_dict
 from ..files import atomic_file
 from ..losses.preference import dpo_loss, ipo_loss, orpo_loss, simpo_loss
 from ..losses.tokens import IGNORE_INDEX, token_log_probs
-from ..peft.config import PeftConfig, apply_peft
+from ..peft.config import apply_peft
 from ..training import TrainConfig, TrainResult
-from ..training.launch import finish, start_from
-from ..training.run_directory import open_run
+from ..training.launch import MethodConfig, finish, start_from
+from ..training.run_directory import in_run_directory
 from ..training.runtime import Runtime
 from .pairs import (PairBatches, PreferenceDataConfig, TokenizedPair, collate_pairs, held_out_batches, load_pairs,
                     pair_training_defaults)
@@ -44,11 +43,8 @@ REFERENCE_FILE = "reference_logps.safetensors"
 
 
 @dataclass
-class DPOConfig:
-    init: str | None = None
-    """The checkpoint to align (usually an SFT model; orchard's or a Hugging Face model)."""
+class DPOConfig(MethodConfig):
     out: str = "runs/dpo"
-    """Run directory. Running again resumes it."""
     loss: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"
     """dpo: sigmoid DPO (Rafailov et al.); ipo: IPO (Azar et al.); simpo: reference-free,
     length-normalised SimPO (Meng et al.); orpo: odds-ratio preference plus the chosen reply's NLL
@@ -62,7 +58,6 @@ class DPOConfig:
     orpo_lambda: float = 0.1
     """Weight of ORPO's odds-ratio term beside the NLL."""
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
-    peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=pair_training_defaults)
 
     def __post_init__(self) -> None:
@@ -226,12 +221,8 @@ def _read_reference(cache_file: Path, fingerprint: str, sizes: dict[str, int]) -
     return cached
 
 
+@in_run_directory("dpo")
 def run(config: DPOConfig) -> TrainResult:
-    with open_run(config.out, "dpo", to_dict(config)):
-        return _run(config)
-
-
-def _run(config: DPOConfig) -> TrainResult:
     start = start_from(config.init, "dpo", config.train)
     model, tokenizer = start.model, start.tokenizer
     train, val, data_record = load_pairs(config.data, tokenizer, config.train.seed)

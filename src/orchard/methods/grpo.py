@@ -24,20 +24,17 @@ from typing import Literal
 
 import torch
 
-from ..config import to_dict
 from ..losses.rl import aggregate, group_advantages, grpo_token_loss, k3_kl
-from ..peft.config import PeftConfig, ReferenceModel
+from ..peft.config import ReferenceModel
 from ..training import TrainConfig, TrainResult
-from ..training.run_directory import open_run
+from ..training.launch import MethodConfig
+from ..training.run_directory import in_run_directory
 from .rollouts import Prompt, PromptDataConfig, Rollouts, completion_log_probs, prepare_online_run, train_online
 
 
 @dataclass
-class GRPOConfig:
-    init: str | None = None
-    """The checkpoint to train (usually an SFT model; orchard's or a Hugging Face model)."""
+class GRPOConfig(MethodConfig):
     out: str = "runs/grpo"
-    """Run directory. Running again resumes it."""
     rewards: list[str] = field(default_factory=lambda: ["exact_match"])
     """Weighted rewards, each [WEIGHT*]SOURCE: a built-in (exact_match, numeric_match, answer_format,
     single_line, length_penalty), module:function, model:PATH (a reward model) or judge:PATH."""
@@ -65,7 +62,6 @@ class GRPOConfig:
     clipped ratio bounds how far the policy moves from the one that sampled them. train.save_every
     must be a multiple of it, so a resumed run starts at a fresh rollout."""
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
-    peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=1e-5, warmup_steps=5,
                                                                    weight_decay=0.0, batch_size=4, eval_every=25,
                                                                    save_every=25, log_every=1))
@@ -156,11 +152,7 @@ class GRPO:
         return self.rollouts.evaluate(self.val)
 
 
+@in_run_directory("grpo")
 def run(config: GRPOConfig) -> TrainResult:
-    with open_run(config.out, "grpo", to_dict(config)):
-        return _run(config)
-
-
-def _run(config: GRPOConfig) -> TrainResult:
     online = prepare_online_run(config, "grpo", config.num_generations, keep_reference=config.beta != 0)
     return train_online(config, online, GRPO(config, online.rollouts, online.val, online.reference))

@@ -27,20 +27,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import to_dict
 from ..losses.rl import aggregate, clipped_surrogate, clipped_value_loss, gae, token_rewards_with_kl, whiten
-from ..peft.config import PeftConfig, ReferenceModel
+from ..peft.config import ReferenceModel
 from ..training import TrainConfig, TrainResult
-from ..training.run_directory import open_run
+from ..training.launch import MethodConfig
+from ..training.run_directory import in_run_directory
 from .rollouts import Prompt, PromptDataConfig, Rollouts, completion_log_probs, prepare_online_run, train_online
 
 
 @dataclass
-class PPOConfig:
-    init: str | None = None
-    """The checkpoint to train (usually an SFT model)."""
+class PPOConfig(MethodConfig):
     out: str = "runs/ppo"
-    """Run directory. Running again resumes it."""
     rewards: list[str] = field(default_factory=lambda: ["exact_match"])
     """Weighted rewards, each [WEIGHT*]SOURCE (see `orchard grpo --help`); RLHF uses model:PATH."""
     max_new_tokens: int = 64
@@ -64,7 +61,6 @@ class PPOConfig:
     num_iterations: int = 1
     """Optimizer steps per rollout (PPO epochs); train.save_every must be a multiple of it."""
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
-    peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=1e-5, warmup_steps=5,
                                                                    weight_decay=0.0, batch_size=16, eval_every=25,
                                                                    save_every=25, log_every=1))
@@ -145,11 +141,7 @@ class PPO:
         return self.rollouts.evaluate(self.val)
 
 
+@in_run_directory("ppo")
 def run(config: PPOConfig) -> TrainResult:
-    with open_run(config.out, "ppo", to_dict(config)):
-        return _run(config)
-
-
-def _run(config: PPOConfig) -> TrainResult:
     online = prepare_online_run(config, "ppo", 1, keep_reference=True, value_head=True)
     return train_online(config, online, PPO(config, online.rollouts, online.val, online.reference))

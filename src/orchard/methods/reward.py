@@ -21,28 +21,23 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..config import to_dict
-from ..peft.config import PeftConfig, apply_peft
+from ..peft.config import apply_peft
 from ..rewards.models import sequence_scores
 from ..training import TrainConfig, TrainResult
-from ..training.launch import finish, start_from
-from ..training.run_directory import open_run
+from ..training.launch import MethodConfig, finish, start_from
+from ..training.run_directory import in_run_directory
 from .pairs import (PairBatches, PreferenceDataConfig, TokenizedPair, held_out_batches, load_pairs,
                     pair_training_defaults)
 
 
 @dataclass
-class RewardConfig:
-    init: str | None = None
-    """The checkpoint to start from (usually the SFT model the reward will judge)."""
+class RewardConfig(MethodConfig):
     out: str = "runs/reward"
-    """Run directory. Running again resumes it."""
     margin: float = 0.0
     """Required score gap: the loss is -log sigmoid(chosen - rejected - margin)."""
     center_rewards_coefficient: float = 0.0
     """Weight of (chosen + rejected)^2, which pulls scores towards zero (TRL's name)."""
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
-    peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=pair_training_defaults)
 
     def __post_init__(self) -> None:
@@ -102,12 +97,8 @@ class RewardModeling:
                 "val_margin": margin / max(pairs, 1)}
 
 
+@in_run_directory("reward")
 def run(config: RewardConfig) -> TrainResult:
-    with open_run(config.out, "reward", to_dict(config)):
-        return _run(config)
-
-
-def _run(config: RewardConfig) -> TrainResult:
     start = start_from(config.init, "reward", config.train)
     model, tokenizer = start.model, start.tokenizer
     train, val, data_record = load_pairs(config.data, tokenizer, config.train.seed)

@@ -23,16 +23,15 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..config import to_dict
 from ..data.conversations import ReadStats, read_conversations
 from ..data.synthetic import World, instruction_conversations
 from ..errors import OrchardError
 from ..losses.tokens import IGNORE_INDEX
-from ..peft.config import PeftConfig, apply_peft
+from ..peft.config import apply_peft
 from ..training import TrainConfig, TrainResult
 from ..training.objectives import ConversationLanguageModeling, tokenize_conversations
-from ..training.launch import finish, start_from
-from ..training.run_directory import open_run
+from ..training.launch import MethodConfig, finish, start_from
+from ..training.run_directory import in_run_directory
 
 
 @dataclass
@@ -60,13 +59,9 @@ class ConversationDataConfig:
 
 
 @dataclass
-class SFTConfig:
-    init: str | None = None
-    """The checkpoint to fine-tune (orchard's, or a Hugging Face model directory or Hub id)."""
+class SFTConfig(MethodConfig):
     out: str = "runs/sft"
-    """Run directory. Running again resumes it."""
     data: ConversationDataConfig = field(default_factory=ConversationDataConfig)
-    peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=300, lr=1e-4, warmup_steps=20,
                                                                    weight_decay=0.0, batch_size=8))
 
@@ -90,12 +85,8 @@ def load_conversations(config: SFTConfig) -> tuple[list[dict], str]:
     return conversations, str(config.data.path)
 
 
+@in_run_directory("sft")
 def run(config: SFTConfig) -> TrainResult:
-    with open_run(config.out, "sft", to_dict(config)):
-        return _run(config)
-
-
-def _run(config: SFTConfig) -> TrainResult:
     start = start_from(config.init, "sft", config.train)
     model, tokenizer = start.model, start.tokenizer
 

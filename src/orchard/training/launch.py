@@ -4,14 +4,14 @@
     ...                                                          # the method's data, adapters, objective
     return finish(start, config, method, "sft", data_record, parameters, context_length)
 
-`start_from` checks `init`, makes the runtime and loads the checkpoint merged (an adapter checkpoint
+`MethodConfig` holds the recipe fields they share (init, out, peft, train). `start_from` checks `init`, makes the runtime and loads the checkpoint merged (an adapter checkpoint
 folded into its base) with float32 weights in training mode; `finish` writes the lineage record and
 runs the shared engine with the FLOPs estimate of the method's sequence length.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoint import Checkpoint, load_merged
@@ -19,9 +19,24 @@ from ..config import to_dict
 from ..errors import OrchardError
 from ..lineage import new_record
 from ..model import CausalLM
+from ..peft.config import PeftConfig
 from ..tokenizer import Tokenizer
 from .engine import TrainConfig, Trainer, TrainResult
 from .runtime import Runtime
+
+
+@dataclass
+class MethodConfig:
+    """The recipe fields of every method that trains a checkpoint further. A method's config
+    subclasses it, adds its own fields and sections, and redeclares `out` and `train` with its
+    defaults (a redeclared field keeps this docstring)."""
+
+    init: str | None = None
+    """The checkpoint to start from (orchard's, or a Hugging Face model directory or Hub id)."""
+    out: str = "runs/run"
+    """Run directory. Running again resumes it."""
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 @dataclass
@@ -44,7 +59,7 @@ def start_from(init: str | None, command: str, train: TrainConfig) -> Start:
     return Start(runtime, checkpoint, checkpoint.model.float().train(), checkpoint.tokenizer)
 
 
-def finish(start: Start, config, method, stage: str, data_record: dict, parameters: tuple[int, int],
+def finish(start: Start, config: MethodConfig, method, stage: str, data_record: dict, parameters: tuple[int, int],
            context_length: int) -> TrainResult:
     """Train `start.model` with `method` to `config.train`'s limits in `config.out`: the lineage
     record (stage, parent, the whole recipe, data, (trainable, total) parameters) and the engine."""

@@ -22,12 +22,14 @@ engine tells them to.
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
+from ..config import to_dict
 from ..errors import OrchardError
 from ..files import check_writable, read_json, remove_stale_temporaries, write_json
 
@@ -181,3 +183,21 @@ def open_run(out: str | Path, stage: str, recipe: dict | None = None) -> Iterato
         del _open[key]
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+Config = TypeVar("Config")
+Result = TypeVar("Result")
+
+
+def in_run_directory(stage: str) -> Callable[[Callable[[Config], Result]], Callable[[Config], Result]]:
+    """Make a method's `run(config)` run inside its run directory: `open_run(config.out, stage,
+    the recipe)` before anything else, closed (and unlocked) when it returns or fails."""
+
+    def decorate(run: Callable[[Config], Result]) -> Callable[[Config], Result]:
+        @functools.wraps(run)
+        def run_in_directory(config: Config) -> Result:
+            with open_run(config.out, stage, to_dict(config)):
+                return run(config)
+        return run_in_directory
+
+    return decorate

@@ -8,6 +8,7 @@ from typing import Literal
 from ...data.synthetic import CONTINUAL_TASKS
 from ...peft.config import PeftConfig
 from ...training import TrainConfig
+from ...training.launch import MethodConfig
 
 
 @dataclass
@@ -27,9 +28,7 @@ class ContinualDataConfig:
 
 
 @dataclass
-class ContinualConfig:
-    init: str | None = None
-    """The checkpoint the sequence starts from (orchard's, or a Hugging Face model directory or Hub id)."""
+class ContinualConfig(MethodConfig):
     out: str = "runs/continual"
     """Run directory: one run directory per task, continual.json, R.png, report.md. Running again resumes it."""
     tasks: list[str] = field(default_factory=lambda: list(CONTINUAL_TASKS))

@@ -22,7 +22,7 @@ from ...lineage import new_record
 from ...peft.config import PeftConfig
 from ...peft.lora import LoraConfig, add_lora, set_active_adapters, trainable_parameter_count
 from ...training import TrainConfig, Trainer, TrainResult
-from ...training.run_directory import open_run
+from ...training.run_directory import in_run_directory
 from ...training.runtime import Runtime
 from .config import ContinualConfig
 from .scoring import format_value, score_task, task_value
@@ -88,12 +88,8 @@ def _save_fisher(fisher: dict[str, torch.Tensor], path: Path, config: ContinualC
         "format": "pt", "ewc_gamma": str(config.ewc_gamma), "ewc_batches": str(config.ewc_batches)}))
 
 
+@in_run_directory("continual")
 def run(config: ContinualConfig) -> TrainResult:
-    with open_run(config.out, "continual", to_dict(config)):
-        return _run(config)
-
-
-def _run(config: ContinualConfig) -> TrainResult:
     if not config.init:
         raise OrchardError("init: continual needs a checkpoint to start from, e.g. init=runs/quickstart/sft")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

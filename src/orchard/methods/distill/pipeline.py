@@ -16,7 +16,7 @@ from ...lineage import new_record
 from ...model import CausalLM
 from ...training import Trainer, TrainResult
 from ...training.objectives import ConversationLanguageModeling, tokenize_conversations
-from ...training.run_directory import open_run
+from ...training.run_directory import in_run_directory
 from ...training.runtime import Runtime
 from ..rollouts import turn_end_ids
 from .cache import build_teacher_cache, cache_directory, open_teacher_cache
@@ -39,12 +39,8 @@ def _train(config: DistillConfig, student: CausalLM, method, tokenizer, data_rec
     return trainer.fit()
 
 
+@in_run_directory("distill")
 def run(config: DistillConfig) -> TrainResult:
-    with open_run(config.out, "distill", to_dict(config)):
-        return _run(config)
-
-
-def _run(config: DistillConfig) -> TrainResult:
     if not config.teacher:
         raise OrchardError("teacher: distill needs a teacher checkpoint, e.g. orchard distill runs/big/final "
                            "--student student.yaml")
