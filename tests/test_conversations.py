@@ -10,7 +10,6 @@ import torch
 
 from orchard.data.conversations import (
     Conversation,
-    ReadStats,
     TokenizedConversation,
     collate_packed,
     collate_padded,
@@ -20,6 +19,7 @@ from orchard.data.conversations import (
     tokenize_conversation,
     tokenize_conversations,
 )
+from orchard.data.records import ReadStats
 from orchard.data.synthetic import World, generate_documents, instruction_conversations
 from orchard.errors import OrchardError
 from orchard.losses.tokens import IGNORE_INDEX, token_cross_entropy

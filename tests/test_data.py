@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchard.data import corpus
-from orchard.data.corpus import iter_documents, iter_text_chunks, resolve_paths
+from orchard.data.corpus import iter_documents, iter_text_chunks
+from orchard.data.records import resolve_paths
 from orchard.data.tokens import build_token_cache, corpus_fingerprint
 from orchard.errors import OrchardError
 from orchard.tokenizer import Tokenizer

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchard.data.conversations import ReadStats
+from orchard.data.records import ReadStats
 from orchard.data.preferences import (
     PreferencePair,
     gsm8k_answer,

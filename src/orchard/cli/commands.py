@@ -26,7 +26,8 @@ def quickstart(args) -> None:
 
 
 def tokenizer_train(args) -> None:
-    from ..data.corpus import iter_text_chunks, resolve_paths
+    from ..data.corpus import iter_text_chunks
+    from ..data.records import resolve_paths
     from ..files import atomic_directory, check_output, read_json, write_json
     from ..lineage import new_record
     from ..tokenizer import MIN_VOCAB_SIZE, Tokenizer
@@ -184,7 +185,7 @@ def chat(args) -> None:
 
 def evaluate(args) -> None:
     from ..checkpoint import load_checkpoint
-    from ..data.corpus import resolve_paths
+    from ..data.records import resolve_paths
     from ..data.packing import PackedSequences
     from ..data.tokens import build_token_cache
     from ..evaluation.language_modeling import evaluate_language_modeling

@@ -1,8 +1,8 @@
 """Conversations for supervised fine-tuning: reading them, tokenizing them with a chat template and
 marking which tokens the loss covers, and batching them (packed or padded).
 
-Reading. ``.jsonl``, ``.json`` (JSONL or one list) and ``.parquet`` files, ``.jsonl``/``.json``
-optionally gzipped, in four record shapes, detected per record from its keys:
+Reading. Records of ``.jsonl``, ``.json`` (JSONL or one list) and ``.parquet`` files, read by
+`orchard.data.records`, in four shapes, detected per record from its keys:
 
 * ``messages``: OpenAI's ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``;
 * ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}`` (``from``
@@ -37,29 +37,15 @@ Label convention -- read this before computing a loss:
 from __future__ import annotations
 
 import bisect
-import json
 import random
-from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TypeVar
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import OrchardError
 from ..losses.tokens import IGNORE_INDEX
-from .corpus import (
-    _BOM,
-    _decode,
-    _json_type,
-    _kind,
-    _open_binary,
-    _read_errors,
-    _starts_with_list,
-    jsonl_lines,
-    resolve_paths,
-)
+from .records import BadRecord, ReadStats, json_type, read_records, string_field
 
 ROLES = ("system", "user", "assistant")
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
@@ -67,8 +53,6 @@ TRAIN_ON = ("all_assistant", "last_assistant")
 TRUNCATION = ("error", "skip", "truncate_prompt")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system"}
-_PARQUET_BATCH_ROWS = 256
-T = TypeVar("T")
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -80,44 +64,6 @@ class Conversation:
     """``{"role": "system"|"user"|"assistant", "content": str}`` dicts, nothing else in them."""
     source: str
     """Where it came from, for error messages: ``path:line``, ``path: item N`` or ``path: row N``."""
-
-
-@dataclass
-class ReadStats:
-    """What `read_conversations` (and `tokenize_conversations`, and the readers of
-    `orchard.data.preferences`) kept and skipped; pass one in and read it after the iterator is
-    exhausted."""
-
-    read: int = 0
-    """Records seen (kept or skipped)."""
-    kept: int = 0
-    """Conversations yielded (by `tokenize_conversations`: tokenized examples returned)."""
-    reasons: Counter = field(default_factory=Counter)
-    """Skipped records by reason: "unknown role", "missing field", "non-string content",
-    "no assistant turn", "empty assistant turn", "unrecognised record", "not an object",
-    "invalid JSON", "too long"; preference pairs and prompts add "identical responses", "no user turn",
-    "no final assistant turn" and "no final answer"."""
-    truncated: int = 0
-    """Conversations whose oldest turns were dropped to fit ``max_length``."""
-
-    @property
-    def skipped(self) -> int:
-        return sum(self.reasons.values())
-
-    def skip(self, reason: str) -> None:
-        self.reasons[reason] += 1
-
-    def describe(self) -> str:
-        """``"3 unknown role, 1 empty assistant turn"`` (most frequent first), or ``"none"``."""
-        if not self.reasons:
-            return "none"
-        return ", ".join(f"{n} {reason}" for reason, n in sorted(self.reasons.items(), key=lambda r: (-r[1], r[0])))
-
-
-class _BadRecord(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason, self.message = reason, message
 
 
 def read_conversations(paths, format: str = "auto", on_error: str = "error", stats: ReadStats | None = None,
@@ -138,83 +84,6 @@ def read_conversations(paths, format: str = "auto", on_error: str = "error", sta
         yield Conversation(messages, source)
 
 
-def read_records(paths, parse: Callable[[object], T], on_error: str = "error", stats: ReadStats | None = None,
-                 key: str = "data.path", what: str = "records") -> Iterator[tuple[str, T]]:
-    """``(source, parse(record))`` for every record of the files ``paths`` names: the reading and
-    error handling shared by every reader of JSON records (conversations, preference pairs, prompts).
-
-    ``parse`` raises `_BadRecord` for a record it rejects; ``on_error`` "error" turns that into an
-    OrchardError naming the record's source, "skip" counts it in ``stats.reasons``. Problems with a
-    file itself (a .txt file, unreadable, invalid UTF-8, a broken JSON list, no records) always
-    raise; ``what`` names the records in the .txt error.
-    """
-    if on_error not in ("error", "skip"):
-        raise OrchardError(f"data.on_error: expected 'error' or 'skip', got {on_error!r}")
-    stats = stats if stats is not None else ReadStats()
-    files = resolve_paths(paths, key)
-    for path in files:
-        kind = _kind(path)
-        if kind == ".txt":
-            raise OrchardError(f"{path}: {what} must be .jsonl, .json or .parquet files, not .txt")
-    for path in files:
-        found = False
-        with _read_errors(path):
-            for source, record in _records(path):
-                found = True
-                stats.read += 1
-                try:
-                    if isinstance(record, _BadRecord):
-                        raise record
-                    parsed = parse(record)
-                except _BadRecord as bad:
-                    if on_error == "error":
-                        raise OrchardError(f"{source}: {bad.message}") from None
-                    stats.skip(bad.reason)
-                    continue
-                stats.kept += 1
-                yield source, parsed
-        if not found:
-            raise OrchardError(f"{path}: file is empty")
-
-
-def _records(path: Path) -> Iterator[tuple[str, object]]:
-    """(source, record) for each record of a file; a JSONL line that is not JSON comes as a _BadRecord."""
-    kind = _kind(path)
-    if kind == ".parquet":
-        yield from _parquet_records(path)
-    elif kind == ".json" and _starts_with_list(path):
-        with _open_binary(path) as f:
-            data = f.read().removeprefix(_BOM)
-        try:
-            records = json.loads(_decode(data, path, 1))
-        except json.JSONDecodeError as e:
-            raise OrchardError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        for index, record in enumerate(records, start=1):
-            yield f"{path}: item {index}", record
-    else:
-        for lineno, line in jsonl_lines(path):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                record = _BadRecord("invalid JSON", f"invalid JSON ({e.msg})")
-            yield f"{path}:{lineno}", record
-
-
-def _parquet_records(path: Path) -> Iterator[tuple[str, object]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise OrchardError(f"{path}: not a valid Parquet file ({str(e).splitlines()[0]})") from None
-    row = 0
-    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
-        for record in batch.to_pylist():
-            row += 1
-            yield f"{path}: row {row}", record
-
-
 def detect_format(record: dict) -> str | None:
     """The format a record's keys say it is in, or None."""
     if "messages" in record:
@@ -230,11 +99,11 @@ def detect_format(record: dict) -> str | None:
 
 def _parse_record(record, format: str) -> list[dict]:
     if not isinstance(record, dict):
-        raise _BadRecord("not an object", f"expected a JSON object, got {_json_type_safe(record)}")
+        raise BadRecord("not an object", f"expected a JSON object, got {json_type(record)}")
     kind = detect_format(record) if format == "auto" else format
     if kind is None:
         keys = ", ".join(map(repr, list(record)[:8])) or "none"
-        raise _BadRecord("unrecognised record",
+        raise BadRecord("unrecognised record",
                          "unrecognised record: expected a 'messages' list, a 'conversations' list, "
                          f"'instruction'/'output' or 'prompt'/'completion' (keys: {keys})")
     messages = _PARSERS[kind](record)
@@ -242,86 +111,70 @@ def _parse_record(record, format: str) -> list[dict]:
     return messages
 
 
-def _json_type_safe(value) -> str:
-    try:
-        return _json_type(value)
-    except KeyError:
-        return type(value).__name__
-
-
-def _string(record: dict, name: str, where: str = "", required: bool = True) -> str | None:
-    if name not in record or record[name] is None:
-        if required:
-            raise _BadRecord("missing field", f"{where}missing field '{name}'")
-        return None
-    value = record[name]
-    if not isinstance(value, str):
-        raise _BadRecord("non-string content", f"{where}field '{name}' is {_json_type_safe(value)}, expected a string")
-    return value
-
-
 def _turns(record: dict, list_key: str) -> list:
     turns = record.get(list_key)
     if turns is None:
-        raise _BadRecord("missing field", f"missing field '{list_key}'")
+        raise BadRecord("missing field", f"missing field '{list_key}'")
     if not isinstance(turns, list):
-        raise _BadRecord("missing field", f"field '{list_key}' is {_json_type_safe(turns)}, expected a list")
+        raise BadRecord("missing field", f"field '{list_key}' is {json_type(turns)}, expected a list")
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise _BadRecord("not an object", f"{list_key}[{i}] is {_json_type_safe(turn)}, expected an object")
+            raise BadRecord("not an object", f"{list_key}[{i}] is {json_type(turn)}, expected an object")
     return turns
 
 
-def _system(record: dict) -> list[dict]:
-    system = _string(record, "system", required=False)
+def system_turns(record: dict) -> list[dict]:
+    """A record's optional top-level ``system`` string as a system turn (none when absent or empty)."""
+    system = string_field(record, "system", required=False)
     return [{"role": "system", "content": system}] if system else []
 
 
-def _parse_messages(record: dict, list_key: str = "messages") -> list[dict]:
+def parse_messages(record: dict, list_key: str = "messages") -> list[dict]:
+    """The OpenAI-style turns in ``record[list_key]``, checked; a `BadRecord` names the first bad one."""
     messages = []
     for i, turn in enumerate(_turns(record, list_key)):
-        role = _string(turn, "role", f"{list_key}[{i}]: ")
+        role = string_field(turn, "role", f"{list_key}[{i}]: ")
         if role not in ROLES:
-            raise _BadRecord("unknown role", f"{list_key}[{i}]: unknown role {role!r} (expected system, user or assistant)")
-        messages.append({"role": role, "content": _string(turn, "content", f"{list_key}[{i}]: ")})
+            raise BadRecord("unknown role", f"{list_key}[{i}]: unknown role {role!r} (expected system, user or assistant)")
+        messages.append({"role": role, "content": string_field(turn, "content", f"{list_key}[{i}]: ")})
     return messages
 
 
 def _parse_sharegpt(record: dict) -> list[dict]:
-    messages = _system(record)
+    messages = system_turns(record)
     for i, turn in enumerate(_turns(record, "conversations")):
-        speaker = _string(turn, "from", f"conversations[{i}]: ")
+        speaker = string_field(turn, "from", f"conversations[{i}]: ")
         if speaker not in _SHAREGPT_ROLES:
-            raise _BadRecord("unknown role", f"conversations[{i}]: unknown role {speaker!r} "
+            raise BadRecord("unknown role", f"conversations[{i}]: unknown role {speaker!r} "
                                              "(expected human, gpt or system)")
-        messages.append({"role": _SHAREGPT_ROLES[speaker], "content": _string(turn, "value", f"conversations[{i}]: ")})
+        messages.append({"role": _SHAREGPT_ROLES[speaker], "content": string_field(turn, "value", f"conversations[{i}]: ")})
     return messages
 
 
 def _parse_alpaca(record: dict) -> list[dict]:
-    instruction = _string(record, "instruction")
-    extra = _string(record, "input", required=False)
-    output = _string(record, "output")
+    instruction = string_field(record, "instruction")
+    extra = string_field(record, "input", required=False)
+    output = string_field(record, "output")
     user = instruction + "\n\n" + extra if extra and extra.strip() else instruction
-    return _system(record) + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return system_turns(record) + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
 def _parse_prompt_completion(record: dict) -> list[dict]:
-    prompt, completion = _string(record, "prompt"), _string(record, "completion")
-    return _system(record) + [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    prompt, completion = string_field(record, "prompt"), string_field(record, "completion")
+    return system_turns(record) + [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
 
 
-_PARSERS = {"messages": _parse_messages, "sharegpt": _parse_sharegpt, "alpaca": _parse_alpaca,
+_PARSERS = {"messages": parse_messages, "sharegpt": _parse_sharegpt, "alpaca": _parse_alpaca,
             "prompt_completion": _parse_prompt_completion}
 
 
 def _check_conversation(messages: list[dict]) -> None:
     assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not assistants:
-        raise _BadRecord("no assistant turn", "conversation has no assistant turn")
+        raise BadRecord("no assistant turn", "conversation has no assistant turn")
     for n, i in enumerate(assistants):
         if not messages[i]["content"].strip():
-            raise _BadRecord("empty assistant turn", f"assistant turn {n + 1} (message {i + 1}) is empty")
+            raise BadRecord("empty assistant turn", f"assistant turn {n + 1} (message {i + 1}) is empty")
 
 
 # --- tokenizing ------------------------------------------------------------------------------------

@@ -36,20 +36,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import OrchardError
-from .conversations import (
-    TRUNCATION,
-    Conversation,
-    ReadStats,
-    TokenizedConversation,
-    _BadRecord,
-    _json_type_safe,
-    _parse_messages,
-    _string,
-    _system,
-    drop_oldest_prompt_exchange,
-    read_records,
-    tokenize_conversation,
-)
+from .conversations import (TRUNCATION, Conversation, TokenizedConversation, drop_oldest_prompt_exchange,
+                            parse_messages, system_turns, tokenize_conversation)
+from .records import BadRecord, ReadStats, json_type, read_records, string_field
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -94,10 +83,10 @@ def read_preference_pairs(paths, on_error: str = "error", stats: ReadStats | Non
 
 def _parse_pair(record) -> tuple[list[dict], list[dict], list[dict]]:
     if not isinstance(record, dict):
-        raise _BadRecord("not an object", f"expected a JSON object, got {_json_type_safe(record)}")
+        raise BadRecord("not an object", f"expected a JSON object, got {json_type(record)}")
     if "chosen" not in record and "rejected" not in record:
         keys = ", ".join(map(repr, list(record)[:8])) or "none"
-        raise _BadRecord("unrecognised record",
+        raise BadRecord("unrecognised record",
                          f"unrecognised record: expected 'chosen' and 'rejected' (keys: {keys})")
     if "prompt" in record:
         prompt = _prompt_messages(record)
@@ -108,32 +97,32 @@ def _parse_pair(record) -> tuple[list[dict], list[dict], list[dict]]:
     for name, reply in (("chosen", chosen), ("rejected", rejected)):
         _check_reply(name, reply)
     if chosen == rejected:
-        raise _BadRecord("identical responses", "'chosen' and 'rejected' are the same")
+        raise BadRecord("identical responses", "'chosen' and 'rejected' are the same")
     return prompt, chosen, rejected
 
 
 def _prompt_messages(record: dict) -> list[dict]:
     """A record's ``prompt``: a string is one user turn (after its ``system`` string, if any)."""
     if isinstance(record.get("prompt"), list):
-        return _parse_messages(record, "prompt")
-    return _system(record) + [{"role": "user", "content": _string(record, "prompt")}]
+        return parse_messages(record, "prompt")
+    return system_turns(record) + [{"role": "user", "content": string_field(record, "prompt")}]
 
 
 def _reply(record: dict, name: str) -> list[dict]:
     """A reply after an explicit prompt: a message list, or a string that is one assistant turn."""
     if isinstance(record.get(name), list):
-        return _parse_messages(record, name)
-    return [{"role": "assistant", "content": _string(record, name)}]
+        return parse_messages(record, name)
+    return [{"role": "assistant", "content": string_field(record, name)}]
 
 
 def _dialogue(record: dict, name: str) -> list[dict]:
     """A whole dialogue: a message list, or HH-RLHF text."""
     value = record.get(name)
     if not isinstance(value, str):
-        return _parse_messages(record, name)
+        return parse_messages(record, name)
     parts = _HH_TURN.split("\n\n" + value.lstrip())
     if parts[0].strip() or len(parts) == 1:
-        raise _BadRecord("missing field", f"missing field 'prompt' (field '{name}' is a string but not an "
+        raise BadRecord("missing field", f"missing field 'prompt' (field '{name}' is a string but not an "
                                           "HH-RLHF dialogue starting with 'Human:')")
     return [{"role": _HH_ROLES[speaker], "content": text.strip()} for speaker, text in zip(parts[1::2], parts[2::2])]
 
@@ -146,22 +135,22 @@ def _split_shared_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list
         common += 1
     users = [i for i in range(common) if chosen[i]["role"] == "user"]
     if not users:
-        raise _BadRecord("no user turn", "'chosen' and 'rejected' share no prompt ending with a user turn")
+        raise BadRecord("no user turn", "'chosen' and 'rejected' share no prompt ending with a user turn")
     end = users[-1] + 1
     return chosen[:end], chosen[end:], rejected[end:]
 
 
 def _check_prompt(prompt: list[dict]) -> None:
     if not prompt or prompt[-1]["role"] != "user":
-        raise _BadRecord("no user turn", "the prompt does not end with a user turn")
+        raise BadRecord("no user turn", "the prompt does not end with a user turn")
 
 
 def _check_reply(name: str, reply: list[dict]) -> None:
     if not reply or reply[-1]["role"] != "assistant":
-        raise _BadRecord("no final assistant turn", f"'{name}' does not end with an assistant turn")
+        raise BadRecord("no final assistant turn", f"'{name}' does not end with an assistant turn")
     for i, message in enumerate(reply):
         if message["role"] == "assistant" and not message["content"].strip():
-            raise _BadRecord("empty assistant turn", f"'{name}': assistant turn (message {i + 1}) is empty")
+            raise BadRecord("empty assistant turn", f"'{name}': assistant turn (message {i + 1}) is empty")
 
 
 def tokenize_preference_pair(pair: PreferencePair, tokenizer, max_length: int, truncation: str = "truncate_prompt",
@@ -211,9 +200,9 @@ def gsm8k_answer(solution: str) -> str | None:
 
 def _parse_prompt(record) -> tuple[list[dict], str | None]:
     if not isinstance(record, dict):
-        raise _BadRecord("not an object", f"expected a JSON object, got {_json_type_safe(record)}")
+        raise BadRecord("not an object", f"expected a JSON object, got {json_type(record)}")
     if "messages" in record:
-        prompt = _parse_messages(record)
+        prompt = parse_messages(record)
         answer = None
         if prompt and prompt[-1]["role"] == "assistant":
             answer = prompt.pop()["content"].strip()
@@ -222,13 +211,13 @@ def _parse_prompt(record) -> tuple[list[dict], str | None]:
     elif "prompt" in record:
         prompt, answer = _prompt_messages(record), _answer(record)
     elif "question" in record:
-        prompt = _system(record) + [{"role": "user", "content": _string(record, "question")}]
+        prompt = system_turns(record) + [{"role": "user", "content": string_field(record, "question")}]
         if record.get("answer") is None:
-            raise _BadRecord("missing field", "missing field 'answer'")
+            raise BadRecord("missing field", "missing field 'answer'")
         answer = _answer(record)
     else:
         keys = ", ".join(map(repr, list(record)[:8])) or "none"
-        raise _BadRecord("unrecognised record", "unrecognised record: expected a 'prompt', a 'messages' list or "
+        raise BadRecord("unrecognised record", "unrecognised record: expected a 'prompt', a 'messages' list or "
                                                 f"'question'/'answer' (keys: {keys})")
     _check_prompt(prompt)
     return prompt, answer
@@ -243,13 +232,13 @@ def _answer(record: dict) -> str | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(int(value)) if float(value).is_integer() else str(value)
     if not isinstance(value, str):
-        raise _BadRecord("non-string content",
-                         f"field 'answer' is {_json_type_safe(value)}, expected a string or a number")
+        raise BadRecord("non-string content",
+                         f"field 'answer' is {json_type(value)}, expected a string or a number")
     if "####" not in value:
         return value.strip() or None
     answer = gsm8k_answer(value)
     if answer is None:
-        raise _BadRecord("no final answer", "field 'answer' has '####' but no number after its last one")
+        raise BadRecord("no final answer", "field 'answer' has '####' but no number after its last one")
     return answer
 
 

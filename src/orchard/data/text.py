@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .corpus import resolve_paths
+from .records import resolve_paths
 from .synthetic import write_corpus
 from .tokens import default_cache_root
 

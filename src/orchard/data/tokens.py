@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from orchard.data.corpus import as_paths, iter_text_chunks
-from orchard.errors import OrchardError
+from ..errors import OrchardError
+from .corpus import iter_text_chunks
+from .records import as_paths
 
 # Bump when the cache layout or how text becomes tokens changes, so stale caches are not reused.
 CACHE_VERSION = 1

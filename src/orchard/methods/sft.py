@@ -23,7 +23,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..data.conversations import ReadStats, read_conversations
+from ..data.conversations import read_conversations
+from ..data.records import ReadStats
 from ..data.synthetic import World, instruction_conversations
 from ..errors import OrchardError
 from ..losses.tokens import IGNORE_INDEX

@@ -8,8 +8,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...data.conversations import ReadStats, TokenizedConversation, read_conversations
-from ...data.corpus import resolve_paths
+from ...data.conversations import TokenizedConversation, read_conversations
+from ...data.records import ReadStats, resolve_paths
 from ...data.packing import PackedSequences
 from ...data.synthetic import CONTINUAL_TASKS, World, continual_task
 from ...data.tokens import build_token_cache
