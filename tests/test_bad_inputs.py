@@ -23,7 +23,7 @@ from orchard.cli.main import main
 from orchard.lineage.record import parent_entry
 from orchard.peft import LoraConfig, add_lora
 from orchard.tokenizer import Tokenizer
-from orchard.tokenizer import bpe
+from orchard.tokenizer import chat_template
 from cli_errors import run_error
 from untrusted import SENTENCES, TINY_MODEL, Payload, tiny_model, write_corpus
 
@@ -282,7 +282,7 @@ def test_there_are_at_least_sixty_cases():
 
 @pytest.mark.parametrize("name, setup, expected", CASES, ids=[case[0] for case in CASES])
 def test_bad_input_is_one_line_and_changes_nothing(name, setup, expected, base, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bpe, "TEMPLATE_MAX_SECONDS", 0.5)  # the looping template: give up sooner
+    monkeypatch.setattr(chat_template, "TEMPLATE_MAX_SECONDS", 0.5)  # the looping template: give up sooner
     case_dir = tmp_path / "case"
     case_dir.mkdir()
     argv = setup(case_dir, base)

@@ -4,44 +4,33 @@
 Byte-level means every string maps to tokens and back exactly (no unknown token, no
 normalisation), whatever the language or script. The pre-tokenizer follows Llama 3's regex split,
 then splits digits one by one so the model sees numbers digit by digit, which helps arithmetic.
-Chat formatting is ChatML (as in Qwen), rendered with the same Jinja setup transformers uses so a
-template behaves identically here and after export.
+Chat formatting is ChatML (as in Qwen), rendered by `orchard.tokenizer.chat_template` with the same
+Jinja setup transformers uses, so a template behaves identically here and after export.
 
 `Tokenizer.load` also reads the tokenizer of a Hugging Face checkpoint (Llama, Qwen2/3, Mistral):
-``tokenizer.json`` with ``tokenizer_config.json``, the legacy ``special_tokens_map.json``, and the
-chat template wherever transformers keeps it (``chat_template.jinja``, ``additional_chat_templates/``,
-the config's ``chat_template`` as a string or a list of named templates, ``chat_template.json``).
+``tokenizer.json`` with the files `orchard.tokenizer.hf_files` reads (``tokenizer_config.json``, the
+legacy ``special_tokens_map.json``, the chat template wherever transformers keeps it).
 What it reads follows transformers 5's ``AutoTokenizer.from_pretrained``, so ids, special tokens and
 rendered chats agree with it; the differences are listed on `Tokenizer.load`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-import signal
-import threading
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar
 
-import jinja2
-import jinja2.utils
 import numpy as np
-from jinja2 import TemplateError, nodes
-from jinja2.exceptions import SecurityError
-from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from orchard.errors import OrchardError
-from orchard.files import contained_file
+from ..errors import OrchardError
+from ..files import contained_file
+from .chat_template import render_chat
+from .hf_files import (CHAT_TEMPLATE_FILE, CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, read_chat_templates, read_json,
+                       token_text)
 
 SPECIAL_TOKENS = {
     "bos": "<|begin_of_text|>",
@@ -61,18 +50,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-# Files besides tokenizer.json that transformers reads (names as in transformers.utils.hub).
-CONFIG_FILE = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-CHAT_TEMPLATE_DIR = "additional_chat_templates"
-LEGACY_CHAT_TEMPLATE_FILE = "chat_template.json"
-
 # transformers' PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES: the named special tokens.
 _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
-# Names a message's reasoning is passed under; chat templates read the first (transformers' aliasing).
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 # Llama 3's split: contractions, words with one leading non-letter, numbers, punctuation runs,
 # newline runs, other whitespace. Digits(individual_digits=True) then splits numbers further.
@@ -101,253 +80,6 @@ def _byte_decoder() -> dict[str, int]:
             code_points.append(next_free)
             next_free += 1
     return {chr(c): b for b, c in zip(byte_values, code_points)}
-
-
-# --- the Jinja environment: a copy of transformers.utils.chat_template_utils (5.x) ---------------
-
-
-def _raise_exception(message: str):
-    raise OrchardError(f"chat template: {message}")
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    # transformers' override: no HTML escaping (Jinja's own tojson escapes <, > and &), json.dumps options.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(format: str) -> str:
-    return datetime.now().strftime(format)
-
-
-class _TemplateDict:
-    """`dict` as templates see it: calling and fromkeys only, no attribute access to break out with."""
-
-    def __call__(self, *args, **kwargs):
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args, **kwargs):
-        return dict.fromkeys(*args, **kwargs)
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    """`namespace` that refuses underscore-prefixed attributes (no reaching CPython internals)."""
-
-    def __init__(*args, **kwargs):
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name, value):
-        _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check_name(name):
-        if isinstance(name, str) and name.startswith("_"):
-            raise SecurityError(f"chat templates cannot store underscore-prefixed attributes on a namespace, "
-                                f"but got {name!r}")
-
-
-class _GenerationTag(Extension):
-    """``{% generation %}...{% endgeneration %}`` marks the assistant's text for transformers'
-    assistant-token masks; rendering a string, transformers outputs the body unchanged, and so do we."""
-
-    tags: ClassVar[set[str]] = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-    def _body(self, caller):
-        return caller()
-
-
-# A chat template comes with a checkpoint, from whoever shared it: its rendering is bounded, so a
-# template that loops (or builds a huge string) ends in a one-line error instead of hanging `chat`.
-TEMPLATE_MAX_CHARS = 1 << 22
-TEMPLATE_MAX_SECONDS = 10.0
-
-
-class _TemplateTimeout(Exception):
-    pass
-
-
-class _BoundedEnvironment(ImmutableSandboxedEnvironment):
-    """transformers' sandbox, with `*` and `**` unable to make a string, list or number too large to
-    render, and no loader: `{% include %}`, `{% import %}` and `{% extends %}` find no template."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(self, context, operator, left, right):
-        if operator == "*":
-            for sequence, count in ((left, right), (right, left)):
-                if isinstance(sequence, (str, list, tuple)) and isinstance(count, int) \
-                        and len(sequence) * count > TEMPLATE_MAX_CHARS:
-                    raise SecurityError(f"{operator} would make a value of {len(sequence) * count:,} items")
-        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
-            raise SecurityError(f"exponent {right} is too large")
-        return super().call_binop(context, operator, left, right)
-
-
-@contextmanager
-def _time_limit(seconds: float):
-    """Raise _TemplateTimeout in the main thread after `seconds` (elsewhere, signals cannot reach the
-    work, and only the output bound applies)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expire(signum, frame):
-        raise _TemplateTimeout
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def _render(template, context: dict) -> str:
-    """`template.render(**context)`, within TEMPLATE_MAX_CHARS of output and TEMPLATE_MAX_SECONDS."""
-    pieces, size = [], 0
-    try:
-        with _time_limit(TEMPLATE_MAX_SECONDS):
-            for piece in template.generate(**context):
-                size += len(piece)
-                if size > TEMPLATE_MAX_CHARS:
-                    raise OrchardError(f"chat template: rendered more than {TEMPLATE_MAX_CHARS:,} characters; "
-                                       f"it does not stop")
-                pieces.append(piece)
-    except _TemplateTimeout:
-        raise OrchardError(f"chat template: still rendering after {TEMPLATE_MAX_SECONDS:g} s; it does not stop") from None
-    except RecursionError:
-        raise OrchardError("chat template: recursion too deep; it does not stop") from None
-    return "".join(pieces)
-
-
-@lru_cache(maxsize=16)
-def _compile_template(source: str):
-    # transformers' _compile_jinja_template's environment, so templates render identically, bounded.
-    env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols],
-                              loader=jinja2.DictLoader({}))
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["dict"] = _TemplateDict()
-    env.globals["namespace"] = _TemplateNamespace
-    try:
-        return env.from_string(source)
-    except TemplateError as e:
-        raise OrchardError(f"chat template: line {getattr(e, 'lineno', '?')}: {e.message}") from None
-
-
-def _plain(value: Any) -> Any:
-    """What a template may see: plain JSON-like data (transformers' _plain_template_data), so rich
-    objects in the inputs expose no methods to the sandbox."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    if isinstance(value, np.generic):
-        return _plain(value.item())
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if callable(getattr(value, "model_dump", None)):
-        return _plain(value.model_dump())
-    return f"<{type(value).__name__}>"
-
-
-def _alias_reasoning(messages: list[dict]) -> list[dict]:
-    """Fill `reasoning_content` (and `thinking`) from whichever reasoning field a message uses."""
-    aliased = []
-    for message in messages:
-        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
-        if reasoning is not None:
-            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
-        aliased.append(message)
-    return aliased
-
-
-# --- reading a tokenizer directory -------------------------------------------------------------
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise OrchardError(f"{path}: not UTF-8 text") from None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(_read_text(path))
-    except json.JSONDecodeError as e:
-        raise OrchardError(f"{path}: invalid JSON ({e})") from None
-
-
-def _token_text(value: Any, where: str) -> str | None:
-    """A special token as configs write it: a string, null, or an AddedToken dict ({"content": ...})."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
-    raise OrchardError(f"{where}: expected a token string or {{\"content\": ...}}, got {json.dumps(value)[:80]}")
-
-
-def _named_templates(value: Any, where: str) -> str | dict[str, str] | None:
-    """A chat template entry: a string, a list of {"name", "template"} or a {name: template} dict."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        templates = {}
-        for item in value:
-            if not (isinstance(item, dict) and isinstance(item.get("name"), str)
-                    and isinstance(item.get("template"), str)):
-                raise OrchardError(f"{where}: each named chat template needs a \"name\" and a \"template\" string")
-            templates[item["name"]] = item["template"]
-        return templates
-    if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        return dict(value)
-    raise OrchardError(f"{where}: expected a template string or a list of named templates")
-
-
-def _read_chat_templates(directory: Path, config: dict) -> str | dict[str, str] | None:
-    # As transformers: template files win over the config entry; chat_template.json (the processor
-    # file) is read last, for checkpoints that keep their template only there.
-    files = {}
-    if (directory / CHAT_TEMPLATE_FILE).is_file():
-        files["default"] = _read_text(contained_file(directory, CHAT_TEMPLATE_FILE))
-    if (directory / CHAT_TEMPLATE_DIR).is_dir():
-        for file in sorted((directory / CHAT_TEMPLATE_DIR).glob("*.jinja")):
-            files[file.name.removesuffix(".jinja")] = _read_text(contained_file(directory,
-                                                                                f"{CHAT_TEMPLATE_DIR}/{file.name}"))
-    if files:
-        return files["default"] if list(files) == ["default"] else files
-    found = _named_templates(config.get("chat_template"), f"{directory / CONFIG_FILE}: chat_template")
-    if found is None and (directory / LEGACY_CHAT_TEMPLATE_FILE).is_file():
-        legacy_file = contained_file(directory, LEGACY_CHAT_TEMPLATE_FILE)
-        legacy = _read_json(legacy_file)
-        if not isinstance(legacy, dict):
-            raise OrchardError(f"{legacy_file}: expected a JSON object with a \"chat_template\" key")
-        found = _named_templates(legacy.get("chat_template"), f"{legacy_file}: chat_template")
-    return found
 
 
 class Tokenizer:
@@ -450,14 +182,14 @@ class Tokenizer:
         config_file = contained_file(directory, CONFIG_FILE)
         config: dict = {}
         if config_file.is_file():
-            config = _read_json(config_file)
+            config = read_json(config_file)
             if not isinstance(config, dict):
                 raise OrchardError(f"{config_file}: expected a JSON object")
         tokens_from = {key: config_file for key in config}
         map_file = contained_file(directory, SPECIAL_TOKENS_MAP_FILE)
         if map_file.is_file() and "added_tokens_decoder" not in config:
             # transformers reads this legacy file only then, and its entries win over the config's.
-            special_map = _read_json(map_file)
+            special_map = read_json(map_file)
             if not isinstance(special_map, dict):
                 raise OrchardError(f"{map_file}: expected a JSON object")
             config = {**config, **special_map}
@@ -467,7 +199,7 @@ class Tokenizer:
 
         def token(key: str, fallback: str | None) -> str | None:
             if key in config:
-                return _token_text(config[key], f"{tokens_from[key]}: {key}")
+                return token_text(config[key], f"{tokens_from[key]}: {key}")
             if bare and fallback is not None and backend.token_to_id(fallback) is not None:
                 return fallback
             return None
@@ -488,14 +220,14 @@ class Tokenizer:
             if key in ("bos_token", "eos_token", "pad_token") or not key.endswith("_token"):
                 continue
             if isinstance(value, str) or (isinstance(value, dict) and isinstance(value.get("content"), str)):
-                named[key] = _token_text(value, f"{tokens_from[key]}: {key}")
+                named[key] = token_text(value, f"{tokens_from[key]}: {key}")
         extra = config.get("extra_special_tokens")
         if isinstance(extra, dict):
             for key, value in extra.items():
                 if isinstance(value, (str, dict)):
-                    named[key] = _token_text(value, f"{tokens_from['extra_special_tokens']}: extra_special_tokens.{key}")
+                    named[key] = token_text(value, f"{tokens_from['extra_special_tokens']}: extra_special_tokens.{key}")
 
-        templates = _read_chat_templates(directory, config)
+        templates = read_chat_templates(directory, config)
         chat_templates = templates if isinstance(templates, dict) else {}
         chat_template = templates.get("default") if isinstance(templates, dict) else templates
         if templates is None and all(backend.token_to_id(SPECIAL_TOKENS[t]) is not None for t in ("im_start", "im_end")):
@@ -613,23 +345,9 @@ class Tokenizer:
             raise OrchardError("chat template: tools must be JSON schemas (dicts)")
         if documents is not None and not all(isinstance(d, Mapping) for d in documents):
             raise OrchardError("chat template: documents must be dicts with 'title' and 'text'")
-        if not all(isinstance(m, Mapping) for m in messages):
-            raise OrchardError("chat template: each message must be a dict with 'role' and 'content'")
-        chat = _alias_reasoning(_plain([{k: v for k, v in m.items() if v is not None} for m in messages]))
-        template = _compile_template(source)
-        try:
-            return _render(template, dict(
-                messages=chat,
-                tools=_plain(tools),
-                documents=_plain(documents),
-                add_generation_prompt=add_generation_prompt,
-                **_plain({**self.special_tokens_map, **kwargs}),
-            ))
-        except jinja2.TemplateNotFound as e:
-            raise OrchardError(f"chat template: it includes, imports or extends {e.name!r}; a chat template must be "
-                               f"self-contained") from None
-        except TemplateError as e:
-            raise OrchardError(f"chat template: {e.message}") from None
+        return render_chat(source, messages, dict(tools=tools, documents=documents,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  **self.special_tokens_map, **kwargs))
 
     def _select_template(self, chat_template: str | None, tools) -> str:
         # transformers' get_chat_template: a name picks a named template, other strings are templates.
