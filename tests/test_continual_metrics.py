@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from orchard.evaluation.continual import (
+from orchard.evaluation.transfer_matrix import (
     average_accuracy,
     backward_transfer,
     forgetting,

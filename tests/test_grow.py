@@ -11,7 +11,7 @@ import torch
 
 from orchard.checkpoint import load_checkpoint, read_model_config, read_record, save_checkpoint
 from orchard.cli.main import main
-from orchard.grow import grow_checkpoint
+from orchard.checkpoint.grow import grow_checkpoint
 from orchard.lineage import parent_entry
 from orchard.model import CausalLM, ModelConfig
 from orchard.model.generation import SamplingConfig, generate
@@ -368,7 +368,7 @@ def test_orchard_grow_bad_arguments_are_one_line(tmp_path, source, capsys, argv,
 
 
 def test_orchard_grow_refuses_quantized_adapter_and_odd_targets(tmp_path, source, capsys):
-    from orchard.quantize import quantize_checkpoint
+    from orchard.checkpoint.quantize import quantize_checkpoint
 
     quantized = quantize_checkpoint(source, tmp_path / "int8", bits=8).path
     line = run_error(capsys, ["grow", str(quantized), "--layers", "3"])

@@ -22,7 +22,7 @@ from orchard.model.generation import SamplingConfig, generate, generate_text
 from orchard.model.quantization import (QuantizedLinear, decoder_linears, dequantize_weight_int4,
                                         dequantize_weight_int8, pack_int4, quantize_model, quantize_weight_int4,
                                         quantize_weight_int8, quantized_layers, unpack_int4)
-from orchard.quantize import quantize_checkpoint
+from orchard.checkpoint.quantize import quantize_checkpoint
 from orchard.tokenizer import Tokenizer
 from cli_errors import run_error
 

@@ -214,7 +214,7 @@ def test_no_training_command_writes_into_a_users_folder(command, tmp_path, capsy
 def test_a_full_disk_is_one_line_and_leaves_no_half_written_checkpoint(tmp_path, corpus, capsys, monkeypatch):
     import errno
 
-    from orchard import checkpoint
+    from orchard.checkpoint import save as checkpoint
 
     def full(tensors, path, metadata=None):
         Path(path).write_bytes(b"partial")

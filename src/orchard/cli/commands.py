@@ -232,7 +232,7 @@ def export(args) -> None:
 
 
 def quantize(args) -> None:
-    from ..quantize import quantize_checkpoint
+    from ..checkpoint.quantize import quantize_checkpoint
 
     result = quantize_checkpoint(args.checkpoint, args.out, args.bits, args.group_size, args.minimize_error,
                                  force=args.force)
@@ -240,7 +240,7 @@ def quantize(args) -> None:
 
 
 def grow(args) -> None:
-    from ..grow import grow_checkpoint
+    from ..checkpoint.grow import grow_checkpoint
 
     result = grow_checkpoint(args.checkpoint, args.out, layers=args.layers, hidden_size=args.hidden_size,
                              intermediate_size=args.intermediate_size, num_attention_heads=args.heads,

@@ -36,9 +36,9 @@ from ..data.synthetic import World, exact_match_items
 from ..errors import OrchardError
 from ..evaluation.completion import (arithmetic_items, chat_exact_match, completion_accuracy,
                                     fact_completion_items, held_out_completion_tasks)
-from ..evaluation import continual as continual_metrics
+from ..evaluation import transfer_matrix as continual_metrics
 from ..evaluation.report import Report, plot_loss_curves, plot_metrics, read_metrics
-from ..grow import grow_checkpoint
+from ..checkpoint.grow import grow_checkpoint
 from ..interop.export import export_hf
 from ..interop.gguf import export_gguf
 from ..lineage import ancestry
@@ -47,7 +47,7 @@ from ..data.text import TextDataConfig, corpus_paths
 from ..data.tokens import build_token_cache
 from ..evaluation.language_modeling import evaluate_language_modeling
 from ..methods import continual, distill, dpo, grpo, pretrain, reward, sft
-from ..quantize import quantize_checkpoint
+from ..checkpoint.quantize import quantize_checkpoint
 from ..model import ModelConfig
 from ..model.generation import SamplingConfig, generate_text
 from ..training import TrainConfig

@@ -48,8 +48,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import load_merged, loaded_paths, model_state_dict, resolve_checkpoint
 from ..errors import OrchardError
 from ..files import check_output, remove_stale_temporaries, temporary_path
+from .export import export_note, same_export
 
 DTYPES = ("f32", "f16", "q8_0")
 
@@ -172,9 +174,6 @@ def export_gguf(checkpoint_dir: Path, out_file: Path, dtype: str = "f16", force:
         import gguf
     except ImportError:
         raise OrchardError("GGUF export needs the gguf package: pip install gguf") from None
-    from ..checkpoint import load_merged, loaded_paths, model_state_dict, resolve_checkpoint
-    from .export import export_note, same_export
-
     source = resolve_checkpoint(checkpoint_dir)
     out_file = Path(out_file)
     if out_file.is_dir():

@@ -13,6 +13,7 @@ import datetime
 from pathlib import Path
 
 from .. import __version__
+from ..checkpoint.layout import RECORD_FILE, weights_sha256
 from ..files import read_json
 
 FORMAT = "orchard-lineage/1"
@@ -21,12 +22,11 @@ FORMAT = "orchard-lineage/1"
 def parent_entry(checkpoint_dir: str | Path) -> dict:
     """How a child names its parent: the path and the hash of the parent's weights."""
     checkpoint_dir = Path(checkpoint_dir).resolve()
-    record_file = checkpoint_dir / "orchard.json"
+    record_file = checkpoint_dir / RECORD_FILE
     sha = None
     if record_file.is_file():
         sha = read_json(record_file).get("weights_sha256")
     if sha is None:
-        from ..checkpoint import weights_sha256  # only foreign checkpoints need hashing
         sha = weights_sha256(checkpoint_dir)
     return {"path": str(checkpoint_dir), "weights_sha256": sha}
 
@@ -35,7 +35,7 @@ def made_from(target: str | Path, stage: str, source: str | Path) -> bool:
     """Whether the checkpoint `target` is what the command `stage` made from the checkpoint at
     `source` (its record names that path as its parent; the weights there may have been trained on
     since), and so may be made again in place."""
-    record_file = Path(target) / "orchard.json"
+    record_file = Path(target) / RECORD_FILE
     if not record_file.is_file():
         return False
     record = read_json(record_file)
@@ -68,7 +68,7 @@ def ancestry(checkpoint_dir: str | Path) -> list[dict]:
     seen = set()
     while current is not None and current.resolve() not in seen:
         seen.add(current.resolve())
-        record_file = current / "orchard.json"
+        record_file = current / RECORD_FILE
         if not record_file.is_file():
             chain.append({"path": str(current), "stage": "external", "missing_record": True})
             break
@@ -79,7 +79,7 @@ def ancestry(checkpoint_dir: str | Path) -> list[dict]:
         if not parent:
             break
         parent_dir = Path(parent["path"])
-        parent_record = parent_dir / "orchard.json"
+        parent_record = parent_dir / RECORD_FILE
         if not parent_record.is_file():
             chain.append({"path": parent["path"], "stage": "unavailable", "missing_record": True})
             break

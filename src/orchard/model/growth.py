@@ -24,7 +24,7 @@ initialisation instead: were both it and what it multiplies zero, neither would 
 
 `grow` applies any combination (width first, then depth) and says which parameters are entirely
 new (the inserted blocks), for training only those. This module knows nothing about checkpoints or
-training; `orchard.grow` wraps it for `orchard grow`.
+training; `orchard.checkpoint.grow` wraps it for `orchard grow`.
 """
 
 from __future__ import annotations

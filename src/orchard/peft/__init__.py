@@ -1,7 +1,10 @@
 """Parameter-efficient fine-tuning: adapters added to a built model without renaming its weights.
 
 LoRA/DoRA (`lora`), bottleneck adapters (`adapters`) and prefix tuning (`prefix`). Their tensors'
-state-dict names carry a marker: ".lora.", ".adapter." and ".prefix." respectively."""
+state-dict names carry a marker: ".lora.", ".adapter." and ".prefix." respectively. `config` is the
+`peft.*` recipe section and how a method applies it; `surgery` describes what a model carries as
+plain data and redoes it on load; `format` reads and writes PEFT's adapter files; `quantized`
+freezes a base in NF4 for QLoRA."""
 
 from .adapters import AdapterConfig, adapter_modules, add_adapters, remove_adapters
 from .lora import (

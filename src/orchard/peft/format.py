@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import OrchardError
+from ..files import atomic_directory, read_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -131,8 +132,6 @@ def save_lora_adapter(directory, config: LoraAdapterConfig,
 
     The directory is written whole and renamed into place (a crash leaves the old adapter or the new
     one); an existing directory holding anything but adapter files is refused, not overwritten."""
-    from ..files import atomic_directory
-
     directory = Path(directory)
     if config.bias != "none":
         raise OrchardError(f"bias: only 'none' is supported, got {config.bias!r}")
@@ -162,7 +161,6 @@ def save_lora_adapter(directory, config: LoraAdapterConfig,
 
 
 def _read_config(config_file: Path) -> LoraAdapterConfig:
-    from ..files import read_json
 
     data = read_json(config_file, missing="no such file (not a PEFT adapter directory)")
     peft_type = data.get("peft_type")

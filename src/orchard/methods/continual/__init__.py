@@ -38,7 +38,7 @@ to bottom, a run is:
    and re-decay per task come for free.
 4. after each task, every task scored on its scored items: row i of the accuracy matrix R
    (cached in `task-<i>-<name>/scores.json`);
-5. `out/continual.json` (R, baseline, the `orchard.evaluation.continual` summary, task names,
+5. `out/continual.json` (R, baseline, the `orchard.evaluation.transfer_matrix` summary, task names,
    strategy, each task's metric), `out/R.png` (heat map) and `out/report.md` (tables).
 
 Scores: built-in tasks are scored by greedy exact match (`chat_exact_match` with each item's

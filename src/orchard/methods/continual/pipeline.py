@@ -15,7 +15,7 @@ from ...checkpoint import (FINAL_DIR, attach_adapter_checkpoint, is_adapter_chec
 from ...config import to_dict
 from ...data.synthetic import World
 from ...errors import OrchardError
-from ...evaluation import continual as continual_metrics
+from ...evaluation import transfer_matrix as continual_metrics
 from ...evaluation.report import Report
 from ...files import atomic_file, read_json, write_json
 from ...lineage import new_record

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (WEIGHTS_FILE, inference_only_error, is_quantized_checkpoint, load_merged, loaded_paths,
-                         model_state_dict, output_beside, read_model_config, read_quantization, read_record,
-                         resolve_checkpoint, save_checkpoint, weights_files)
-from .errors import OrchardError
-from .files import check_output
-from .lineage import new_record
-from .lineage.record import made_from, parent_entry
-from .model import CausalLM
-from .model.quantization import (MINIMIZE_ERROR_DEFAULT, SCHEMES, check_quantization_settings, decoder_linears,
+from ..errors import OrchardError
+from ..files import check_output
+from ..lineage import new_record
+from ..lineage.record import made_from, parent_entry
+from ..model import CausalLM
+from ..model.quantization import (MINIMIZE_ERROR_DEFAULT, SCHEMES, check_quantization_settings, decoder_linears,
                                  quantize_model)
+from .layout import (WEIGHTS_FILE, inference_only_error, is_quantized_checkpoint, loaded_paths, output_beside,
+                     read_model_config, read_quantization, read_record, resolve_checkpoint, weights_files)
+from .load import load_merged
+from .save import model_state_dict, save_checkpoint
 
 
 @dataclass

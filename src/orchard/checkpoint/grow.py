@@ -12,13 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import (inference_only_error, is_adapter_checkpoint, is_quantized_checkpoint, load_checkpoint,
-                         output_beside, read_model_config, read_record, resolve_checkpoint, save_checkpoint)
-from .errors import OrchardError
-from .files import check_output
-from .lineage import new_record
-from .lineage.record import made_from
-from .model.growth import grow, grown_config
+from ..errors import OrchardError
+from ..files import check_output
+from ..lineage import new_record
+from ..lineage.record import made_from
+from ..model.growth import grow, grown_config
+from .layout import (inference_only_error, is_adapter_checkpoint, is_quantized_checkpoint, output_beside,
+                     read_model_config, read_record, resolve_checkpoint)
+from .load import load_checkpoint
+from .save import save_checkpoint
 
 # The `orchard grow` flag of each `grow` argument, for one-line errors that name what the user typed.
 FLAGS = {"layers": "--layers", "hidden_size": "--hidden-size", "intermediate_size": "--intermediate-size",

@@ -1,0 +1,66 @@
+"""Writing a checkpoint directory, atomically: a run killed at any moment leaves the old checkpoint
+or the new one, never half of one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..files import atomic_directory, file_sha256, write_json
+from ..model import CausalLM
+from ..model.quantization import quantization_settings
+from ..tokenizer import Tokenizer
+from ..peft.surgery import is_peft_tensor
+from .adapters import adapter_tensors, write_adapters
+from .layout import QUANTIZATION_FILE, RECORD_FILE, WEIGHTS_FILE
+from .training_state import write_training_state
+
+
+
+def model_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
+    """Base weights under Hugging Face names, without the tied lm_head (as `transformers` saves
+    them) and without adapters."""
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()
+             if not is_peft_tensor(name)}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_checkpoint(path: str | Path, model: CausalLM, tokenizer: Tokenizer, record: dict,
+                    training_state: dict | None = None) -> Path:
+    """Write a complete checkpoint directory atomically; returns its path."""
+    path = Path(path)
+    config = model.config
+    quantization = quantization_settings(model)
+    dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    generation_config = {
+        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id, "do_sample": True, "temperature": 0.8, "top_p": 0.95,
+        "max_new_tokens": 256,
+    }
+
+    def write(tmp: Path) -> None:
+        if adapter_tensors(model):
+            # The base is frozen and stays where it is: only the adapters are written, and the
+            # record's parent says which base they belong to.
+            sha = write_adapters(tmp, model, record.get("parent"))
+        else:
+            write_json(tmp / "config.json", config.to_hf_dict(dtype))
+            state = {k: v.to("cpu") for k, v in model_state_dict(model).items()}
+            save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+            sha = file_sha256(tmp / WEIGHTS_FILE)
+            if quantization is not None:
+                # Its own file, not a `quantization_config` in config.json, which transformers
+                # would take for one of its own formats.
+                write_json(tmp / QUANTIZATION_FILE, quantization)
+        tokenizer.save(tmp)
+        write_json(tmp / "generation_config.json", generation_config)
+        write_json(tmp / RECORD_FILE, {**record, "weights_sha256": sha, "tokenizer_sha256": tokenizer.fingerprint()})
+        if training_state is not None:
+            write_training_state(tmp, training_state)
+
+    atomic_directory(path, write)
+    return path
