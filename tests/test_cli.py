@@ -240,6 +240,31 @@ def test_eval_json(trained, capsys, monkeypatch):
     assert result["loss"] > 1.0 and result["loss"] < 2 * math.log(300)
 
 
+def test_eval_asks_the_runtime_for_device_and_precision(trained, capsys, monkeypatch):
+    """--device and --precision reach the model: auto is fp32 on the CPU (the default's figures are
+    exact and unchanged), bf16 autocast moves the loss a little but not the token count."""
+    monkeypatch.setenv("ORCHARD_CACHE", str(trained["cache"]))
+    argv = ["eval", str(trained["out"]), "--data", str(trained["corpus"]), "--seq-len", "32", "--max-sequences", "8",
+            "--json"]
+    results = {}
+    for flags in ([], ["--device", "cpu", "--precision", "fp32"], ["--device", "cpu", "--precision", "bf16"]):
+        capsys.readouterr()
+        assert main(argv + flags) == 0
+        results[" ".join(flags)] = json.loads(capsys.readouterr().out)
+    fp32, explicit, bf16 = results.values()
+    assert fp32 == explicit
+    assert bf16["tokens"] == fp32["tokens"] and bf16["loss"] != fp32["loss"]
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.02)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+@pytest.mark.parametrize("command", [["eval", "--data"], ["generate", "--prompt", "x"], ["chat"]])
+def test_inference_on_a_missing_gpu_is_one_line(trained, capsys, command):
+    data = [str(trained["corpus"])] if command[0] == "eval" else []
+    line = run_error(capsys, [command[0], str(trained["out"]), *command[1:], *data, "--device", "cuda"])
+    assert "--device: cuda asked for, but no CUDA device is available" in line
+
+
 def test_generate_runs(trained, capsys):
     capsys.readouterr()
     argv = ["generate", str(trained["out"]), "--prompt", "the", "--max-new-tokens", "5", "--seed", "0"]

@@ -80,11 +80,13 @@ def train(args, command) -> None:
 def generate(args) -> None:
     from ..checkpoint import load_checkpoint
     from ..model.generation import generate_text
+    from ..training.runtime import Runtime
 
     sampling = _sampling_config(args)
-    checkpoint = load_checkpoint(args.checkpoint)
+    runtime = Runtime.for_inference(args.device, args.precision)
+    checkpoint = load_checkpoint(args.checkpoint, device=runtime.device)
     if args.adapter:
-        _generate_with_adapters(checkpoint, args, sampling)
+        _generate_with_adapters(checkpoint, args, sampling, runtime)
         return
     for sample in range(args.num_samples):
         if args.num_samples > 1:
@@ -97,7 +99,8 @@ def generate(args) -> None:
             sys.stdout.flush()
 
         try:
-            generate_text(checkpoint.model, checkpoint.tokenizer, [args.prompt], sampling, on_text=show)
+            with runtime.autocast():
+                generate_text(checkpoint.model, checkpoint.tokenizer, [args.prompt], sampling, on_text=show)
         except ValueError as error:
             raise OrchardError(str(error)) from None
         sys.stdout.write("\n")
@@ -105,7 +108,7 @@ def generate(args) -> None:
             sampling.seed += 1
 
 
-def _generate_with_adapters(checkpoint, args, sampling) -> None:
+def _generate_with_adapters(checkpoint, args, sampling, runtime) -> None:
     """Several adapters on one base, in one batch: row i of the batch uses adapter i."""
     from ..checkpoint import attach_adapter_checkpoint
     from ..model.generation import generate_text
@@ -117,7 +120,8 @@ def _generate_with_adapters(checkpoint, args, sampling) -> None:
         name = name or Path(path).name
         attach_adapter_checkpoint(checkpoint.model, checkpoint.path, path, name)
         names.append(name)
-    with adapter_routing(checkpoint.model, names):
+    checkpoint.model.to(runtime.device)  # the attached adapters too
+    with adapter_routing(checkpoint.model, names), runtime.autocast():
         try:
             outputs = generate_text(checkpoint.model, checkpoint.tokenizer, [args.prompt] * len(names), sampling)
         except ValueError as error:
@@ -147,9 +151,11 @@ def chat_end_ids(checkpoint_dir: Path, tokenizer) -> list[int]:
 def chat(args) -> None:
     from ..checkpoint import load_checkpoint
     from ..model.generation import generate_text
+    from ..training.runtime import Runtime
 
     sampling = _sampling_config(args)
-    checkpoint = load_checkpoint(args.checkpoint)
+    runtime = Runtime.for_inference(args.device, args.precision)
+    checkpoint = load_checkpoint(args.checkpoint, device=runtime.device)
     tokenizer = checkpoint.tokenizer
     turn_end = chat_end_ids(checkpoint.path, tokenizer)
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -171,9 +177,10 @@ def chat(args) -> None:
         sys.stdout.write("model> ")
         sys.stdout.flush()
         try:
-            (reply,) = generate_text(checkpoint.model, tokenizer, [prompt], sampling, end_token_ids=turn_end,
-                                     add_bos=False,  # the chat template writes any BOS itself
-                                     on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+            with runtime.autocast():
+                (reply,) = generate_text(checkpoint.model, tokenizer, [prompt], sampling, end_token_ids=turn_end,
+                                         add_bos=False,  # the chat template writes any BOS itself
+                                         on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
         except ValueError as error:
             # The conversation outgrew the context: start afresh rather than die.
             print(f"\n({error}; conversation reset)")
@@ -189,13 +196,15 @@ def evaluate(args) -> None:
     from ..data.packing import PackedSequences
     from ..data.tokens import build_token_cache
     from ..evaluation.language_modeling import evaluate_language_modeling
+    from ..training.runtime import Runtime
 
     for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size),
                         ("--max-sequences", args.max_sequences)):
         if value is not None and value <= 0:
             raise OrchardError(f"{flag}: must be positive, got {value}")
     paths = resolve_paths(args.data, key="--data")
-    checkpoint = load_checkpoint(args.checkpoint)
+    runtime = Runtime.for_inference(args.device, args.precision)
+    checkpoint = load_checkpoint(args.checkpoint, device=runtime.device)
     if args.seq_len > checkpoint.model.config.max_position_embeddings:
         raise OrchardError(f"--seq-len: {args.seq_len} exceeds the model's "
                            f"{checkpoint.model.config.max_position_embeddings} positions")
@@ -203,8 +212,9 @@ def evaluate(args) -> None:
     sequences = PackedSequences(cache.tokens, args.seq_len)
     if len(sequences) == 0:
         raise OrchardError(f"--data: {len(cache)} tokens are fewer than one window of --seq-len {args.seq_len}")
-    metrics = evaluate_language_modeling(checkpoint.model, sequences, checkpoint.tokenizer.token_byte_lengths(),
-                                         args.batch_size, args.max_sequences)
+    with runtime.autocast():
+        metrics = evaluate_language_modeling(checkpoint.model, sequences, checkpoint.tokenizer.token_byte_lengths(),
+                                             args.batch_size, args.max_sequences)
     metrics = {"loss": metrics["val_loss"], "perplexity": metrics["val_perplexity"],
                "bits_per_byte": metrics["val_bpb"], "tokens": int(metrics["val_tokens"])}
     if args.json:

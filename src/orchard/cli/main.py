@@ -35,7 +35,14 @@ CHECKPOINT_HELP = "checkpoint or run directory, or a Hugging Face model director
 FORCE_HELP = "replace an existing --out that orchard did not write from this input (never an input itself)"
 
 
+def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="bf16 autocast or fp32; auto: bf16 on a GPU, fp32 on the CPU (exact)")
+
+
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_runtime_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate (default 200)")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding (default 0.8)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
@@ -112,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-sequences", type=int, default=None, help="evaluate at most this many windows")
     evaluate.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
+    _add_runtime_arguments(evaluate)
 
     export = commands.add_parser("export", help="write a checkpoint for other tools (transformers, llama.cpp)",
                                  description="Export a checkpoint as a Hugging Face directory that "

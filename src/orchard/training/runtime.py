@@ -25,15 +25,21 @@ from ..errors import OrchardError
 from .distributed import Distributed
 
 
-def resolve_device(name: str) -> torch.device:
-    """`cpu`, `cuda`, `cuda:N` or `auto` as a torch device, checked to exist."""
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """`cpu`, `cuda`, `cuda:N` or `auto` as a torch device, checked to exist (`key` names the setting
+    in errors)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise OrchardError(f"{key}: unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise OrchardError(f"{key}: unknown device {name!r}; expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise OrchardError(f"train.device: {name} asked for, but no CUDA device is available")
+        raise OrchardError(f"{key}: {name} asked for, but no CUDA device is available")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise OrchardError(f"train.device: {name} asked for, but there are {torch.cuda.device_count()} CUDA devices")
+        raise OrchardError(f"{key}: {name} asked for, but there are {torch.cuda.device_count()} CUDA devices")
     return device
 
 
@@ -69,6 +75,16 @@ class Runtime:
         distributed = Distributed.from_environment(device)
         resolved = distributed.device if distributed.active else resolve_device(device)
         return cls(resolved, resolve_precision(precision, resolved), distributed)
+
+    @classmethod
+    def for_inference(cls, device: str = "auto", precision: str = "auto") -> "Runtime":
+        """The runtime of eval, generate and chat (one process). Their `auto` precision is bf16
+        autocast on a CUDA device with bf16 and fp32 on the CPU: there sampling and evaluation stay
+        exact and comparable between machines, where training's `auto` picks bf16 for speed."""
+        resolved = resolve_device(device, key="--device")
+        if precision == "auto":
+            precision = resolve_precision(precision, resolved) if resolved.type == "cuda" else "fp32"
+        return cls(resolved, precision)
 
     def autocast(self):
         """bf16 autocast on the runtime's device, or nothing in fp32."""
