@@ -37,7 +37,7 @@ from ..files import atomic_file, read_json_lines
 from ..model import CausalLM
 from ..tokenizer import Tokenizer
 from .progress import Progress
-from .run_directory import METRICS_FILE, first_difference, open_run
+from .run_directory import METRICS_FILE, open_run, recipe_change
 from .runtime import Runtime, resolve_device
 
 
@@ -263,16 +263,11 @@ class Trainer:
     def _check_same_recipe(self, record: dict) -> None:
         """Refuse to continue a run directory that holds a different run (another model or data):
         only limits and bookkeeping (steps, time, logging, saving) may change between invocations.
-        `record` is the lineage record of one of its checkpoints."""
-        old = record.get("recipe")
-        new = self.record.get("recipe")
-        if not old or not new:
-            return
-        changed = first_difference(old, new)
-        if changed:
-            key, before, after = changed
-            raise OrchardError(f"{self.out_dir} holds a run with {key}={before!r}, not {after!r}; "
-                               f"use another out= for a new run")
+        `record` is the lineage record of one of its checkpoints. `open_run` checks run.json the
+        same way; this check is the one a run directory from before run.json gets."""
+        problem = recipe_change(record.get("recipe"), self.record.get("recipe"))
+        if problem:
+            raise OrchardError(f"{self.out_dir} {problem}; use another out= for a new run")
 
     def _resume(self) -> int | None:
         """Continue from the newest step checkpoint that can be read and holds finite numbers; a

@@ -64,6 +64,18 @@ def first_difference(old, new, ignore: set[str] = RESUMABLE_CHANGES,
     return None if old == new else (prefix, old, new)
 
 
+def recipe_change(old, new) -> str | None:
+    """How a run directory whose recipe is `old` differs from the recipe `new` it is asked to run
+    ("holds a run with KEY=OLD, not NEW"), or None when it is the same run."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return None
+    changed = first_difference(old, new)
+    if changed is None:
+        return None
+    key, before, after = changed
+    return f"holds a run with {key}={before!r}, not {after!r}"
+
+
 def _is_orchard_entry(name: str) -> bool:
     return name == LOCK_FILE or (name.startswith(".") and (".tmp-" in name or ".old-" in name))
 
@@ -121,14 +133,11 @@ def _check_run_file(out: Path, stage: str, recipe: dict | None) -> None:
             write_json(run_file, fresh)
         return
     saved = read_json(run_file)
-    comparable = recipe is not None and isinstance(saved.get("recipe"), dict)
-    changed = first_difference(saved["recipe"], recipe) if comparable else None
     if saved.get("stage") != stage:
         problem = f"holds a `{saved.get('stage')}` run, not `{stage}`"
-    elif changed:
-        key, before, after = changed
-        problem = f"holds a run with {key}={before!r}, not {after!r}"
     else:
+        problem = recipe_change(saved.get("recipe"), recipe)
+    if problem is None:
         return
     if _has_checkpoints(out):
         raise OrchardError(f"out: {out} {problem}; use another out= for a new run")
