@@ -242,6 +242,18 @@ def _answer(record: dict) -> str | None:
     return answer
 
 
+def checked_split(train: list, val: list, too_long: int, noun: str, length_key: str, max_length: int,
+                  source: str) -> dict:
+    """The data record of tokenized training and held-out items (``noun``: pair, prompt); how many
+    were dropped for being longer than ``length_key`` is printed, and an empty side is one line."""
+    if too_long:
+        print(f"skipped {too_long} {noun}(s) longer than {length_key}={max_length}", file=sys.stderr)
+    if not train or not val:
+        raise OrchardError(f"data.path: {len(train)} usable training and {len(val)} held-out {noun}(s) in {source}; "
+                           f"need at least one of each")
+    return {"source": source, f"train_{noun}s": len(train), f"val_{noun}s": len(val), "skipped_too_long": too_long}
+
+
 def read_split(read, path, val_path, on_error: str, limit: int | None, val_fraction: float,
                seed: int) -> tuple[list, list]:
     """(training records, held-out records) for a method's `data` section: `read` (e.g.

@@ -8,7 +8,6 @@ the chosen rows and second half the rejected ones, so a single forward pass scor
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,10 +15,9 @@ import torch
 
 from ..data.conversations import TokenizedConversation, collate_padded
 from ..data.packing import EpochOrder, micro_batch_samples
-from ..data.preferences import (PreferencePair, read_limited, read_preference_pairs, read_split,
+from ..data.preferences import (PreferencePair, checked_split, read_limited, read_preference_pairs, read_split,
                                 tokenize_preference_pair)
 from ..data.synthetic import World, preference_pairs
-from ..errors import OrchardError
 from ..training import TrainConfig
 
 
@@ -91,14 +89,8 @@ def load_pairs(config: PreferenceDataConfig, tokenizer, seed: int) -> tuple[list
         source = str(config.path)
     train_tokens, skipped_train = _tokenize(train, tokenizer, config)
     val_tokens, skipped_val = _tokenize(val, tokenizer, config)
-    if skipped_train or skipped_val:
-        print(f"skipped {skipped_train + skipped_val} pair(s) longer than data.max_length={config.max_length}",
-              file=sys.stderr)
-    if not train_tokens or not val_tokens:
-        raise OrchardError(f"data.path: {len(train_tokens)} usable training and {len(val_tokens)} held-out pair(s) "
-                           f"in {source}; need at least one of each")
-    record = {"source": source, "train_pairs": len(train_tokens), "val_pairs": len(val_tokens),
-              "skipped_too_long": skipped_train + skipped_val}
+    record = checked_split(train_tokens, val_tokens, skipped_train + skipped_val, "pair", "data.max_length",
+                           config.max_length, source)
     return train_tokens, val_tokens, record
 
 

@@ -15,13 +15,12 @@ and the per-token tensors of `orchard.losses.rl` are the completion columns alon
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
 
 from ..data.packing import EpochOrder, micro_batch_samples
-from ..data.preferences import PromptItem, read_limited, read_prompts, read_split
+from ..data.preferences import PromptItem, checked_split, read_limited, read_prompts, read_split
 from ..data.synthetic import World, verifiable_prompts
 from ..errors import OrchardError
 from ..losses.tokens import IGNORE_INDEX, token_log_probs
@@ -93,14 +92,8 @@ def load_prompts(config: PromptDataConfig, tokenizer, seed: int) -> tuple[list[P
         return prompts, too_long
 
     (train_prompts, long_train), (val_prompts, long_val) = render(train), render(val[:config.eval_prompts])
-    if long_train or long_val:
-        print(f"skipped {long_train + long_val} prompt(s) longer than data.max_prompt_length="
-              f"{config.max_prompt_length}", file=sys.stderr)
-    if not train_prompts or not val_prompts:
-        raise OrchardError(f"data.path: {len(train_prompts)} usable training and {len(val_prompts)} held-out "
-                           f"prompt(s) in {source}; need at least one of each")
-    record = {"source": source, "train_prompts": len(train_prompts), "val_prompts": len(val_prompts),
-              "skipped_too_long": long_train + long_val}
+    record = checked_split(train_prompts, val_prompts, long_train + long_val, "prompt", "data.max_prompt_length",
+                           config.max_prompt_length, source)
     return train_prompts, val_prompts, record
 
 
