@@ -43,11 +43,10 @@ def rloo(monkeypatch):
 
 def test_the_example_is_about_sixty_lines_and_imports_no_other_method():
     module_source = code_blocks()[0]
-    assert 50 <= len(module_source.splitlines()) <= 100
+    assert 40 <= len(module_source.splitlines()) <= 80
     imported = {"." * node.level + (node.module or "") for node in ast.walk(ast.parse(module_source))
                 if isinstance(node, ast.ImportFrom)}
-    assert imported <= {"__future__", "dataclasses", "..training", "..training.launch", "..training.run_directory",
-                        ".rollouts"}
+    assert imported <= {"__future__", "dataclasses", "..training", "..training.run_directory", ".rollouts"}
     assert "autocast" not in module_source and ".cuda" not in module_source
 
 

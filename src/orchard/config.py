@@ -69,12 +69,17 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def reading_order(cls: type) -> list[dataclasses.Field]:
-    """A config's fields as a reader wants them: its values first, then its own sections, then the
-    sections it inherits (`train`, `peft` of a method config), each group in declaration order."""
+    """A config's fields as a reader wants them: its values first (in declaration order), then its
+    sections, its own before those it inherits (`data` before a method config's `peft` and `train`)."""
     hints = _type_hints(cls)
-    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
-    return sorted(dataclasses.fields(cls), key=lambda f: (dataclasses.is_dataclass(hints[f.name]),
-                                                           f.name in inherited and dataclasses.is_dataclass(hints[f.name])))
+    classes = [klass for klass in cls.__mro__ if dataclasses.is_dataclass(klass)]
+
+    def key(f: dataclasses.Field) -> tuple[bool, int]:
+        if not dataclasses.is_dataclass(hints[f.name]):
+            return False, 0
+        return True, max(i for i, klass in enumerate(classes) if f.name in klass.__dataclass_fields__)
+
+    return sorted(dataclasses.fields(cls), key=key)
 
 
 def _type_hints(cls: type) -> dict[str, Any]:

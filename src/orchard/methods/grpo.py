@@ -19,31 +19,23 @@ optimizer step, read top to bottom:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from ..losses.rl import aggregate, group_advantages, grpo_token_loss, k3_kl
 from ..peft.config import ReferenceModel
-from ..training import TrainConfig, TrainResult
-from ..training.launch import MethodConfig
+from ..training import TrainResult
 from ..training.run_directory import in_run_directory
-from .rollouts import Prompt, PromptDataConfig, Rollouts, completion_log_probs, prepare_online_run, train_online
+from .rollouts import OnlineConfig, Prompt, Rollouts, completion_log_probs, prepare_online_run, train_online
 
 
 @dataclass
-class GRPOConfig(MethodConfig):
+class GRPOConfig(OnlineConfig):
     out: str = "runs/grpo"
-    rewards: list[str] = field(default_factory=lambda: ["exact_match"])
-    """Weighted rewards, each [WEIGHT*]SOURCE: a built-in (exact_match, numeric_match, answer_format,
-    single_line, length_penalty), module:function, model:PATH (a reward model) or judge:PATH."""
     num_generations: int = 8
     """Replies sampled per prompt (the group size G)."""
-    max_new_tokens: int = 64
-    """Longest reply sampled."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollouts."""
     top_p: float = 1.0
     """Nucleus sampling threshold of the rollouts."""
     beta: float = 0.04
@@ -57,28 +49,14 @@ class GRPOConfig(MethodConfig):
     tokens (DAPO); dr_grpo: token sum over replies x max_new_tokens (Dr. GRPO)."""
     scale_rewards: bool = True
     """Divide advantages by the group's reward std (GRPO); false as Dr. GRPO recommends."""
-    num_iterations: int = 1
-    """Optimizer steps per rollout (the paper's mu): above 1, later steps reuse the replies and the
-    clipped ratio bounds how far the policy moves from the one that sampled them. train.save_every
-    must be a multiple of it, so a resumed run starts at a fresh rollout."""
-    data: PromptDataConfig = field(default_factory=PromptDataConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=1e-5, warmup_steps=5,
-                                                                   weight_decay=0.0, batch_size=4, eval_every=25,
-                                                                   save_every=25, log_every=1))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be at least 2 (advantages compare replies), got "
                              f"{self.num_generations}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.beta < 0:
             raise ValueError(f"beta must not be negative, got {self.beta}")
-        if self.num_iterations < 1:
-            raise ValueError(f"num_iterations must be at least 1, got {self.num_iterations}")
-        if self.train.save_every % self.num_iterations:
-            raise ValueError(f"train.save_every ({self.train.save_every}) must be a multiple of num_iterations "
-                             f"({self.num_iterations})")
         if not 0 < self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high <= 0):
             raise ValueError(f"epsilon must be in (0, 1) and epsilon_high positive, got {self.epsilon}, "
                              f"{self.epsilon_high}")

@@ -30,20 +30,13 @@ import torch
 from ..losses.rl import aggregate, clipped_surrogate, clipped_value_loss, gae, token_rewards_with_kl, whiten
 from ..peft.config import ReferenceModel
 from ..training import TrainConfig, TrainResult
-from ..training.launch import MethodConfig
 from ..training.run_directory import in_run_directory
-from .rollouts import Prompt, PromptDataConfig, Rollouts, completion_log_probs, prepare_online_run, train_online
+from .rollouts import OnlineConfig, Prompt, Rollouts, completion_log_probs, prepare_online_run, train_online
 
 
 @dataclass
-class PPOConfig(MethodConfig):
+class PPOConfig(OnlineConfig):
     out: str = "runs/ppo"
-    rewards: list[str] = field(default_factory=lambda: ["exact_match"])
-    """Weighted rewards, each [WEIGHT*]SOURCE (see `orchard grpo --help`); RLHF uses model:PATH."""
-    max_new_tokens: int = 64
-    """Longest reply sampled."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollouts."""
     kl_coef: float = 0.05
     """Per-token KL penalty to the reference, subtracted from the reward."""
     gamma: float = 1.0
@@ -58,25 +51,16 @@ class PPOConfig(MethodConfig):
     """Weight of the value loss."""
     whiten_rewards: bool = False
     """Scale the per-token rewards by their batch std before GAE (as TRL's whiten_rewards)."""
-    num_iterations: int = 1
-    """Optimizer steps per rollout (PPO epochs); train.save_every must be a multiple of it."""
-    data: PromptDataConfig = field(default_factory=PromptDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=1e-5, warmup_steps=5,
                                                                    weight_decay=0.0, batch_size=16, eval_every=25,
                                                                    save_every=25, log_every=1))
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        super().__post_init__()
         if self.kl_coef < 0 or self.vf_coef < 0:
             raise ValueError(f"kl_coef and vf_coef must not be negative, got {self.kl_coef}, {self.vf_coef}")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
-        if self.num_iterations < 1:
-            raise ValueError(f"num_iterations must be at least 1, got {self.num_iterations}")
-        if self.train.save_every % self.num_iterations:
-            raise ValueError(f"train.save_every ({self.train.save_every}) must be a multiple of num_iterations "
-                             f"({self.num_iterations})")
 
 
 class PPO:

@@ -15,7 +15,7 @@ and the per-token tensors of `orchard.losses.rl` are the completion columns alon
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,8 +27,8 @@ from ..losses.tokens import IGNORE_INDEX, token_log_probs
 from ..model.generation import SamplingConfig, generate
 from ..peft.config import ReferenceModel, apply_peft
 from ..rewards import Rewards
-from ..training import TrainResult
-from ..training.launch import Start, finish, start_from
+from ..training import TrainConfig, TrainResult
+from ..training.launch import MethodConfig, Start, finish, start_from
 from ..training.runtime import Runtime
 
 
@@ -57,6 +57,36 @@ class PromptDataConfig:
             raise ValueError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
         if self.on_error not in ("error", "skip"):
             raise ValueError(f"data.on_error must be error or skip, got {self.on_error!r}")
+
+
+@dataclass
+class OnlineConfig(MethodConfig):
+    """The recipe fields of the methods that sample their own replies and learn from their rewards."""
+
+    rewards: list[str] = field(default_factory=lambda: ["exact_match"])
+    """Weighted rewards, each [WEIGHT*]SOURCE: a built-in (exact_match, numeric_match, answer_format,
+    single_line, length_penalty), module:function, model:PATH (a reward model) or judge:PATH."""
+    max_new_tokens: int = 64
+    """Longest reply sampled."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+    num_iterations: int = 1
+    """Optimizer steps per rollout (GRPO's mu, PPO's epochs): above 1, later steps reuse the replies
+    and the clipped ratio bounds how far the policy moves from the one that sampled them.
+    train.save_every must be a multiple of it, so a resumed run starts at a fresh rollout."""
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=1e-5, warmup_steps=5,
+                                                                   weight_decay=0.0, batch_size=4, eval_every=25,
+                                                                   save_every=25, log_every=1))
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be at least 1, got {self.num_iterations}")
+        if self.train.save_every % self.num_iterations:
+            raise ValueError(f"train.save_every ({self.train.save_every}) must be a multiple of num_iterations "
+                             f"({self.num_iterations})")
 
 
 @dataclass
@@ -217,11 +247,10 @@ class OnlineRun:
     parameters: tuple[int, int]
 
 
-def prepare_online_run(config, stage: str, num_generations: int, keep_reference: bool,
+def prepare_online_run(config: OnlineConfig, stage: str, num_generations: int, keep_reference: bool,
                        value_head: bool = False) -> OnlineRun:
     """Load `config.init` (merged), its rewards and prompts, keep a reference if asked (before any
-    adapter is attached), attach `config.peft` and, for PPO, a value head; `config` is a GRPO or
-    PPO config (init, rewards, data, max_new_tokens, temperature, num_iterations, peft, train)."""
+    adapter is attached), attach `config.peft` and, for PPO, a value head."""
     start = start_from(config.init, stage, config.train)
     model, tokenizer, runtime = start.model, start.tokenizer, start.runtime
     rewards = Rewards(config.rewards, runtime.device)
@@ -242,7 +271,7 @@ def prepare_online_run(config, stage: str, num_generations: int, keep_reference:
     return OnlineRun(start, rollouts, val, reference, stage, data_record, (trainable, total))
 
 
-def train_online(config, run: OnlineRun, method) -> TrainResult:
+def train_online(config: OnlineConfig, run: OnlineRun, method) -> TrainResult:
     return finish(run.start, config, method, run.stage, run.data_record, run.parameters,
                   config.data.max_prompt_length + config.max_new_tokens)
 
