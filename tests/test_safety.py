@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from orchard.checkpoint import load_checkpoint, read_training_state, read_weights, save_checkpoint
 from orchard.cli.main import main
 from orchard.errors import OrchardError
-from orchard.files import atomic_directory, check_output, remove_stale_temporaries
+from orchard.files import atomic_directory, cached_directory, check_output, fingerprint, remove_stale_temporaries
 from orchard.interop.export import export_hf
 from orchard.peft.format import load_lora_adapter
 from orchard.lineage.record import parent_entry
@@ -396,3 +396,20 @@ def test_evaluation_over_no_window_is_refused(tmp_path, tokenizer):
     sequences = PackedSequences(np.arange(10), 16)
     with pytest.raises(OrchardError, match="no window of 16 tokens"):
         evaluate_language_modeling(tiny_model(tokenizer), sequences, tokenizer.token_byte_lengths(), 4)
+
+
+def test_a_cache_directory_is_whole_or_absent_and_the_first_builder_wins(tmp_path):
+    target = tmp_path / "cache" / fingerprint("tokenizer", 3, {"b": 1, "a": 2})
+    assert target.name == fingerprint("tokenizer", 3, {"a": 2, "b": 1}) != fingerprint("tokenizer", 4, {"a": 2, "b": 1})
+    assert len(target.name) == 16
+
+    def failing(tmp: Path) -> None:
+        (tmp / "part").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cached_directory(target, failing)
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    cached_directory(target, lambda tmp: (tmp / "data").write_text("first"))
+    cached_directory(target, lambda tmp: (tmp / "data").write_text("second"))  # another process, same name
+    assert (target / "data").read_text() == "first" and list(target.parent.iterdir()) == [target]

@@ -2,7 +2,8 @@
 
 The ground floor every writer in orchard uses (it imports nothing of orchard but `errors`):
 
-- `write_json`, `atomic_file` and `atomic_directory` write into a temporary beside the target,
+- `write_json`, `atomic_file`, `atomic_directory` and `cached_directory` (a cache named by its
+  `fingerprint`) write into a temporary beside the target,
   named `.NAME.tmp-PID`, and rename it into place: a reader sees the old content or the new, never
   half of it. `remove_stale_temporaries` deletes such leftovers of processes that died (a run killed
   with kill -9 cleans up after itself the next time it runs).
@@ -125,6 +126,35 @@ def atomic_directory(target: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def cached_directory(target: Path, build: Callable[[Path], None]) -> Path:
+    """A cache directory: `build(tmp)` into a temporary beside `target`, then renamed into place, so
+    a killed build is never taken for a cache (its temporary is removed by the next builder). When
+    another process finished the same cache first, theirs is kept: a cache's name is the fingerprint
+    of what its content depends on, so both hold the same."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent, target.name)
+    tmp = temporary_path(target)
+    _remove(tmp)
+    tmp.mkdir()
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        _remove(tmp)
+    return target
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short name for what a cache's content depends on: 16 hex digits of the SHA-256 of `parts`
+    (JSON data) written as JSON."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def file_sha256(path: Path) -> str:

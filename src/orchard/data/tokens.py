@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OrchardError
+from ..files import cached_directory, fingerprint, write_json
 from .corpus import iter_text_chunks
 from .records import as_paths
 
@@ -82,38 +81,24 @@ def build_token_cache(
     """
     paths = as_paths(paths)
     root = Path(cache_root) if cache_root is not None else default_cache_root()
-    key = f"{CACHE_VERSION}\n{corpus_fingerprint(paths, text_field)}\n{tokenizer.fingerprint()}"
-    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
-    final = root / "tokens" / fingerprint
+    key = fingerprint(CACHE_VERSION, corpus_fingerprint(paths, text_field), tokenizer.fingerprint())
+    final = root / "tokens" / key
     if (final / "meta.json").is_file():
         return _load(final)
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Same parent as the final directory, so the closing rename is atomic.
-    building = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.", dir=final.parent))
-    try:
+    def build(building: Path) -> None:
         num_tokens, num_documents = _tokenize(paths, tokenizer, text_field, building / "tokens.bin", show_progress)
-        meta = {
+        write_json(building / "meta.json", {
             "num_tokens": num_tokens,
             "num_documents": num_documents,
             "dtype": token_dtype(tokenizer.vocab_size).name,
-            "fingerprint": fingerprint,
+            "fingerprint": key,
             "files": [str(p) for p in paths],
             "text_field": text_field,
             "version": CACHE_VERSION,
-        }
-        # meta.json is written last: its presence is what marks a cache complete.
-        with open(building / "meta.json", "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-        try:
-            os.rename(building, final)
-        except OSError:
-            if not (final / "meta.json").is_file():
-                raise
-            # Another process finished the same cache first; theirs is identical.
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
-    return _load(final)
+        })
+
+    return _load(cached_directory(final, build))
 
 
 def _tokenize(paths, tokenizer, text_field: str, out_path: Path, show_progress: bool) -> tuple[int, int]:
@@ -170,10 +155,10 @@ def _load(directory: Path) -> TokenCache:
         dtype = np.dtype(meta["dtype"])
         num_tokens = int(meta["num_tokens"])
         num_documents = int(meta["num_documents"])
-        fingerprint = meta["fingerprint"]
+        key = meta["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise OrchardError(f"{meta_path}: corrupt token cache ({e}); delete {directory} to rebuild it") from None
     if not tokens_path.is_file() or tokens_path.stat().st_size != num_tokens * dtype.itemsize:
         raise OrchardError(f"{tokens_path}: token cache has the wrong size; delete {directory} to rebuild it")
     tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(num_tokens,))
-    return TokenCache(directory=directory, tokens=tokens, num_documents=num_documents, fingerprint=fingerprint)
+    return TokenCache(directory=directory, tokens=tokens, num_documents=num_documents, fingerprint=key)

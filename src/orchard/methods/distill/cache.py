@@ -3,8 +3,6 @@ beside the tokenized corpus and reused by later students without loading the tea
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import sys
 import time
@@ -16,7 +14,7 @@ import torch
 
 from ...data.packing import PackedSequences
 from ...errors import OrchardError
-from ...files import read_json, remove_stale_temporaries, temporary_path, write_json
+from ...files import cached_directory, fingerprint, read_json, write_json
 from ...losses.distillation import SparseTeacher, top_k_teacher
 from ...training.runtime import Runtime
 from .config import CACHE_PREFIX
@@ -42,8 +40,7 @@ class TeacherCache:
 def cache_directory(token_cache_dir: Path, teacher_sha: str, k: int, seq_len: int, windows: dict[str, int],
                     precision: str) -> Path:
     """Beside the tokenized corpus, named by what its content depends on."""
-    key = hashlib.sha256(json.dumps([teacher_sha, k, seq_len, windows, precision]).encode()).hexdigest()[:16]
-    return token_cache_dir / f"{CACHE_PREFIX}{key}"
+    return token_cache_dir / f"{CACHE_PREFIX}{fingerprint(teacher_sha, k, seq_len, windows, precision)}"
 
 
 def open_teacher_cache(directory: Path) -> TeacherCache | None:
@@ -69,21 +66,19 @@ def open_teacher_cache(directory: Path) -> TeacherCache | None:
 @torch.no_grad()
 def build_teacher_cache(directory: Path, teacher: Teacher, splits: dict[str, PackedSequences],
                         windows: dict[str, int], k: int, batch_size: int, runtime: Runtime) -> TeacherCache:
-    """Run the teacher once over `windows[split]` windows of each split and store its top-k; written
-    in a temporary directory and renamed into place, so a killed build is never mistaken for one."""
+    """Run the teacher once over `windows[split]` windows of each split and store its top-k
+    (`cached_directory`: a killed build is never mistaken for a cache)."""
     from tqdm import tqdm
 
-    remove_stale_temporaries(directory.parent, directory.name)
-    tmp = temporary_path(directory)
-    tmp.mkdir(parents=True)
     model = teacher.model.to(runtime.device).eval()
     id_dtype = np.uint16 if teacher.config.vocab_size <= 65535 else np.int32
-    started, tokens = time.perf_counter(), 0
     seq_len = next(iter(splits.values())).seq_len
     total = sum(windows.values())
-    bar = tqdm(total=total * seq_len, unit="tok", unit_scale=True, desc="teacher top-k cache", file=sys.stderr,
-               disable=not sys.stderr.isatty())
-    try:
+
+    def build(tmp: Path) -> None:
+        started, tokens = time.perf_counter(), 0
+        bar = tqdm(total=total * seq_len, unit="tok", unit_scale=True, desc="teacher top-k cache", file=sys.stderr,
+                   disable=not sys.stderr.isatty())
         for split, sequences in splits.items():
             count = windows[split]
             ids = np.lib.format.open_memmap(tmp / f"{split}.ids.npy", "w+", id_dtype, (count, seq_len, k))
@@ -107,11 +102,6 @@ def build_teacher_cache(directory: Path, teacher: Teacher, splits: dict[str, Pac
             "k": k, "seq_len": seq_len, "windows": windows, "tokens": tokens, "precision": runtime.precision,
             "bytes": stored, "bytes_per_token": stored / max(tokens, 1),
             "build_seconds": round(seconds, 2), "build_flops": teacher.forward_flops_per_token() * tokens})
-        if directory.exists():  # another process finished the same cache first
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    cached_directory(directory, build)
     return open_teacher_cache(directory)
