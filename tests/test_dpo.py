@@ -13,11 +13,11 @@ import torch
 
 from orchard.checkpoint import load_checkpoint
 from orchard.config import load_config
-from orchard.methods import dpo
-from orchard.methods.dpo import REFERENCE_FILE, DPOConfig, PreferenceOptimization, cached_reference
-from orchard.losses.tokens import IGNORE_INDEX, token_log_probs
-from orchard.methods.pairs import PreferenceDataConfig, load_pairs
 from orchard.losses.preference import dpo_loss, ipo_loss, orpo_loss, simpo_loss
+from orchard.losses.tokens import IGNORE_INDEX, token_log_probs
+from orchard.methods import dpo, pairs
+from orchard.methods.dpo import DPOConfig, PreferenceOptimization
+from orchard.methods.pairs import REFERENCE_FILE, PreferenceDataConfig, cached_reference, load_pairs
 from orchard.training.run_directory import RUN_FILE
 from orchard.training.runtime import Runtime
 from cli_errors import run_error
@@ -81,8 +81,8 @@ def test_a_partly_set_train_section_keeps_the_dpo_defaults():
 def test_at_step_zero_dpo_is_log_two_with_zero_rewards(parts):
     model, tokenizer, train, val = parts
     config = load_config(DPOConfig, None, ["train.batch_size=4", "beta=0.5"])
-    reference = {"train": dpo.reference_log_probs(model, train, tokenizer.pad_id, 8, nullcontext),
-                 "val": dpo.reference_log_probs(model, val, tokenizer.pad_id, 8, nullcontext)}
+    reference = {"train": pairs.reference_log_probs(model, train, tokenizer.pad_id, 8, nullcontext),
+                 "val": pairs.reference_log_probs(model, val, tokenizer.pad_id, 8, nullcontext)}
     assert reference["train"].shape == (len(train), 2) and model.training  # put back in training mode
     method = PreferenceOptimization(config, train, val, tokenizer.pad_id, reference)
     for step in (0, 5):
@@ -139,13 +139,13 @@ def test_each_loss_equals_its_function_of_sequences_scored_alone(parts, loss):
 def test_reference_log_probs_are_cached_for_the_same_pairs_parent_and_precision(parts, tmp_path, monkeypatch):
     model, tokenizer, train, val = parts
     calls = []
-    original = dpo.reference_log_probs
+    original = pairs.reference_log_probs
 
     def counted(model, pairs, *args):
         calls.append(len(pairs))
         return original(model, pairs, *args)
 
-    monkeypatch.setattr(dpo, "reference_log_probs", counted)
+    monkeypatch.setattr(pairs, "reference_log_probs", counted)
 
     def cached(train_pairs=train, sha="abc", precision="fp32"):
         return cached_reference(tmp_path, model, train_pairs, val, tokenizer.pad_id, 8, sha,
@@ -228,12 +228,12 @@ def test_an_interrupted_run_resumes_to_the_same_bytes(chat_base, tmp_path, monke
 def test_a_raised_limit_extends_the_run_with_the_cached_reference(chat_base, tmp_path, monkeypatch):
     run_dpo(chat_base, tmp_path / "run", "train.max_steps=3", "train.lr=1e-2")
     cache = (tmp_path / "run" / REFERENCE_FILE).read_bytes()
-    original = dpo.reference_log_probs
+    original = pairs.reference_log_probs
 
     def must_not_run(*args):
         raise AssertionError("the reference was computed again")
 
-    monkeypatch.setattr(dpo, "reference_log_probs", must_not_run)
+    monkeypatch.setattr(pairs, "reference_log_probs", must_not_run)
     extended = run_dpo(chat_base, tmp_path / "run", "train.max_steps=5", "train.lr=1e-2")
     assert extended.resumed_from == 3 and extended.state.step == 5
     assert [line["step"] for line in lines(tmp_path / "run") if "loss" in line] == [1, 2, 3, 4, 5]
@@ -244,7 +244,7 @@ def test_a_raised_limit_extends_the_run_with_the_cached_reference(chat_base, tmp
     for name in (RUN_FILE, REFERENCE_FILE):
         shutil.copy(tmp_path / "run" / name, tmp_path / "other" / name)
     calls = []
-    monkeypatch.setattr(dpo, "reference_log_probs", lambda model, pairs, *args: calls.append(len(pairs)) or
+    monkeypatch.setattr(pairs, "reference_log_probs", lambda model, pairs, *args: calls.append(len(pairs)) or
                         original(model, pairs, *args))
     run_dpo(chat_base, tmp_path / "other", "train.max_steps=1", "data.max_pairs=20")
     assert calls == [20, 16]

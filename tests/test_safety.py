@@ -21,7 +21,7 @@ from orchard.files import atomic_directory, cached_directory, check_output, fing
 from orchard.interop.export import export_hf
 from orchard.peft.format import load_lora_adapter
 from orchard.lineage.record import parent_entry
-from orchard.methods import dpo
+from orchard.methods import pairs
 from orchard.methods.distill import open_teacher_cache
 from orchard.methods.registry import COMMANDS
 from orchard.peft import LoraConfig, add_lora
@@ -97,15 +97,15 @@ def test_a_pickle_planted_in_a_run_directory_never_runs(tmp_path, corpus, capsys
 
 def test_a_pickled_dpo_reference_cache_is_computed_again(tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
-    (tmp_path / dpo.REFERENCE_FILE).write_bytes(pickle.dumps(Payload(marker)))
+    (tmp_path / pairs.REFERENCE_FILE).write_bytes(pickle.dumps(Payload(marker)))
     (tmp_path / "reference_logps.pt").write_bytes(pickle.dumps(Payload(marker)))  # the old name: never read
     computed = []
-    monkeypatch.setattr(dpo, "reference_log_probs", lambda model, pairs, *a: computed.append(1) or
+    monkeypatch.setattr(pairs, "reference_log_probs", lambda model, pairs, *a: computed.append(1) or
                         torch.zeros(len(pairs), 2))
     pair = SimpleNamespace(chosen=SimpleNamespace(input_ids=[1, 2]), rejected=SimpleNamespace(input_ids=[1, 3]))
-    reference = dpo.cached_reference(tmp_path, torch.nn.Linear(1, 1), [pair] * 3, [pair] * 2, 0, 2, "sha", Runtime())
+    reference = pairs.cached_reference(tmp_path, torch.nn.Linear(1, 1), [pair] * 3, [pair] * 2, 0, 2, "sha", Runtime())
     assert computed == [1, 1] and reference["train"].shape == (3, 2) and not marker.exists()
-    assert load_file(tmp_path / dpo.REFERENCE_FILE)["val"].shape == (2, 2)
+    assert load_file(tmp_path / pairs.REFERENCE_FILE)["val"].shape == (2, 2)
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")

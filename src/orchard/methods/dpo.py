@@ -18,28 +18,19 @@ validates on the held-out split. Read top to bottom, a run is:
 
 from __future__ import annotations
 
-import hashlib
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from ..files import atomic_file
 from ..losses.preference import dpo_loss, ipo_loss, orpo_loss, simpo_loss
-from ..losses.tokens import IGNORE_INDEX, token_log_probs
 from ..peft.config import apply_peft
 from ..training import TrainConfig, TrainResult
 from ..training.launch import MethodConfig, finish, start_from
 from ..training.run_directory import in_run_directory
-from ..training.runtime import Runtime
-from .pairs import (PairBatches, PreferenceDataConfig, TokenizedPair, collate_pairs, held_out_batches, load_pairs,
-                    pair_training_defaults)
-
-REFERENCE_FILE = "reference_logps.safetensors"
+from .pairs import (PairBatches, PreferenceDataConfig, TokenizedPair, cached_reference, held_out_batches, load_pairs,
+                    pair_training_defaults, sequence_log_probs)
 
 
 @dataclass
@@ -69,16 +60,6 @@ class DPOConfig(MethodConfig):
     @property
     def uses_reference(self) -> bool:
         return self.loss in ("dpo", "ipo")
-
-
-def sequence_log_probs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed, per-token mean) log-probability of each row's supervised reply."""
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits
-    logps = token_log_probs(logits, batch["labels"])
-    tokens = (batch["labels"] != IGNORE_INDEX).sum(-1).clamp(min=1)
-    summed = logps.sum(-1)
-    return summed, summed / tokens
 
 
 class PreferenceOptimization:
@@ -158,67 +139,6 @@ class PreferenceOptimization:
             totals["likelihood_accuracy"] += (parts["mean_chosen"] > parts["mean_rejected"]).sum().item()
             pairs += len(batch["pair_index"])
         return {f"val_{k}": v / max(pairs, 1) for k, v in totals.items()}
-
-
-@torch.no_grad()
-def reference_log_probs(model, pairs: list[TokenizedPair], pad_id: int, batch_size: int,
-                        autocast) -> torch.Tensor:
-    """(N, 2) summed log-probabilities of each pair's chosen and rejected reply under `model`."""
-    model.eval()
-    rows = []
-    device = next(model.parameters()).device
-    for start in range(0, len(pairs), batch_size):
-        batch = {k: v.to(device) for k, v in collate_pairs(pairs[start:start + batch_size], pad_id).items()}
-        with autocast():
-            summed, _ = sequence_log_probs(model, batch)
-        n = len(summed) // 2
-        rows.append(torch.stack([summed[:n], summed[n:]], dim=1).float().cpu())
-    model.train()
-    return torch.cat(rows)
-
-
-def _fingerprint(splits: dict[str, list[TokenizedPair]], parent_sha: str | None, precision: str) -> str:
-    digest = hashlib.sha256(f"{parent_sha}:{precision}".encode())
-    for name, pairs in splits.items():
-        digest.update(f"{name}:{len(pairs)}".encode())
-        for pair in pairs:
-            digest.update(str((pair.chosen.input_ids, pair.rejected.input_ids)).encode())
-    return digest.hexdigest()
-
-
-def cached_reference(out: Path, model, train, val, pad_id: int, batch_size: int, parent_sha: str | None,
-                     runtime: Runtime) -> dict[str, torch.Tensor]:
-    """The reference log-probabilities of every pair, from `out/reference_logps.safetensors` when it
-    was computed for these pairs by this parent at the runtime's precision, else computed now and
-    saved (a cache that cannot be read, or holds something else, is computed again)."""
-    cache_file = out / REFERENCE_FILE
-    fingerprint = _fingerprint({"train": train, "val": val}, parent_sha, runtime.precision)
-    cached = _read_reference(cache_file, fingerprint, {"train": len(train), "val": len(val)})
-    if cached is not None:
-        return cached
-    model.to(runtime.device)
-    reference = {"train": reference_log_probs(model, train, pad_id, batch_size, runtime.autocast),
-                 "val": reference_log_probs(model, val, pad_id, batch_size, runtime.autocast)}
-    # Each process of a torchrun writes its own temporary (named by its pid) and renames it.
-    atomic_file(cache_file, lambda tmp: save_file({k: v.contiguous() for k, v in reference.items()}, tmp,
-                                                  metadata={"fingerprint": fingerprint}))
-    return reference
-
-
-def _read_reference(cache_file: Path, fingerprint: str, sizes: dict[str, int]) -> dict[str, torch.Tensor] | None:
-    if not cache_file.is_file():
-        return None
-    try:
-        with safe_open(cache_file, framework="pt") as handle:
-            if (handle.metadata() or {}).get("fingerprint") != fingerprint:
-                return None
-            cached = {split: handle.get_tensor(split) for split in sizes}
-    except (SafetensorError, OSError, KeyError) as error:
-        print(f"{cache_file} is unreadable ({error}); computing it again", file=sys.stderr)
-        return None
-    if any(len(cached[split]) != size for split, size in sizes.items()):
-        return None
-    return cached
 
 
 @in_run_directory("dpo")
