@@ -180,3 +180,25 @@ def test_raising_the_limit_extends_a_finished_run(tmp_path, corpus):
     assert extended.resumed_from == 4 and extended.state.step == 7
     record = json.loads((tmp_path / "run" / "final" / "orchard.json").read_text())
     assert record["training"]["steps"] == 7
+
+
+def test_activation_checkpointing_trains_the_same_and_may_change_on_resume(tmp_path, corpus, monkeypatch):
+    from orchard.model import CausalLM
+
+    settings = []
+    original = CausalLM.set_activation_checkpointing
+    monkeypatch.setattr(CausalLM, "set_activation_checkpointing",
+                        lambda model, every: settings.append(every) or original(model, every))
+    common = ["train.eval_every=0", "train.save_every=2", "train.precision=fp32"]
+    run_pretrain(tmp_path / "plain", corpus, *common, "train.max_steps=4")
+    run_pretrain(tmp_path / "recomputed", corpus, *common, "train.max_steps=2", "train.activation_checkpointing=true",
+                 "train.activation_checkpointing_every=2")
+    # The memory/compute trade-off is not part of the run's identity: the same run resumes without it.
+    run_pretrain(tmp_path / "recomputed", corpus, *common, "train.max_steps=4")
+    assert settings == [0, 2, 0]
+    plain = [m["loss"] for m in metrics(tmp_path / "plain") if "loss" in m]
+    recomputed = [m["loss"] for m in metrics(tmp_path / "recomputed") if "loss" in m]
+    assert len(plain) == len(recomputed) == 4
+    assert max(abs(a - b) for a, b in zip(plain, recomputed)) < 1e-6, (plain, recomputed)
+    with pytest.raises(ValueError, match="activation_checkpointing_every"):
+        TrainConfig(activation_checkpointing_every=0)

@@ -85,6 +85,12 @@ class TrainConfig:
     """cpu, cuda, cuda:1, ... or auto (CUDA when available)."""
     compile: bool = False
     """torch.compile the model (worth it on GPUs for long runs)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them: much less
+    activation memory (long sequences, big batches) for about a third more compute."""
+    activation_checkpointing_every: int = 1
+    """With activation_checkpointing: recompute every k-th block only (1: all of them), trading
+    memory back for speed."""
     progress: bool = True
     """Show a progress bar on an interactive terminal."""
 
@@ -104,6 +110,9 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "save_every", "log_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must not be negative, got {getattr(self, name)}")
+        if self.activation_checkpointing_every < 1:
+            raise ValueError(f"train.activation_checkpointing_every must be at least 1, got "
+                             f"{self.activation_checkpointing_every}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"train.keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
         try:
@@ -396,7 +405,8 @@ class Trainer:
         if resumed_from is None and self.dist.rank == 0:
             # Lines of an earlier attempt that was killed before its first checkpoint: it starts over.
             self.metrics_file.unlink(missing_ok=True)
-        model = self.runtime.wrap(self.model)
+        model = self.runtime.wrap(self.model, self.config.activation_checkpointing_every
+                                  if self.config.activation_checkpointing else 0)
         if self.config.compile:
             model = torch.compile(model)
         model.train()

@@ -92,6 +92,8 @@ class Runtime:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The model as training runs it: in DistributedDataParallel across processes."""
+    def wrap(self, model: torch.nn.Module, checkpoint_every: int = 0) -> torch.nn.Module:
+        """The model as training runs it: every `checkpoint_every`-th block's activations recomputed
+        in the backward pass (0: none), in DistributedDataParallel across processes."""
+        model.set_activation_checkpointing(checkpoint_every)
         return self.distributed.wrap(model)
