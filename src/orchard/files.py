@@ -99,16 +99,22 @@ def write_json(path: Path, data: Any) -> None:
     atomic_file(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def atomic_directory(target: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp)` into a fresh temporary directory, then move it to `target` in one rename.
-
-    Whatever is at `target` is replaced: callers decide first, with `check_output`, that it may be."""
-    target = Path(target)
+def _fresh_temporary_directory(target: Path) -> Path:
+    """An empty `.NAME.tmp-PID` directory beside `target`, after removing dead writers' leftovers."""
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target.parent, target.name)
     tmp = temporary_path(target)
     _remove(tmp)
     tmp.mkdir()
+    return tmp
+
+
+def atomic_directory(target: Path, write: Callable[[Path], None]) -> None:
+    """Run `write(tmp)` into a fresh temporary directory, then move it to `target` in one rename.
+
+    Whatever is at `target` is replaced: callers decide first, with `check_output`, that it may be."""
+    target = Path(target)
+    tmp = _fresh_temporary_directory(target)
     try:
         write(tmp)
         for child in tmp.rglob("*"):
@@ -134,11 +140,7 @@ def cached_directory(target: Path, build: Callable[[Path], None]) -> Path:
     another process finished the same cache first, theirs is kept: a cache's name is the fingerprint
     of what its content depends on, so both hold the same."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target.parent, target.name)
-    tmp = temporary_path(target)
-    _remove(tmp)
-    tmp.mkdir()
+    tmp = _fresh_temporary_directory(target)
     try:
         build(tmp)
         try:
