@@ -19,19 +19,21 @@ from .training_state import write_training_state
 
 
 
-def model_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
+def model_state_dict(model: CausalLM, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Base weights under Hugging Face names, without the tied lm_head (as `transformers` saves
-    them) and without adapters."""
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()
-             if not is_peft_tensor(name)}
+    them) and without adapters: of `model`, or `weights` when given (its whole state dict, when
+    `model` holds only a shard of it)."""
+    weights = model.state_dict() if weights is None else weights
+    state = {name: tensor.detach().contiguous() for name, tensor in weights.items() if not is_peft_tensor(name)}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return state
 
 
 def save_checkpoint(path: str | Path, model: CausalLM, tokenizer: Tokenizer, record: dict,
-                    training_state: dict | None = None) -> Path:
-    """Write a complete checkpoint directory atomically; returns its path."""
+                    training_state: dict | None = None, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a complete checkpoint directory atomically; returns its path. `weights` is the model's
+    whole state dict when `model` holds only a shard of it (FSDP2 gathers it onto rank 0)."""
     path = Path(path)
     config = model.config
     quantization = quantization_settings(model)
@@ -43,13 +45,13 @@ def save_checkpoint(path: str | Path, model: CausalLM, tokenizer: Tokenizer, rec
     }
 
     def write(tmp: Path) -> None:
-        if adapter_tensors(model):
+        if weights is None and adapter_tensors(model):
             # The base is frozen and stays where it is: only the adapters are written, and the
             # record's parent says which base they belong to.
             sha = write_adapters(tmp, model, record.get("parent"))
         else:
             write_json(tmp / "config.json", config.to_hf_dict(dtype))
-            state = {k: v.to("cpu") for k, v in model_state_dict(model).items()}
+            state = {k: v.to("cpu") for k, v in model_state_dict(model, weights).items()}
             save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
             sha = file_sha256(tmp / WEIGHTS_FILE)
             if quantization is not None:

@@ -253,6 +253,11 @@ def prepare_online_run(config: OnlineConfig, stage: str, num_generations: int, k
     adapter is attached), attach `config.peft` and, for PPO, a value head."""
     start = start_from(config.init, stage, config.train)
     model, tokenizer, runtime = start.model, start.tokenizer, start.runtime
+    if config.train.parallel == "fsdp" and runtime.distributed.active:
+        # Each process samples replies of its own lengths, while a sharded forward pass needs every
+        # process at every step.
+        raise OrchardError(f"train.parallel: {stage} samples its own replies, which fsdp does not support yet; "
+                           f"use train.parallel=ddp")
     rewards = Rewards(config.rewards, runtime.device)
     train, val, data_record = load_prompts(config.data, tokenizer, config.train.seed)
     if max(len(p.ids) for p in train + val) + config.max_new_tokens > model.config.max_position_embeddings:

@@ -1,19 +1,30 @@
 """One process or many: the few places where the engine needs to know.
 
-Under `torchrun` (WORLD_SIZE > 1) the process group is gloo on CPU and nccl on CUDA, the model is
-wrapped in DistributedDataParallel, and sums are all-reduced; as a single process every helper
-here is a no-op, so the engine reads the same either way.
+Under `torchrun` (WORLD_SIZE > 1) the process group is gloo on CPU and nccl on CUDA, and sums are
+all-reduced. The model is wrapped in DistributedDataParallel (`parallel="ddp"`: every process holds
+all of it), or sharded with FSDP2 (`parallel="fsdp"`: `fully_shard` on each transformer block, then
+on the root, as torchtitan does, so each process holds 1/N of the weights, gradients and optimizer
+state and gathers a block's weights only while it computes). As a single process every helper here
+is a no-op, so the engine reads the same either way.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+"""Whole tensors on rank 0's CPU (the other ranks get nothing): what a checkpoint file holds."""
 
 
 @dataclass
@@ -44,14 +55,66 @@ class Distributed:
             dist.init_process_group("nccl" if use_cuda else "gloo")
         return cls(rank=rank, world_size=world_size, device=device)
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, parallel: str = "ddp", bf16: bool = False) -> torch.nn.Module:
+        """`model` replicated (ddp) or sharded in place (fsdp; with `bf16`, bf16 weights in the
+        forward and backward passes and fp32 gradient reduction, the master weights fp32)."""
         if not self.active:
+            return model
+        if parallel == "fsdp":
+            mesh = init_device_mesh(self.device.type, (self.world_size,))
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+                else MixedPrecisionPolicy()
+            for block in model.model.layers:
+                fully_shard(block, mesh=mesh, mp_policy=policy)
+            fully_shard(model, mesh=mesh, mp_policy=policy)
             return model
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
 
+    @contextmanager
     def no_sync(self, model: torch.nn.Module):
-        return model.no_sync() if isinstance(model, DistributedDataParallel) else nullcontext()
+        """Gradients of the micro-batches in this block are accumulated locally, not reduced."""
+        if isinstance(model, DistributedDataParallel):
+            with model.no_sync():
+                yield
+        elif isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        else:
+            yield
+
+    # --- sharded models: whole tensors in and out (every rank calls these together) ----------------
+
+    @staticmethod
+    def is_sharded(model: torch.nn.Module) -> bool:
+        return isinstance(model, FSDPModule)
+
+    @staticmethod
+    def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The sharded model's whole weights on rank 0 (gathered one tensor at a time onto the CPU)."""
+        return get_model_state_dict(model, options=FULL)
+
+    @staticmethod
+    def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Every rank passes the whole weights (read from the checkpoint); each keeps its shard."""
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+    @staticmethod
+    def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer's state keyed by parameter name, whole, on rank 0."""
+        return get_optimizer_state_dict(model, optimizer, options=FULL)
+
+    @staticmethod
+    def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    @staticmethod
+    def local(tensor: torch.Tensor) -> torch.Tensor:
+        """This process's part of a tensor (the shard of a sharded one)."""
+        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
     def all_reduce_sum(self, value: float) -> float:
         if not self.active:

@@ -28,13 +28,16 @@ from typing import Literal, Protocol
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from ..checkpoint import (FINAL_DIR, STEP_PREFIX, has_training_state, is_checkpoint, read_record,
-                          read_training_state, restore_trained_weights, save_checkpoint, step_checkpoints)
+                          read_training_state, read_weights, restore_trained_weights, save_checkpoint,
+                          step_checkpoints)
 from ..config import Duration, to_dict
 from ..errors import OrchardError
 from ..files import atomic_file, read_json_lines
 from ..model import CausalLM
+from ..peft.surgery import is_peft_tensor
 from ..tokenizer import Tokenizer
 from .progress import Progress
 from .run_directory import METRICS_FILE, open_run, recipe_change
@@ -85,6 +88,10 @@ class TrainConfig:
     """cpu, cuda, cuda:1, ... or auto (CUDA when available)."""
     compile: bool = False
     """torch.compile the model (worth it on GPUs for long runs)."""
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Under torchrun: ddp keeps a whole copy of the model, its gradients and optimizer state in every
+    process; fsdp shards them (FSDP2, per block), for models that do not fit one device that way.
+    auto is ddp for now."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of keeping them: much less
     activation memory (long sequences, big batches) for about a third more compute."""
@@ -197,15 +204,31 @@ class Trainer:
         self.extra_modules = method.trainable_modules
         if self.extra_modules is not None:
             self.extra_modules.to(self.device)
+        self.params: list[torch.nn.Parameter] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.state = TrainState()
+        self.metrics_file = self.out_dir / METRICS_FILE
+
+    # --- setup -----------------------------------------------------------------------------
+
+    def _wrap(self) -> torch.nn.Module:
+        """The model as the loop runs it (activation checkpointing, DDP or FSDP2), and the optimizer
+        over its trainable weights, made after the wrapping because FSDP2 replaces them by shards."""
+        c = self.config
+        if c.parallel == "fsdp" and self.dist.active and any(is_peft_tensor(n) for n, _ in self.model.named_parameters()):
+            raise OrchardError("train.parallel: fsdp with peft adapters is not supported yet; use train.parallel=ddp")
+        model = self.runtime.wrap(self.model, c.activation_checkpointing_every if c.activation_checkpointing else 0,
+                                  c.parallel)
         # Frozen parameters (a base under adapters, say) are left out of the optimizer.
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if self.extra_modules is not None:
             self.params += [p for p in self.extra_modules.parameters() if p.requires_grad]
         self.optimizer = self._make_optimizer(self.params)
-        self.state = TrainState()
-        self.metrics_file = self.out_dir / METRICS_FILE
+        return model
 
-    # --- setup -----------------------------------------------------------------------------
+    @property
+    def sharded(self) -> bool:
+        return self.dist.is_sharded(self.model)
 
     def _make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         decay = [p for p in params if p.dim() >= 2]
@@ -241,8 +264,8 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------
 
-    def _training_state(self) -> dict:
-        state = {"state": to_dict(self.state), "optimizer": self.optimizer.state_dict(),
+    def _training_state(self, optimizer: dict) -> dict:
+        state = {"state": to_dict(self.state), "optimizer": optimizer,
                  "rng": torch.get_rng_state(), "world_size": self.dist.world_size}
         if self.extra_modules is not None:
             state["extra_modules"] = self.extra_modules.state_dict()
@@ -258,9 +281,16 @@ class Trainer:
 
     def _save(self, directory: Path, with_state: bool) -> None:
         self._check_finite(self.state.metrics)
+        # A sharded model's weights and optimizer state are gathered whole onto rank 0 (every rank
+        # takes part); the optimizer's is then keyed by parameter name, so any world size resumes it.
+        weights = self.dist.full_state_dict(self.model) if self.sharded else None
+        optimizer = None
+        if with_state:
+            optimizer = (self.dist.full_optimizer_state(self.model, self.optimizer) if self.sharded
+                         else self.optimizer.state_dict())
         if self.dist.rank == 0:
             save_checkpoint(directory, self.model, self.tokenizer, self._full_record(),
-                            self._training_state() if with_state else None)
+                            self._training_state(optimizer) if with_state else None, weights=weights)
         self.dist.barrier()
 
     def _save_step(self) -> None:
@@ -303,7 +333,7 @@ class Trainer:
         if self.extra_modules is not None and "extra_modules" in saved:
             self.extra_modules.load_state_dict(saved["extra_modules"])
         try:
-            self.optimizer.load_state_dict(saved["optimizer"])
+            self._load_optimizer(saved["optimizer"])
             torch.set_rng_state(saved["rng"])
             self.state = TrainState(**saved["state"])
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
@@ -315,6 +345,21 @@ class Trainer:
             atomic_file(self.metrics_file, lambda tmp: tmp.write_text(
                 "".join(json.dumps(entry) + "\n" for entry in kept), encoding="utf-8"))
         return self.state.step
+
+    def _load_optimizer(self, saved: dict) -> None:
+        """An optimizer state keyed by position (saved unsharded) or by parameter name (saved sharded),
+        into this run's optimizer, sharded or not."""
+        by_name = all(isinstance(key, str) for key in saved["state"])
+        if not by_name and not self.sharded:
+            self.optimizer.load_state_dict(saved)
+            return
+        if not by_name:
+            names = {id(p): name for name, p in self.model.named_parameters()}
+            order = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+            saved = {"state": {order[index]: value for index, value in saved["state"].items()},
+                     "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
+                                      for group in saved["param_groups"]]}
+        self.dist.load_full_optimizer_state(self.model, self.optimizer, saved)
 
     def _pass_over(self, step_dir: Path, problem: OrchardError) -> None:
         if self.dist.rank == 0:
@@ -329,19 +374,27 @@ class Trainer:
         bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             raise OrchardError(f"its {bad[0]} is {metrics[bad[0]]}")
-        restore_trained_weights(self.model, directory)
-        self.model.to(self.device)
+        if self.sharded:
+            self.dist.load_full_state_dict(self.model, read_weights(directory))
+        else:
+            restore_trained_weights(self.model, directory)
+            self.model.to(self.device)
         name = self._non_finite_parameter()
         if name is not None:
             raise OrchardError(f"its weight {name} is not finite")
         return saved
 
     def _non_finite_parameter(self) -> str | None:
-        """The name of a trained weight holding NaN or infinity, or None when all are finite."""
+        """The name of a trained weight holding NaN or infinity, or None when all are finite (of a
+        sharded model every rank checks its shards and all of them learn the answer)."""
         named = list(self.model.named_parameters())
         if self.extra_modules is not None:
             named += list(self.extra_modules.named_parameters())
-        return next((name for name, p in named if p.requires_grad and not bool(torch.isfinite(p).all())), None)
+        found = next((name for name, p in named
+                      if p.requires_grad and not bool(torch.isfinite(self.dist.local(p)).all())), None)
+        if self.sharded and self.dist.all_reduce_sum(float(found is not None)) and found is None:
+            found = "(on another process)"
+        return found
 
     def _check_finite(self, metrics: dict[str, float]) -> None:
         """Stop a run that diverged before anything non-finite reaches a checkpoint."""
@@ -358,6 +411,11 @@ class Trainer:
         kept = f"the last checkpoint, {saved[-1].name}, is finite" if saved else "no checkpoint was saved"
         raise OrchardError(f"step {step}: {problem}: the run diverged (lower train.lr or check the data); {kept}")
 
+    def _clip_gradients(self, max_norm: float) -> float:
+        """Clip the global gradient norm (over every shard of a sharded model) and return it."""
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
     def _log(self, entry: dict) -> None:
         if self.dist.rank == 0:
             with open(self.metrics_file, "a") as handle:
@@ -365,12 +423,17 @@ class Trainer:
 
     def _evaluate(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        if self.dist.rank == 0:
+        # A sharded model computes only with every rank gathering its weights: all of them evaluate
+        # (the same batches, so the same numbers); a replicated one evaluates on rank 0 alone.
+        if self.dist.rank == 0 or self.sharded:
             self.model.eval()
             with torch.no_grad(), self.runtime.autocast():
                 metrics = self.method.evaluate(self.model)
             self.model.train()
+        if self.dist.rank == 0:
             self._log({"step": self.state.step, "tokens": self.state.tokens, **metrics})
+        else:
+            metrics = {}
         self.dist.barrier()
         return metrics
 
@@ -401,12 +464,11 @@ class Trainer:
         if self.dist.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.dist.barrier()
+        model = self._wrap()
         resumed_from = self._resume()
         if resumed_from is None and self.dist.rank == 0:
             # Lines of an earlier attempt that was killed before its first checkpoint: it starts over.
             self.metrics_file.unlink(missing_ok=True)
-        model = self.runtime.wrap(self.model, self.config.activation_checkpointing_every
-                                  if self.config.activation_checkpointing else 0)
         if self.config.compile:
             model = torch.compile(model)
         model.train()
@@ -450,8 +512,7 @@ class Trainer:
                     if p.grad is not None:
                         dist.all_reduce(p.grad)
                         p.grad /= world
-            grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip).item()
-                         if c.grad_clip > 0 else float("nan"))
+            grad_norm = (self._clip_gradients(c.grad_clip) if c.grad_clip > 0 else float("nan"))
             if c.grad_clip > 0 and not math.isfinite(grad_norm):
                 self._diverged(step + 1, f"the gradient norm is {grad_norm}")
             self.optimizer.step()

@@ -92,8 +92,10 @@ class Runtime:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def wrap(self, model: torch.nn.Module, checkpoint_every: int = 0) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, checkpoint_every: int = 0, parallel: str = "ddp") -> torch.nn.Module:
         """The model as training runs it: every `checkpoint_every`-th block's activations recomputed
-        in the backward pass (0: none), in DistributedDataParallel across processes."""
+        in the backward pass (0: none); across processes replicated (ddp) or sharded (fsdp, in bf16
+        on a GPU with bf16 precision, fp32 gradient reduction)."""
         model.set_activation_checkpointing(checkpoint_every)
-        return self.distributed.wrap(model)
+        bf16 = self.precision == "bf16" and self.device.type == "cuda"
+        return self.distributed.wrap(model, "ddp" if parallel == "auto" else parallel, bf16)

@@ -1,0 +1,119 @@
+"""FSDP2 under torchrun on the CPU (gloo): 2 processes with train.parallel=fsdp train like 1 process
+with the same global batch (pretraining, SFT, DPO), write a whole Hugging Face-shaped checkpoint from
+the shards, and resume a sharded run exactly; what fsdp does not support yet is one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchard.checkpoint import read_weights
+from orchard.data.synthetic import write_corpus
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+TINY = ["model.hidden_size=48", "model.intermediate_size=96", "model.num_hidden_layers=2",
+        "model.num_attention_heads=4", "model.num_key_value_heads=2", "tokenizer.vocab_size=400", "data.seq_len=32",
+        "train.lr=3e-3", "train.warmup_steps=2", "train.eval_batches=2", "train.log_every=1", "train.eval_every=0",
+        "train.precision=fp32", "train.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "world.jsonl", 400, seed=3)
+
+
+def orchard(tmp_path: Path, args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ORCHARD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
+        if processes > 1 else [sys.executable]
+    command = [*launch, "-m", "orchard.cli.main", *args]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True)
+    if completed.returncode != 0 and processes > 1 and "orchard: error:" not in completed.stderr:
+        # As in test_engine's DDP test: a gloo worker on this shared 2-core machine rarely aborts at
+        # start-up or teardown; the launch is retried once, the comparison never relaxed.
+        print("first torchrun attempt failed:\n" + completed.stderr[-3000:])
+        out = next(arg.removeprefix("out=") for arg in args if arg.startswith("out="))
+        shutil.rmtree(out, ignore_errors=True)
+        completed = subprocess.run(command, env=env, capture_output=True, text=True)
+    return completed
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+
+def assert_same_curve(one: Path, two: Path, steps: int) -> None:
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) == steps
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    assert a[-1] < a[0]
+
+
+def test_pretraining_sharded_on_two_processes_matches_one(tmp_path, corpus):
+    common = ["pretrain", f"data.path={corpus}", *TINY, "train.max_steps=8", "train.save_every=4"]
+    assert orchard(tmp_path, [*common, "train.batch_size=4", f"out={tmp_path / 'one'}"]).returncode == 0
+    two = orchard(tmp_path, [*common, "train.batch_size=2", "train.parallel=fsdp", f"out={tmp_path / 'two'}"], 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_same_curve(tmp_path / "one", tmp_path / "two", 8)
+    # final/ is whole, in the usual format, gathered from the shards: the same weights as one process's.
+    one_weights, two_weights = read_weights(tmp_path / "one" / "final"), read_weights(tmp_path / "two" / "final")
+    assert one_weights.keys() == two_weights.keys() and "lm_head.weight" not in two_weights  # tied, as always
+    assert max((one_weights[k] - two_weights[k]).abs().max().item() for k in one_weights) < 1e-4
+    record = json.loads((tmp_path / "two" / "final" / "orchard.json").read_text())
+    assert record["training"]["world_size"] == 2 and record["training"]["global_batch"] == 4
+    state = json.loads((tmp_path / "two" / "step-000008" / "training_state.json").read_text())
+    assert "model.embed_tokens.weight" in json.dumps(state)  # the optimizer state, keyed by parameter name
+
+
+def test_a_sharded_run_resumes_exactly(tmp_path, corpus):
+    common = ["pretrain", f"data.path={corpus}", *TINY, "train.batch_size=2", "train.parallel=fsdp",
+              "train.save_every=3", "train.max_steps=6"]
+    straight = orchard(tmp_path, [*common, f"out={tmp_path / 'straight'}"], 2)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    # A run lost after its step-3 checkpoint (what a kill leaves, less the temporaries that are
+    # tested elsewhere): the same command again resumes from the shards' gathered state.
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    for later in ("final", "step-000006"):
+        shutil.rmtree(tmp_path / "resumed" / later)
+    resumed = orchard(tmp_path, [*common, f"out={tmp_path / 'resumed'}"], 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr and "from step 3" in resumed.stderr
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    assert (tmp_path / "resumed" / "final" / "model.safetensors").read_bytes() == \
+        (tmp_path / "straight" / "final" / "model.safetensors").read_bytes()
+
+
+def test_sft_and_dpo_sharded_match_one_process(tmp_path, chat_base):
+    for command, extra in (("sft", ["data.max_length=128"]),
+                           ("dpo", [f"data.path={chat_base.pairs}", f"data.val_path={chat_base.val_pairs}"])):
+        common = [command, f"init={chat_base.dir}", *extra, "train.max_steps=4", "train.save_every=0",
+                  "train.eval_every=0", "train.eval_batches=1", "train.precision=fp32", "train.log_every=1",
+                  "train.lr=1e-2", "train.warmup_steps=1", "train.progress=false"]
+        one = orchard(tmp_path, [*common, "train.batch_size=4", f"out={tmp_path / command / 'one'}"])
+        assert one.returncode == 0, one.stderr[-3000:]
+        two = orchard(tmp_path, [*common, "train.batch_size=2", "train.parallel=fsdp",
+                                 f"out={tmp_path / command / 'two'}"], 2)
+        assert two.returncode == 0, two.stderr[-3000:]
+        assert_same_curve(tmp_path / command / "one", tmp_path / command / "two", 4)
+
+
+def test_what_fsdp_does_not_support_yet_is_one_line(tmp_path, chat_base):
+    for command, extra, words in (("sft", ["peft.method=lora"], "peft adapters"),
+                                  ("grpo", ["num_generations=2", "max_new_tokens=4"], "samples its own replies")):
+        completed = orchard(tmp_path, [command, f"init={chat_base.dir}", *extra, "train.max_steps=1",
+                                       "train.parallel=fsdp", "train.progress=false",
+                                       f"out={tmp_path / command}"], 2)
+        assert completed.returncode != 0
+        errors = [line for line in completed.stderr.splitlines() if line.startswith("orchard: error:")]
+        # torchrun prints its own traceback for a failed worker; none of orchard's frames is in it.
+        frames = [line for line in completed.stderr.splitlines() if line.strip().startswith("File ")]
+        assert errors and words in errors[0] and not any("/orchard/" in frame for frame in frames), \
+            completed.stderr[-2000:]
