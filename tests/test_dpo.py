@@ -19,6 +19,7 @@ from orchard.methods import dpo, pairs
 from orchard.methods.dpo import DPOConfig, PreferenceOptimization
 from orchard.methods.pairs import REFERENCE_FILE, PreferenceDataConfig, cached_reference, load_pairs
 from orchard.training.run_directory import RUN_FILE
+from orchard.training.distributed import Shard
 from orchard.training.runtime import Runtime
 from cli_errors import run_error
 
@@ -97,7 +98,7 @@ def test_at_step_zero_dpo_is_log_two_with_zero_rewards(parts):
         assert total.item() == pytest.approx(4 * math.log(2), abs=1e-4)
         assert set(metrics) >= {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                                 "logps/chosen", "logps/rejected"}
-    evaluation = method.evaluate(model)
+    evaluation = method.evaluate(model, Shard())
     assert evaluation["val_loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert abs(evaluation["val_margin"]) < 1e-5
 

@@ -57,19 +57,32 @@ def assert_same_curve(one: Path, two: Path, steps: int) -> None:
     assert a[-1] < a[0]
 
 
+def validation(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in m.items() if k.startswith("val_")}
+            for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "val_loss" in m]
+
+
 def test_pretraining_sharded_on_two_processes_matches_one(tmp_path, corpus):
-    common = ["pretrain", f"data.path={corpus}", *TINY, "train.max_steps=8", "train.save_every=4"]
+    common = ["pretrain", f"data.path={corpus}", *TINY, "train.max_steps=8", "train.save_every=4",
+              "train.eval_every=4"]
     assert orchard(tmp_path, [*common, "train.batch_size=4", f"out={tmp_path / 'one'}"]).returncode == 0
-    two = orchard(tmp_path, [*common, "train.batch_size=2", "train.parallel=fsdp", f"out={tmp_path / 'two'}"], 2)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert_same_curve(tmp_path / "one", tmp_path / "two", 8)
+    for parallel in ("fsdp", "ddp"):
+        two = orchard(tmp_path, [*common, "train.batch_size=2", f"train.parallel={parallel}",
+                                 f"out={tmp_path / parallel}"], 2)
+        assert two.returncode == 0, two.stderr[-3000:]
+        assert_same_curve(tmp_path / "one", tmp_path / parallel, 8)
+        # The validation windows are split over the processes and their sums added: the same numbers.
+        one, split = validation(tmp_path / "one"), validation(tmp_path / parallel)
+        assert len(one) == len(split) == 3 and [m["val_tokens"] for m in split] == [m["val_tokens"] for m in one]
+        assert all(abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])) for a, b in zip(one, split) for k in a), (one, split)
+    two = tmp_path / "fsdp"
     # final/ is whole, in the usual format, gathered from the shards: the same weights as one process's.
-    one_weights, two_weights = read_weights(tmp_path / "one" / "final"), read_weights(tmp_path / "two" / "final")
+    one_weights, two_weights = read_weights(tmp_path / "one" / "final"), read_weights(two / "final")
     assert one_weights.keys() == two_weights.keys() and "lm_head.weight" not in two_weights  # tied, as always
     assert max((one_weights[k] - two_weights[k]).abs().max().item() for k in one_weights) < 1e-4
-    record = json.loads((tmp_path / "two" / "final" / "orchard.json").read_text())
+    record = json.loads((two / "final" / "orchard.json").read_text())
     assert record["training"]["world_size"] == 2 and record["training"]["global_batch"] == 4
-    state = json.loads((tmp_path / "two" / "step-000008" / "training_state.json").read_text())
+    state = json.loads((two / "step-000008" / "training_state.json").read_text())
     assert "model.embed_tokens.weight" in json.dumps(state)  # the optimizer state, keyed by parameter name
 
 
@@ -92,10 +105,10 @@ def test_a_sharded_run_resumes_exactly(tmp_path, corpus):
 
 
 def test_sft_and_dpo_sharded_match_one_process(tmp_path, chat_base):
-    for command, extra in (("sft", ["data.max_length=128"]),
+    for command, extra in (("sft", ["data.max_length=128", "data.val_fraction=0.2"]),
                            ("dpo", [f"data.path={chat_base.pairs}", f"data.val_path={chat_base.val_pairs}"])):
         common = [command, f"init={chat_base.dir}", *extra, "train.max_steps=4", "train.save_every=0",
-                  "train.eval_every=0", "train.eval_batches=1", "train.precision=fp32", "train.log_every=1",
+                  "train.eval_every=2", "train.eval_batches=2", "train.precision=fp32", "train.log_every=1",
                   "train.lr=1e-2", "train.warmup_steps=1", "train.progress=false"]
         one = orchard(tmp_path, [*common, "train.batch_size=4", f"out={tmp_path / command / 'one'}"])
         assert one.returncode == 0, one.stderr[-3000:]
@@ -103,6 +116,9 @@ def test_sft_and_dpo_sharded_match_one_process(tmp_path, chat_base):
                                  f"out={tmp_path / command / 'two'}"], 2)
         assert two.returncode == 0, two.stderr[-3000:]
         assert_same_curve(tmp_path / command / "one", tmp_path / command / "two", 4)
+        if command == "sft":  # split over the processes; DPO's validation is the same on each, per rank batch
+            one, split = validation(tmp_path / command / "one"), validation(tmp_path / command / "two")
+            assert len(one) == 3 and all(abs(a["val_loss"] - b["val_loss"]) < 1e-5 for a, b in zip(one, split))
 
 
 def test_what_fsdp_does_not_support_yet_is_one_line(tmp_path, chat_base):

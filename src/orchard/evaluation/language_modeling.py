@@ -19,9 +19,11 @@ from ..losses.tokens import bits_per_byte, token_cross_entropy
 
 @torch.no_grad()
 def evaluate_language_modeling(model: torch.nn.Module, sequences: PackedSequences, token_bytes: np.ndarray,
-                               batch_size: int, max_sequences: int | None = None) -> dict[str, float]:
+                               batch_size: int, max_sequences: int | None = None, shard=None) -> dict[str, float]:
     """Metrics over the first `max_sequences` windows of `sequences` (all of them when None). No
-    window at all is an error: a loss of 0 and a perplexity of 1 over nothing would read as perfect."""
+    window at all is an error: a loss of 0 and a perplexity of 1 over nothing would read as perfect.
+    With a `shard` (`orchard.training.distributed.Shard`) each process scores its batches and the
+    sums are added over all of them."""
     device = next(model.parameters()).device
     count = len(sequences) if max_sequences is None else min(len(sequences), max_sequences)
     if count <= 0:
@@ -29,12 +31,17 @@ def evaluate_language_modeling(model: torch.nn.Module, sequences: PackedSequence
                            f"({len(sequences.tokens)} tokens, at most {max_sequences} windows)")
     loss_sum, tokens, num_bytes = 0.0, 0, 0
     byte_table = torch.from_numpy(np.asarray(token_bytes, dtype=np.int64))
-    for start in range(0, count, batch_size):
+    for index, start in enumerate(range(0, count, batch_size)):
+        if shard is not None and not shard.takes(index):
+            continue
         batch = sequences.batch(range(start, min(start + batch_size, count)))
         logits = model(batch["input_ids"].to(device)).logits
         loss_sum += token_cross_entropy(logits, batch["labels"].to(device)).item()
         tokens += batch["labels"].numel()
         num_bytes += int(byte_table[batch["labels"]].sum())
+    if shard is not None:
+        totals = shard.sum({"loss": loss_sum, "tokens": tokens, "bytes": num_bytes})
+        loss_sum, tokens, num_bytes = totals["loss"], int(totals["tokens"]), int(totals["bytes"])
     loss = loss_sum / max(tokens, 1)
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
             "val_bpb": bits_per_byte(loss_sum, num_bytes), "val_tokens": float(tokens)}

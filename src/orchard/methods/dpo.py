@@ -117,7 +117,7 @@ class PreferenceOptimization:
                               "logps/chosen": parts["logps_chosen"].mean().item(),
                               "logps/rejected": parts["logps_rejected"].mean().item()}
 
-    def evaluate(self, model) -> dict[str, float]:
+    def evaluate(self, model, shard) -> dict[str, float]:
         device = next(model.parameters()).device
         totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "reward_chosen": 0.0, "reward_rejected": 0.0,
                   "likelihood_accuracy": 0.0}

@@ -126,7 +126,7 @@ class GRPO:
             metrics["kl"] = (kl * mask).sum().item() / max(mask.sum().item(), 1)
         return metrics
 
-    def evaluate(self, model) -> dict[str, float]:
+    def evaluate(self, model, shard) -> dict[str, float]:
         return self.rollouts.evaluate(self.val)
 
 

@@ -121,7 +121,7 @@ class PPO:
                    "completion_length": batch["completion_mask"].sum(1).float().mean().item()}
         return policy_loss + c.vf_coef * value_loss, metrics
 
-    def evaluate(self, model) -> dict[str, float]:
+    def evaluate(self, model, shard) -> dict[str, float]:
         return self.rollouts.evaluate(self.val)
 
 

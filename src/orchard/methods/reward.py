@@ -80,7 +80,7 @@ class RewardModeling:
                               "rewards/margins": (chosen - rejected).mean().item(),
                               "rewards/accuracies": (chosen > rejected).float().mean().item()}
 
-    def evaluate(self, model) -> dict[str, float]:
+    def evaluate(self, model, shard) -> dict[str, float]:
         device = next(model.parameters()).device
         loss = correct = margin = 0.0
         pairs = 0

@@ -27,6 +27,28 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 """Whole tensors on rank 0's CPU (the other ranks get nothing): what a checkpoint file holds."""
 
 
+@dataclass(frozen=True)
+class Shard:
+    """A validation set split over the processes: this one takes every `world`-th batch from
+    `rank` on, and `sum` adds the totals of all of them, so every world size reports the numbers of
+    one process evaluating every batch."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def takes(self, batch_index: int) -> bool:
+        return batch_index % self.world == self.rank
+
+    def sum(self, totals: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return totals
+        keys = sorted(totals)
+        summed = torch.tensor([float(totals[key]) for key in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(summed)
+        return dict(zip(keys, summed.tolist()))
+
+
 @dataclass
 class Distributed:
     rank: int = 0
@@ -115,6 +137,9 @@ class Distributed:
     def local(tensor: torch.Tensor) -> torch.Tensor:
         """This process's part of a tensor (the shard of a sharded one)."""
         return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+    def shard(self) -> Shard:
+        return Shard(self.rank, self.world_size, self.device)
 
     def all_reduce_sum(self, value: float) -> float:
         if not self.active:

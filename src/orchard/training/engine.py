@@ -41,6 +41,7 @@ from ..peft.surgery import is_peft_tensor
 from ..tokenizer import Tokenizer
 from .progress import Progress
 from .run_directory import METRICS_FILE, open_run, recipe_change
+from .distributed import Shard
 from .runtime import Runtime, resolve_device
 
 
@@ -147,8 +148,10 @@ class Method(Protocol):
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """The summed (not averaged) loss of `batch`, and per-batch metrics to log."""
 
-    def evaluate(self, model: CausalLM) -> dict[str, float]:
-        """Validation metrics of the unwrapped model (runs on rank 0 only, under no_grad)."""
+    def evaluate(self, model: CausalLM, shard: Shard) -> dict[str, float]:
+        """Validation metrics of the unwrapped model, under no_grad, on every process: split over
+        them by `shard` (each scores its batches, `shard.sum` adds the totals), or, for a method
+        that does not split its validation, the same on each."""
 
     trainable_modules: torch.nn.Module | None
     """Weights that train with the model but are not part of it (distillation's projections of
@@ -422,14 +425,12 @@ class Trainer:
                 handle.write(json.dumps(entry) + "\n")
 
     def _evaluate(self) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        # A sharded model computes only with every rank gathering its weights: all of them evaluate
-        # (the same batches, so the same numbers); a replicated one evaluates on rank 0 alone.
-        if self.dist.rank == 0 or self.sharded:
-            self.model.eval()
-            with torch.no_grad(), self.runtime.autocast():
-                metrics = self.method.evaluate(self.model)
-            self.model.train()
+        # Every process evaluates: the validation set is split over them (the same windows at every
+        # world size), and a sharded model computes only with all of them gathering its weights.
+        self.model.eval()
+        with torch.no_grad(), self.runtime.autocast():
+            metrics = self.method.evaluate(self.model, self.dist.shard())
+        self.model.train()
         if self.dist.rank == 0:
             self._log({"step": self.state.step, "tokens": self.state.tokens, **metrics})
         else:

@@ -21,6 +21,7 @@ from ..data.packing import EpochOrder, PackedSequences, micro_batch_samples
 from ..evaluation.language_modeling import evaluate_language_modeling
 from ..losses.tokens import IGNORE_INDEX, token_cross_entropy
 from ..model import CausalLM
+from .distributed import Shard
 from .engine import TrainConfig
 
 
@@ -53,9 +54,10 @@ class PackedLanguageModeling:
         logits = model(batch["input_ids"]).logits
         return token_cross_entropy(logits, batch["labels"]), {}
 
-    def evaluate(self, model: CausalLM) -> dict[str, float]:
+    def evaluate(self, model: CausalLM, shard: Shard) -> dict[str, float]:
+        # eval_batches global batches, split over the processes: the same windows at every world size.
         return evaluate_language_modeling(model, self.val, self.token_bytes, self.config.batch_size,
-                                          max_sequences=self.config.eval_batches * self.config.batch_size)
+                                          self.config.eval_batches * self.config.batch_size * shard.world, shard)
 
 
 def tokenize_conversations(records: list[dict], tokenizer, max_length: int, train_on: str,
@@ -103,16 +105,20 @@ class ConversationLanguageModeling:
     def loss(self, model, batch):
         return summed_token_loss(model, batch), {}
 
-    def evaluate(self, model) -> dict[str, float]:
+    def evaluate(self, model, shard: Shard) -> dict[str, float]:
         loss_sum, tokens = 0.0, 0
         size = self.config.batch_size
-        for start in range(0, min(len(self.val), self.config.eval_batches * size), size):
+        limit = min(len(self.val), self.config.eval_batches * size * shard.world)
+        for index, start in enumerate(range(0, limit, size)):
+            if not shard.takes(index):
+                continue
             batch = self.collate(self.val[start:start + size])
             batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
             total, _ = self.loss(model, batch)
             loss_sum += total.item()
             tokens += self.count(batch)
-        return {"val_loss": loss_sum / max(tokens, 1)}
+        totals = shard.sum({"loss": loss_sum, "tokens": tokens})
+        return {"val_loss": totals["loss"] / max(totals["tokens"], 1)}
 
 
 class _GroupedOrder:

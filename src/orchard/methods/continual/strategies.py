@@ -61,8 +61,8 @@ class ContinualLanguageModeling:
             metrics["ewc_penalty"] = float(penalty.detach())
         return total, metrics
 
-    def evaluate(self, model) -> dict[str, float]:
-        return self.current.evaluate(model)
+    def evaluate(self, model, shard) -> dict[str, float]:
+        return self.current.evaluate(model, shard)
 
 
 # --- EWC ----------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ class Distillation:
             metrics["hidden_loss"] = float(hidden_total.detach()) / max(self.count(batch), 1)
         return total, metrics
 
-    def evaluate(self, model: CausalLM) -> dict[str, float]:
+    def evaluate(self, model: CausalLM, shard) -> dict[str, float]:
         c = self.config
         metrics = evaluate_language_modeling(model, self.val, self.token_bytes, c.train.batch_size,
                                              max_sequences=self.num_val)
