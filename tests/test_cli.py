@@ -341,3 +341,12 @@ def test_quickstart_writes_a_report_with_metrics_plot_and_samples(tmp_path):
     assert "## Growing a model" in text and (tmp_path / "qs" / "grow" / "train" / "final" / "config.json").is_file()
     difference = float(re.search(r"largest logit difference[^|]*\| ([0-9.e+-]+)", text).group(1))
     assert difference < 1e-4  # the grown model computes the parent's function
+
+
+def test_inference_loads_bf16_weights_only_on_a_gpu_in_bf16():
+    from orchard.training.runtime import Runtime
+
+    assert Runtime.for_inference("cpu").inference_dtype is None  # the CPU keeps the checkpoint's fp32
+    assert Runtime.for_inference("cpu", "bf16").inference_dtype is None
+    assert Runtime(torch.device("cuda"), "bf16").inference_dtype == torch.bfloat16
+    assert Runtime(torch.device("cuda"), "fp32").inference_dtype is None

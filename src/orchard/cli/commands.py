@@ -84,7 +84,7 @@ def generate(args) -> None:
 
     sampling = _sampling_config(args)
     runtime = Runtime.for_inference(args.device, args.precision)
-    checkpoint = load_checkpoint(args.checkpoint, device=runtime.device)
+    checkpoint = load_checkpoint(args.checkpoint, device=runtime.device, dtype=runtime.inference_dtype)
     if args.adapter:
         _generate_with_adapters(checkpoint, args, sampling, runtime)
         return
@@ -155,7 +155,7 @@ def chat(args) -> None:
 
     sampling = _sampling_config(args)
     runtime = Runtime.for_inference(args.device, args.precision)
-    checkpoint = load_checkpoint(args.checkpoint, device=runtime.device)
+    checkpoint = load_checkpoint(args.checkpoint, device=runtime.device, dtype=runtime.inference_dtype)
     tokenizer = checkpoint.tokenizer
     turn_end = chat_end_ids(checkpoint.path, tokenizer)
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -204,7 +204,7 @@ def evaluate(args) -> None:
             raise OrchardError(f"{flag}: must be positive, got {value}")
     paths = resolve_paths(args.data, key="--data")
     runtime = Runtime.for_inference(args.device, args.precision)
-    checkpoint = load_checkpoint(args.checkpoint, device=runtime.device)
+    checkpoint = load_checkpoint(args.checkpoint, device=runtime.device, dtype=runtime.inference_dtype)
     if args.seq_len > checkpoint.model.config.max_position_embeddings:
         raise OrchardError(f"--seq-len: {args.seq_len} exceeds the model's "
                            f"{checkpoint.model.config.max_position_embeddings} positions")

@@ -86,6 +86,12 @@ class Runtime:
             precision = resolve_precision(precision, resolved) if resolved.type == "cuda" else "fp32"
         return cls(resolved, precision)
 
+    @property
+    def inference_dtype(self) -> torch.dtype | None:
+        """The dtype inference loads weights in: bf16 on a GPU computing in bf16 (half the memory and
+        bandwidth of fp32), else the checkpoint's own (None)."""
+        return torch.bfloat16 if self.device.type == "cuda" and self.precision == "bf16" else None
+
     def autocast(self):
         """bf16 autocast on the runtime's device, or nothing in fp32."""
         if self.precision == "bf16":

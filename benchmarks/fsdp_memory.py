@@ -1,0 +1,91 @@
+"""Memory per process of one training step: one process, DDP and FSDP2 on 2 processes (CPU, gloo).
+
+    python benchmarks/fsdp_memory.py                      # a ~0.5B Llama-shaped model (Qwen2.5-0.5B's shape)
+    python benchmarks/fsdp_memory.py --layers 4 --width 512 --vocab 8192   # a quick small run
+
+For each setting it prints the bytes this process holds of parameters + gradients + AdamW state,
+counted from its local tensors (shards under FSDP2), and its peak resident memory (ru_maxrss) after
+one optimizer step on batch 1 x --seq-len tokens. The same engine pieces as training: the runtime's
+wrapping (`Runtime.wrap`), fused AdamW, fp32 weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import torch
+
+
+def one_process(args) -> dict:
+    from orchard.model import CausalLM, ModelConfig
+    from orchard.training.distributed import Distributed
+    from orchard.training.runtime import Runtime
+
+    runtime = Runtime.create("cpu", "fp32")
+    config = ModelConfig(vocab_size=args.vocab, hidden_size=args.width, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.width // 64,
+                         num_key_value_heads=max(1, args.width // 448), max_position_embeddings=args.seq_len)
+    torch.manual_seed(0)
+    model = CausalLM(config)
+    wrapped = runtime.wrap(model, 0, args.parallel)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    ids = torch.randint(0, config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(runtime.distributed.rank))
+    loss = torch.nn.functional.cross_entropy(wrapped(ids).logits[0, :-1].float(), ids[0, 1:])
+    loss.backward()
+    optimizer.step()
+    local = Distributed.local
+    held = sum(local(p).numel() * local(p).element_size() for p in params)
+    held += sum(local(p.grad).numel() * local(p.grad).element_size() for p in params if p.grad is not None)
+    held += sum(local(t).numel() * local(t).element_size() for state in optimizer.state.values()
+                for t in state.values() if torch.is_tensor(t))
+    result = {"parallel": args.parallel, "world": runtime.distributed.world_size, "rank": runtime.distributed.rank,
+              "parameters": model.config.num_parameters(), "held_bytes": held,
+              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    runtime.distributed.close()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--width", type=int, default=896)
+    parser.add_argument("--intermediate", type=int, default=4864)
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--parallel", default=None, help=argparse.SUPPRESS)  # a child's setting
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.parallel is not None:
+        result = one_process(args)
+        with open(f"{args.out}.{result['rank']}", "w") as handle:
+            json.dump(result, handle)
+        return
+    rows = []
+    settings = (("one process", "ddp", 1), ("DDP, 2 processes", "ddp", 2), ("FSDP2, 2 processes", "fsdp", 2))
+    for label, parallel, processes in settings:
+        out = f"/tmp/orchard-fsdp-memory-{os.getpid()}"
+        launch = [sys.executable] if processes == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        child = [*launch, __file__, *sys.argv[1:], "--parallel", parallel, "--out", out]
+        subprocess.run(child, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        results = []
+        for rank in range(processes):
+            with open(f"{out}.{rank}") as handle:
+                results.append(json.load(handle))
+            os.remove(f"{out}.{rank}")
+        rows.append((label, max(r["held_bytes"] for r in results), max(r["peak_rss_bytes"] for r in results),
+                     results[0]["parameters"]))
+    print(f"{rows[0][3]:,} parameters, fp32 weights, AdamW, batch 1 x {args.seq_len} tokens; per process:")
+    print(f"{'':<22}{'params+grads+AdamW':>20}{'vs one process':>16}{'peak resident':>15}")
+    for label, held, peak, _ in rows:
+        print(f"{label:<22}{held / 2**30:>17.2f} GiB{held / rows[0][1]:>16.0%}{peak / 2**30:>11.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

