@@ -73,7 +73,10 @@ def main() -> None:
         launch = [sys.executable] if processes == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
         child = [*launch, __file__, *sys.argv[1:], "--parallel", parallel, "--out", out]
-        subprocess.run(child, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        completed = subprocess.run(child, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if completed.returncode != 0:  # on a small machine, most likely out of memory
+            print(f"{label}: failed (exit {completed.returncode}): {completed.stderr.strip()[-300:]}", file=sys.stderr)
+            continue
         results = []
         for rank in range(processes):
             with open(f"{out}.{rank}") as handle:
@@ -81,6 +84,8 @@ def main() -> None:
             os.remove(f"{out}.{rank}")
         rows.append((label, max(r["held_bytes"] for r in results), max(r["peak_rss_bytes"] for r in results),
                      results[0]["parameters"]))
+    if not rows or rows[0][0] != "one process":
+        sys.exit("the one-process run failed: nothing to compare with")
     print(f"{rows[0][3]:,} parameters, fp32 weights, AdamW, batch 1 x {args.seq_len} tokens; per process:")
     print(f"{'':<22}{'params+grads+AdamW':>20}{'vs one process':>16}{'peak resident':>15}")
     for label, held, peak, _ in rows:
