@@ -133,3 +133,28 @@ def test_what_fsdp_does_not_support_yet_is_one_line(tmp_path, chat_base):
         frames = [line for line in completed.stderr.splitlines() if line.strip().startswith("File ")]
         assert errors and words in errors[0] and not any("/orchard/" in frame for frame in frames), \
             completed.stderr[-2000:]
+
+
+def test_two_nodes_meeting_at_a_rendezvous_train_like_two_local_processes(tmp_path, corpus):
+    """Two `torchrun --nnodes=2` launches on this machine (node ranks 0 and 1, one process each,
+    a c10d rendezvous on the loopback) are a two-machine run; it trains like --nproc_per_node=2."""
+    import socket
+
+    common = ["pretrain", f"data.path={corpus}", *TINY, "train.max_steps=6", "train.batch_size=2",
+              "train.parallel=fsdp", "train.save_every=0"]
+    local = orchard(tmp_path, [*common, f"out={tmp_path / 'local'}"], 2)
+    assert local.returncode == 0, local.stderr[-3000:]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "ORCHARD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+                               "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                               "--rdzv_id=orchard-test", "-m", "orchard.cli.main", *common,
+                               f"out={tmp_path / 'nodes'}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), [err[-2000:] for _, err in outputs]
+    assert losses(tmp_path / "nodes") == pytest.approx(losses(tmp_path / "local"), abs=1e-6)
+    record = json.loads((tmp_path / "nodes" / "final" / "orchard.json").read_text())
+    assert record["training"]["world_size"] == 2
