@@ -104,26 +104,33 @@ def test_a_sharded_run_resumes_exactly(tmp_path, corpus):
         (tmp_path / "straight" / "final" / "model.safetensors").read_bytes()
 
 
-def test_sft_and_dpo_sharded_match_one_process(tmp_path, chat_base):
+def test_sft_lora_and_dpo_sharded_match_one_process(tmp_path, chat_base):
     for command, extra in (("sft", ["data.max_length=128", "data.val_fraction=0.2"]),
+                           ("lora", ["data.max_length=128", "peft.method=lora", "peft.r=4"]),
                            ("dpo", [f"data.path={chat_base.pairs}", f"data.val_path={chat_base.val_pairs}"])):
         common = [command, f"init={chat_base.dir}", *extra, "train.max_steps=4", "train.save_every=0",
                   "train.eval_every=2", "train.eval_batches=2", "train.precision=fp32", "train.log_every=1",
                   "train.lr=1e-2", "train.warmup_steps=1", "train.progress=false"]
+        common[0] = "sft" if command == "lora" else command
         one = orchard(tmp_path, [*common, "train.batch_size=4", f"out={tmp_path / command / 'one'}"])
         assert one.returncode == 0, one.stderr[-3000:]
         two = orchard(tmp_path, [*common, "train.batch_size=2", "train.parallel=fsdp",
                                  f"out={tmp_path / command / 'two'}"], 2)
         assert two.returncode == 0, two.stderr[-3000:]
         assert_same_curve(tmp_path / command / "one", tmp_path / command / "two", 4)
+        if command == "lora":  # an adapter checkpoint, gathered from the shards: the same adapters
+            one_adapters = read_weights(tmp_path / command / "one" / "final" / "adapters.safetensors")
+            two_adapters = read_weights(tmp_path / command / "two" / "final" / "adapters.safetensors")
+            assert one_adapters.keys() == two_adapters.keys() and len(one_adapters) > 0
+            assert max((one_adapters[k] - two_adapters[k]).abs().max().item() for k in one_adapters) < 1e-4
+            assert (tmp_path / command / "two" / "final" / "peft" / "adapter_model.safetensors").is_file()
         if command == "sft":  # split over the processes; DPO's validation is the same on each, per rank batch
             one, split = validation(tmp_path / command / "one"), validation(tmp_path / command / "two")
             assert len(one) == 3 and all(abs(a["val_loss"] - b["val_loss"]) < 1e-5 for a, b in zip(one, split))
 
 
 def test_what_fsdp_does_not_support_yet_is_one_line(tmp_path, chat_base):
-    for command, extra, words in (("sft", ["peft.method=lora"], "peft adapters"),
-                                  ("grpo", ["num_generations=2", "max_new_tokens=4"], "samples its own replies")):
+    for command, extra, words in (("grpo", ["num_generations=2", "max_new_tokens=4"], "samples its own replies"),):
         completed = orchard(tmp_path, [command, f"init={chat_base.dir}", *extra, "train.max_steps=1",
                                        "train.parallel=fsdp", "train.progress=false",
                                        f"out={tmp_path / command}"], 2)
@@ -158,3 +165,22 @@ def test_two_nodes_meeting_at_a_rendezvous_train_like_two_local_processes(tmp_pa
     assert losses(tmp_path / "nodes") == pytest.approx(losses(tmp_path / "local"), abs=1e-6)
     record = json.loads((tmp_path / "nodes" / "final" / "orchard.json").read_text())
     assert record["training"]["world_size"] == 2
+
+
+def test_a_sharded_lora_run_resumes_exactly(tmp_path, chat_base):
+    """Adapters on a sharded frozen base: the step checkpoint is an adapter checkpoint gathered from
+    the shards, and resuming puts its adapters (and their optimizer state) back into the shards."""
+    common = ["sft", f"init={chat_base.dir}", "data.max_length=128", "peft.method=lora", "peft.r=4",
+              "train.batch_size=2", "train.parallel=fsdp", "train.max_steps=4", "train.save_every=2",
+              "train.eval_every=0", "train.precision=fp32", "train.log_every=1", "train.lr=1e-2",
+              "train.warmup_steps=1", "train.progress=false"]
+    straight = orchard(tmp_path, [*common, f"out={tmp_path / 'straight'}"], 2)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    for later in ("final", "step-000004"):
+        shutil.rmtree(tmp_path / "resumed" / later)
+    resumed = orchard(tmp_path, [*common, f"out={tmp_path / 'resumed'}"], 2)
+    assert resumed.returncode == 0 and "from step 2" in resumed.stderr, resumed.stderr[-3000:]
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    assert (tmp_path / "resumed" / "final" / "adapters.safetensors").read_bytes() == \
+        (tmp_path / "straight" / "final" / "adapters.safetensors").read_bytes()

@@ -19,26 +19,29 @@ from .layout import (ADAPTER_SETTINGS_FILE, ADAPTER_WEIGHTS_FILE, PEFT_DIR, is_a
 
 
 
-def adapter_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
+def adapter_tensors(model: CausalLM, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Every adapter tensor under its module path (`...q_proj.lora.default.A`), DoRA magnitudes
-    included, and a trainable score head trained with them."""
-    tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()
-               if is_peft_tensor(name)}
+    included, and a trainable score head trained with them: of `model`, or of `weights`, its whole
+    state dict, when the model holds only a shard of it."""
+    state = model.state_dict() if weights is None else weights
+    tensors = {name: tensor.detach().contiguous() for name, tensor in state.items() if is_peft_tensor(name)}
     if tensors and has_trained_head(model):
-        tensors.update({f"score.{name}": t.detach().contiguous() for name, t in model.score.state_dict().items()})
+        tensors.update({name: t.detach().contiguous() for name, t in state.items() if name.startswith("score.")})
     return tensors
 
 
-def write_adapters(tmp: Path, model: CausalLM, base: dict | None) -> str:
-    """An adapter checkpoint: orchard's own file (exact, DoRA included) and, for plain LoRA, the
-    same adapter in PEFT's format for transformers users. Returns the adapter file's hash."""
+def write_adapters(tmp: Path, model: CausalLM, base: dict | None, tensors: dict[str, torch.Tensor]) -> str:
+    """An adapter checkpoint of `tensors` (`adapter_tensors`): orchard's own file (exact, DoRA
+    included) and, for plain LoRA, the same adapter in PEFT's format for transformers users.
+    Returns the adapter file's hash."""
     settings = describe(model)
-    tensors = {k: v.to("cpu") for k, v in adapter_tensors(model).items()}
+    tensors = {k: v.to("cpu") for k, v in tensors.items()}
     save_file(tensors, tmp / ADAPTER_WEIGHTS_FILE, metadata={"format": "pt"})
     write_json(tmp / ADAPTER_SETTINGS_FILE, settings)
     lora = settings.get("lora", {})
     if list(settings) == ["lora"] and len(lora) == 1 and not next(iter(lora.values()))["use_dora"]:
-        save_adapter(model, next(iter(lora)), tmp / PEFT_DIR, base_model_name_or_path=(base or {}).get("path"))
+        save_adapter(model, next(iter(lora)), tmp / PEFT_DIR, base_model_name_or_path=(base or {}).get("path"),
+                     tensors=tensors)
     return file_sha256(tmp / ADAPTER_WEIGHTS_FILE)
 
 

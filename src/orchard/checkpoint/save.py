@@ -45,10 +45,11 @@ def save_checkpoint(path: str | Path, model: CausalLM, tokenizer: Tokenizer, rec
     }
 
     def write(tmp: Path) -> None:
-        if weights is None and adapter_tensors(model):
+        adapters = adapter_tensors(model, weights)
+        if adapters:
             # The base is frozen and stays where it is: only the adapters are written, and the
             # record's parent says which base they belong to.
-            sha = write_adapters(tmp, model, record.get("parent"))
+            sha = write_adapters(tmp, model, record.get("parent"), adapters)
         else:
             write_json(tmp / "config.json", config.to_hf_dict(dtype))
             state = {k: v.to("cpu") for k, v in model_state_dict(model, weights).items()}

@@ -387,10 +387,14 @@ def _peft_targets(model: nn.Module, adapted: list[str]) -> list[str]:
 
 
 def save_adapter(model: nn.Module, name: str, directory: str | Path,
-                 base_model_name_or_path: str | None = None) -> None:
+                 base_model_name_or_path: str | None = None, tensors: dict[str, torch.Tensor] | None = None) -> None:
     """Write adapter `name` as a PEFT adapter directory (plain LoRA and rsLoRA; not DoRA), which
-    `peft.PeftModel.from_pretrained` loads on the exported base model."""
+    `peft.PeftModel.from_pretrained` loads on the exported base model. `tensors`: the adapter's
+    whole tensors by state-dict name, when the model holds only shards of them."""
     weights = adapter_state_dict(model, name)
+    if tensors is not None:
+        weights = {module: (tensors[f"{module}.lora.{name}.A"], tensors[f"{module}.lora.{name}.B"])
+                   for module in weights}
     config = _config_of(model, name)
     save_lora_adapter(directory, LoraAdapterConfig(
         r=config.r, lora_alpha=config.alpha, target_modules=_peft_targets(model, list(weights)),

@@ -29,19 +29,22 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 @dataclass(frozen=True)
 class Shard:
-    """A validation set split over the processes: this one takes every `world`-th batch from
-    `rank` on, and `sum` adds the totals of all of them, so every world size reports the numbers of
-    one process evaluating every batch."""
+    """A validation set of `world` global batches' worth, split over the processes: this one takes
+    every `world`-th batch from `rank` on, and `sum` adds the totals of all of them, so every world
+    size reports the numbers of one process evaluating every batch. Not `split`, every process
+    evaluates every batch (a sharded model: each forward pass needs all the processes, so they must
+    make the same number of them)."""
 
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    split: bool = True
 
     def takes(self, batch_index: int) -> bool:
-        return batch_index % self.world == self.rank
+        return not self.split or batch_index % self.world == self.rank
 
     def sum(self, totals: dict[str, float]) -> dict[str, float]:
-        if self.world == 1:
+        if self.world == 1 or not self.split:
             return totals
         keys = sorted(totals)
         summed = torch.tensor([float(totals[key]) for key in keys], dtype=torch.float64, device=self.device)
@@ -138,8 +141,8 @@ class Distributed:
         """This process's part of a tensor (the shard of a sharded one)."""
         return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
-    def shard(self) -> Shard:
-        return Shard(self.rank, self.world_size, self.device)
+    def shard(self, split: bool = True) -> Shard:
+        return Shard(self.rank, self.world_size, self.device, split)
 
     def all_reduce_sum(self, value: float) -> float:
         if not self.active:

@@ -30,14 +30,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from ..checkpoint import (FINAL_DIR, STEP_PREFIX, has_training_state, is_checkpoint, read_record,
-                          read_training_state, read_weights, restore_trained_weights, save_checkpoint,
-                          step_checkpoints)
+from ..checkpoint import (ADAPTER_WEIGHTS_FILE, FINAL_DIR, STEP_PREFIX, has_training_state, is_adapter_checkpoint,
+                          is_checkpoint, read_record, read_training_state, read_weights, restore_trained_weights,
+                          save_checkpoint, step_checkpoints)
 from ..config import Duration, to_dict
 from ..errors import OrchardError
 from ..files import atomic_file, read_json_lines
 from ..model import CausalLM
-from ..peft.surgery import is_peft_tensor
 from ..tokenizer import Tokenizer
 from .progress import Progress
 from .run_directory import METRICS_FILE, open_run, recipe_change
@@ -218,8 +217,6 @@ class Trainer:
         """The model as the loop runs it (activation checkpointing, DDP or FSDP2), and the optimizer
         over its trainable weights, made after the wrapping because FSDP2 replaces them by shards."""
         c = self.config
-        if c.parallel == "fsdp" and self.dist.active and any(is_peft_tensor(n) for n, _ in self.model.named_parameters()):
-            raise OrchardError("train.parallel: fsdp with peft adapters is not supported yet; use train.parallel=ddp")
         model = self.runtime.wrap(self.model, c.activation_checkpointing_every if c.activation_checkpointing else 0,
                                   c.parallel)
         # Frozen parameters (a base under adapters, say) are left out of the optimizer.
@@ -378,7 +375,9 @@ class Trainer:
         if bad:
             raise OrchardError(f"its {bad[0]} is {metrics[bad[0]]}")
         if self.sharded:
-            self.dist.load_full_state_dict(self.model, read_weights(directory))
+            # Every rank reads the whole tensors (an adapter checkpoint's are the adapters) and keeps its shards.
+            weights = directory / ADAPTER_WEIGHTS_FILE if is_adapter_checkpoint(directory) else directory
+            self.dist.load_full_state_dict(self.model, read_weights(weights))
         else:
             restore_trained_weights(self.model, directory)
             self.model.to(self.device)
@@ -426,10 +425,11 @@ class Trainer:
 
     def _evaluate(self) -> dict[str, float]:
         # Every process evaluates: the validation set is split over them (the same windows at every
-        # world size), and a sharded model computes only with all of them gathering its weights.
+        # world size); a sharded model computes only with all of them gathering its weights, so
+        # there each evaluates every batch.
         self.model.eval()
         with torch.no_grad(), self.runtime.autocast():
-            metrics = self.method.evaluate(self.model, self.dist.shard())
+            metrics = self.method.evaluate(self.model, self.dist.shard(split=not self.sharded))
         self.model.train()
         if self.dist.rank == 0:
             self._log({"step": self.state.step, "tokens": self.state.tokens, **metrics})
