@@ -126,9 +126,14 @@ def test_sft_lora_and_dpo_sharded_match_one_process(tmp_path, chat_base):
             assert one_adapters.keys() == two_adapters.keys() and len(one_adapters) > 0
             assert max((one_adapters[k] - two_adapters[k]).abs().max().item() for k in one_adapters) < 1e-4
             assert (tmp_path / command / "two" / "final" / "peft" / "adapter_model.safetensors").is_file()
-        if command == "sft":  # split over the processes; DPO's validation is the same on each, per rank batch
+        if command in ("sft", "dpo"):  # eval_batches global batches: the same validation numbers
             one, split = validation(tmp_path / command / "one"), validation(tmp_path / command / "two")
-            assert len(one) == 3 and all(abs(a["val_loss"] - b["val_loss"]) < 1e-5 for a, b in zip(one, split))
+            assert len(one) == 3 and all(abs(a[k] - b[k]) < 1e-5 for a, b in zip(one, split) for k in a), (one, split)
+    # Under DDP the pairs are split over the processes and the sums added.
+    ddp = orchard(tmp_path, [*common, "train.batch_size=2", "train.parallel=ddp", f"out={tmp_path / 'dpo' / 'ddp'}"], 2)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, split = validation(tmp_path / "dpo" / "one"), validation(tmp_path / "dpo" / "ddp")
+    assert all(abs(a[k] - b[k]) < 1e-5 for a, b in zip(one, split) for k in a), (one, split)
 
 
 def test_what_fsdp_does_not_support_yet_is_one_line(tmp_path, chat_base):

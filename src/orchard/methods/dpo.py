@@ -123,7 +123,7 @@ class PreferenceOptimization:
                   "likelihood_accuracy": 0.0}
         pairs = 0
         c = self.config.train
-        for batch in held_out_batches(self.val, c.batch_size, self.pad_id, c.eval_batches):
+        for batch in held_out_batches(self.val, c.batch_size, self.pad_id, c.eval_batches, shard):
             if self.reference is not None:
                 batch["reference"] = self.reference["val"][batch["pair_index"]]
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -138,7 +138,9 @@ class PreferenceOptimization:
             # more likely per token: meaningful before training too, when implicit rewards are all 0.
             totals["likelihood_accuracy"] += (parts["mean_chosen"] > parts["mean_rejected"]).sum().item()
             pairs += len(batch["pair_index"])
-        return {f"val_{k}": v / max(pairs, 1) for k, v in totals.items()}
+        totals = shard.sum({**totals, "pairs": pairs})
+        pairs = max(totals.pop("pairs"), 1)
+        return {f"val_{k}": v / pairs for k, v in totals.items()}
 
 
 @in_run_directory("dpo")

@@ -128,11 +128,16 @@ class PairBatches:
         return batch
 
 
-def held_out_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, limit: int | None = None):
-    """Held-out pairs in order, `batch_size` at a time (at most `limit` batches)."""
+def held_out_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, limit: int | None = None,
+                     shard=None):
+    """Held-out pairs in order, `batch_size` at a time (at most `limit` batches per process): with a
+    `shard` (`training.distributed.Shard`), this process's share of `limit` batches per process."""
+    world = shard.world if shard is not None else 1
     for n, start in enumerate(range(0, len(pairs), batch_size)):
-        if limit is not None and n >= limit:
+        if limit is not None and n >= limit * world:
             return
+        if shard is not None and not shard.takes(n):
+            continue
         batch = collate_pairs(pairs[start:start + batch_size], pad_id)
         batch["pair_index"] = torch.arange(start, min(start + batch_size, len(pairs)))
         yield batch

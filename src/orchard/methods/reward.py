@@ -85,7 +85,7 @@ class RewardModeling:
         loss = correct = margin = 0.0
         pairs = 0
         c = self.config.train
-        for batch in held_out_batches(self.val, c.batch_size, self.pad_id, c.eval_batches):
+        for batch in held_out_batches(self.val, c.batch_size, self.pad_id, c.eval_batches, shard):
             batch = {k: v.to(device) for k, v in batch.items()}
             chosen, rejected = self.scores(model, batch)
             loss += bradley_terry_loss(chosen, rejected, self.config.margin,
@@ -93,8 +93,10 @@ class RewardModeling:
             correct += (chosen > rejected).sum().item()
             margin += (chosen - rejected).sum().item()
             pairs += len(chosen)
-        return {"val_loss": loss / max(pairs, 1), "val_accuracy": correct / max(pairs, 1),
-                "val_margin": margin / max(pairs, 1)}
+        totals = shard.sum({"loss": loss, "correct": correct, "margin": margin, "pairs": pairs})
+        pairs = max(totals["pairs"], 1)
+        return {"val_loss": totals["loss"] / pairs, "val_accuracy": totals["correct"] / pairs,
+                "val_margin": totals["margin"] / pairs}
 
 
 @in_run_directory("reward")
