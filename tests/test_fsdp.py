@@ -70,6 +70,7 @@ def test_pretraining_sharded_on_two_processes_matches_one(tmp_path, corpus):
         two = orchard(tmp_path, [*common, "train.batch_size=2", f"train.parallel={parallel}",
                                  f"out={tmp_path / parallel}"], 2)
         assert two.returncode == 0, two.stderr[-3000:]
+        assert two.stdout.count("steps, 1,024 tokens") == 1  # one summary line, rank 0's
         assert_same_curve(tmp_path / "one", tmp_path / parallel, 8)
         # The validation windows are split over the processes and their sums added: the same numbers.
         one, split = validation(tmp_path / "one"), validation(tmp_path / parallel)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -73,8 +74,9 @@ def train(args, command) -> None:
     if recipe and "=" in recipe and not Path(recipe).exists():
         recipe, overrides = None, [recipe] + overrides  # no recipe, only overrides
     result = command.run(load_config(command.config, recipe, overrides))
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.state.metrics.items())
-    print(f"{result.final_dir}: {result.state.step} steps, {result.state.tokens:,} tokens; {metrics}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary (rank 0 holds the metrics)
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.state.metrics.items())
+        print(f"{result.final_dir}: {result.state.step} steps, {result.state.tokens:,} tokens; {metrics}")
 
 
 def generate(args) -> None:
