@@ -185,3 +185,39 @@ def test_a_sharded_lora_run_resumes_exactly(tmp_path, chat_base):
     straight_and_resumed(tmp_path, common, 2, 4)
     assert (tmp_path / "resumed" / "final" / "adapters.safetensors").read_bytes() == \
         (tmp_path / "straight" / "final" / "adapters.safetensors").read_bytes()
+
+
+def test_a_killed_sharded_run_resumes_to_the_same_bytes(tmp_path, corpus):
+    """kill -9 of torchrun and both workers just after a checkpoint appears (mid-step or mid-write),
+    then the same command again: the final weights are byte-identical to a run never interrupted."""
+    import signal
+    import time
+
+    common = ["pretrain", f"data.path={corpus}", *TINY, "train.batch_size=2", "train.parallel=fsdp",
+              "train.save_every=3", "train.max_steps=30"]
+    reference = orchard(tmp_path, [*common, f"out={tmp_path / 'reference'}"], 2)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    env = {**os.environ, "ORCHARD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+              "orchard.cli.main", *common, f"out={tmp_path / 'killed'}"]
+    process = subprocess.Popen(launch, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "killed").glob("step-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    # The launcher and both workers at once (torchrun starts its workers in sessions of their own).
+    target = f"out={tmp_path / 'killed'}".encode()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and target in (entry / "cmdline").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass  # gone already
+    process.wait()
+    assert not (tmp_path / "killed" / "final").exists()
+    resumed = orchard(tmp_path, [*common, f"out={tmp_path / 'killed'}"], 2)
+    assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr[-3000:]
+    assert (tmp_path / "killed" / "final" / "model.safetensors").read_bytes() == \
+        (tmp_path / "reference" / "final" / "model.safetensors").read_bytes()
+    assert not list((tmp_path / "killed").glob(".*.tmp-*"))
