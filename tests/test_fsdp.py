@@ -221,3 +221,26 @@ def test_a_killed_sharded_run_resumes_to_the_same_bytes(tmp_path, corpus):
     assert (tmp_path / "killed" / "final" / "model.safetensors").read_bytes() == \
         (tmp_path / "reference" / "final" / "model.safetensors").read_bytes()
     assert not list((tmp_path / "killed").glob(".*.tmp-*"))
+
+
+def test_distillation_sharded_matches_one_process(tmp_path, chat_base, corpus):
+    """The student sharded (the teacher's top-k cached once, read by every rank): the same losses and
+    the same validation numbers (bits per byte, KL to the teacher) as one process."""
+    student = tmp_path / "student.yaml"
+    student.write_text("hidden_size: 16\nintermediate_size: 32\nnum_hidden_layers: 2\nnum_attention_heads: 2\n"
+                       "num_key_value_heads: 1\n")
+    common = ["distill", str(chat_base.dir), f"student={student}", f"data.path={corpus}", "data.seq_len=32",
+              "top_k=8", "max_train_windows=48", "train.eval_batches=2", "train.eval_every=2", "train.max_steps=4",
+              "train.lr=1e-2", "train.warmup_steps=1", "train.save_every=0", "train.log_every=1",
+              "train.precision=fp32", "train.progress=false"]
+    one = orchard(tmp_path, [*common, "train.batch_size=4", f"out={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    for parallel in ("fsdp", "ddp"):
+        two = orchard(tmp_path, [*common, "train.batch_size=2", f"train.parallel={parallel}",
+                                 f"out={tmp_path / parallel}"], 2)
+        assert two.returncode == 0, two.stderr[-3000:]
+        assert_same_curve(tmp_path / "one", tmp_path / parallel, 4)
+        expected, found = validation(tmp_path / "one"), validation(tmp_path / parallel)
+        assert len(expected) == 3 and "val_forward_kl" in expected[0]
+        assert all(abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])) for a, b in zip(expected, found) for k in a), \
+            (expected, found)

@@ -130,10 +130,12 @@ class Distillation:
     def evaluate(self, model: CausalLM, shard) -> dict[str, float]:
         c = self.config
         metrics = evaluate_language_modeling(model, self.val, self.token_bytes, c.train.batch_size,
-                                             max_sequences=self.num_val)
+                                             max_sequences=self.num_val, shard=shard)
         sums, tokens = {"forward_kl": 0.0, "reverse_kl": 0.0, "jsd": 0.0}, 0
         device = next(model.parameters()).device
-        for start in range(0, self.num_val, c.train.batch_size):
+        for index, start in enumerate(range(0, self.num_val, c.train.batch_size)):
+            if not shard.takes(index):
+                continue
             windows = range(start, min(start + c.train.batch_size, self.num_val))
             batch = {k: v.to(device) for k, v in self.val.batch(windows).items()}
             if self.cache is not None:
@@ -146,5 +148,7 @@ class Distillation:
             sums["reverse_kl"] += reverse_kl(logits, teacher, batch["labels"]).item()
             sums["jsd"] += generalized_jsd(logits, teacher, batch["labels"], beta=c.beta).item()
             tokens += batch["labels"].numel()
-        metrics.update({f"val_{name}": value / max(tokens, 1) for name, value in sums.items()})
+        sums = shard.sum({**sums, "tokens": tokens})
+        tokens = max(sums.pop("tokens"), 1)
+        metrics.update({f"val_{name}": value / tokens for name, value in sums.items()})
         return metrics

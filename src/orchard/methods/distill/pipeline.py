@@ -61,7 +61,8 @@ def run(config: DistillConfig) -> TrainResult:
     train_tokens, val_tokens = split_tokens(token_cache.tokens, config.data.val_fraction, config.data.seq_len, where)
     train, val = PackedSequences(train_tokens, config.data.seq_len), PackedSequences(val_tokens, config.data.seq_len)
     num_train = min(len(train), config.max_train_windows or len(train))
-    num_val = min(len(val), config.train.eval_batches * config.train.batch_size)
+    # eval_batches global batches, split over the processes: the same windows at every world size.
+    num_val = min(len(val), config.train.eval_batches * config.train.batch_size * runtime.distributed.world_size)
     student, student_init = build_student(config, teacher, config.data.seq_len)
     if student.config.max_position_embeddings < config.data.seq_len:
         raise OrchardError(f"data.seq_len: {config.data.seq_len} exceeds the student's "
