@@ -82,8 +82,17 @@ def test_pretraining_sharded_on_two_processes_matches_one(tmp_path, corpus):
     assert max((one_weights[k] - two_weights[k]).abs().max().item() for k in one_weights) < 1e-4
     record = json.loads((two / "final" / "orchard.json").read_text())
     assert record["training"]["world_size"] == 2 and record["training"]["global_batch"] == 4
+    # A step checkpoint holds each rank's shards (half of every weight and of its optimizer state),
+    # not the whole state: training_state.json keeps the counters only.
     state = json.loads((two / "step-000008" / "training_state.json").read_text())
-    assert "model.embed_tokens.weight" in json.dumps(state)  # the optimizer state, keyed by parameter name
+    assert '"optimizer", null' in json.dumps(state)
+    shards = sorted((two / "step-000008" / "shards").glob("*.safetensors"))
+    assert len(shards) == 2 and not (two / "step-000008" / "model.safetensors").exists()
+    whole = one_weights["model.embed_tokens.weight"]
+    for shard in shards:
+        tensors = read_weights(shard)
+        assert tensors["model.embed_tokens.weight"].shape == (whole.shape[0] // 2, whole.shape[1])
+        assert tensors["optimizer.model.embed_tokens.weight.exp_avg"].shape == (whole.shape[0] // 2, whole.shape[1])
 
 
 def straight_and_resumed(tmp_path: Path, common: list[str], saved: int, last: int) -> None:
@@ -104,6 +113,33 @@ def test_a_sharded_run_resumes_exactly(tmp_path, corpus):
                                     "train.parallel=fsdp", "train.save_every=3", "train.max_steps=6"], 3, 6)
     assert (tmp_path / "resumed" / "final" / "model.safetensors").read_bytes() == \
         (tmp_path / "straight" / "final" / "model.safetensors").read_bytes()
+
+
+def test_a_run_resumes_at_another_number_of_processes(tmp_path, corpus):
+    """Saved sharded at 2 processes and resumed at 1, and saved at 1 and resumed sharded at 2: the
+    run continues from the saved step with the same global batch (train.global_batch) and the curve
+    of the run that never stopped."""
+    common = ["pretrain", f"data.path={corpus}", *TINY, "train.batch_size=2", "train.global_batch=4",
+              "train.parallel=fsdp", "train.save_every=3", "train.max_steps=6"]
+    for saved_on, resumed_on in ((2, 1), (1, 2)):
+        straight, resumed = tmp_path / f"straight-{saved_on}", tmp_path / f"resumed-{saved_on}-on-{resumed_on}"
+        assert orchard(tmp_path, [*common, f"out={straight}"], saved_on).returncode == 0
+        shutil.copytree(straight, resumed)
+        for later in ("final", "step-000006"):
+            shutil.rmtree(resumed / later)
+        assert (resumed / "step-000003" / "shards").is_dir() == (saved_on == 2)
+        if saved_on == 2:
+            # Without train.global_batch the global batch would change with the processes: refused.
+            unfixed = [arg for arg in common if not arg.startswith("train.global_batch")]
+            refused = orchard(tmp_path, [*unfixed, f"out={resumed}"], 1)
+            assert refused.returncode != 0 and refused.stderr.count("\n") == 1, refused.stderr[-2000:]
+            assert "global batch of 4, this run's is 2" in refused.stderr and "train.global_batch=4" in refused.stderr
+        completed = orchard(tmp_path, [*common, f"out={resumed}"], resumed_on)
+        assert completed.returncode == 0 and "from step 3" in completed.stderr, completed.stderr[-3000:]
+        a, b = losses(straight), losses(resumed)
+        assert len(a) == len(b) == 6 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+        record = json.loads((resumed / "final" / "orchard.json").read_text())["training"]
+        assert record["world_size"] == resumed_on and record["global_batch"] == 4
 
 
 def test_sft_lora_and_dpo_sharded_match_one_process(tmp_path, chat_base):

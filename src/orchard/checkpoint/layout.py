@@ -28,6 +28,8 @@ QUANTIZATION_FILE = "quantization.json"
 PEFT_DIR = "peft"
 FINAL_DIR = "final"
 STEP_PREFIX = "step-"
+SHARDS_DIR = "shards"
+"""Of a step checkpoint of a sharded run: every process's shards of the weights and optimizer state."""
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -64,8 +66,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if is_checkpoint(path / FINAL_DIR):
         return path / FINAL_DIR
     steps = step_checkpoints(path)
+    readable = [step for step in steps if is_checkpoint(step)]
+    if readable:
+        return readable[-1]
     if steps:
-        return steps[-1]
+        raise OrchardError(f"{path}: its step checkpoints hold a sharded run's shards, which only resuming the run "
+                           f"reads; run its command again to finish it and write final/")
     raise OrchardError(f"{path}: not a checkpoint (no config.json and {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE})")
 
 

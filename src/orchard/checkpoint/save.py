@@ -4,6 +4,7 @@ or the new one, never half of one."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -31,9 +32,12 @@ def model_state_dict(model: CausalLM, weights: dict[str, torch.Tensor] | None = 
 
 
 def save_checkpoint(path: str | Path, model: CausalLM, tokenizer: Tokenizer, record: dict,
-                    training_state: dict | None = None, weights: dict[str, torch.Tensor] | None = None) -> Path:
+                    training_state: dict | None = None, weights: dict[str, torch.Tensor] | None = None,
+                    write_weights: Callable[[Path], None] | None = None) -> Path:
     """Write a complete checkpoint directory atomically; returns its path. `weights` is the model's
-    whole state dict when `model` holds only a shard of it (FSDP2 gathers it onto rank 0)."""
+    whole state dict when `model` holds only a shard of it (FSDP2 gathers it onto rank 0);
+    `write_weights(tmp)`, when given, writes the weights instead (a sharded run's shards, or
+    model.safetensors consolidated from them)."""
     path = Path(path)
     config = model.config
     quantization = quantization_settings(model)
@@ -45,8 +49,12 @@ def save_checkpoint(path: str | Path, model: CausalLM, tokenizer: Tokenizer, rec
     }
 
     def write(tmp: Path) -> None:
-        adapters = adapter_tensors(model, weights)
-        if adapters:
+        adapters = adapter_tensors(model, weights) if write_weights is None else {}
+        if write_weights is not None:
+            write_json(tmp / "config.json", config.to_hf_dict(dtype))
+            write_weights(tmp)
+            sha = file_sha256(tmp / WEIGHTS_FILE) if (tmp / WEIGHTS_FILE).is_file() else None
+        elif adapters:
             # The base is frozen and stays where it is: only the adapters are written, and the
             # record's parent says which base they belong to.
             sha = write_adapters(tmp, model, record.get("parent"), adapters)

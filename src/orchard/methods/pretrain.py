@@ -30,9 +30,8 @@ from ..files import atomic_directory
 from ..lineage import new_record
 from ..model import CausalLM, ModelConfig
 from ..tokenizer import MIN_VOCAB_SIZE, Tokenizer
-from ..training import TrainConfig, Trainer, TrainResult
+from ..training import TrainConfig, Trainer, TrainResult, training_runtime
 from ..training.objectives import PackedLanguageModeling
-from ..training.runtime import Runtime
 from ..training.run_directory import open_run, read_run_file, record_in_run_file
 
 
@@ -194,7 +193,7 @@ def run(config: PretrainConfig) -> TrainResult:
 
 
 def _run(config: PretrainConfig, run_dir: Path) -> TrainResult:
-    runtime = Runtime.create(config.train.device, config.train.precision)
+    runtime = training_runtime(config.train)
     with runtime.distributed.rank_zero_first():  # one process writes the tokenizer and caches, the rest read them
         paths = corpus_paths(config.data)
         tokenizer = prepare_tokenizer(config, paths, run_dir)

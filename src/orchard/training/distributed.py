@@ -16,15 +16,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
-
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-"""Whole tensors on rank 0's CPU (the other ranks get nothing): what a checkpoint file holds."""
 
 
 @dataclass(frozen=True)
@@ -118,19 +115,16 @@ class Distributed:
         return isinstance(model, FSDPModule)
 
     @staticmethod
-    def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The sharded model's whole weights on rank 0 (gathered one tensor at a time onto the CPU)."""
-        return get_model_state_dict(model, options=FULL)
+    def full_state_dict(model: torch.nn.Module, trained_only: bool = False) -> dict[str, torch.Tensor]:
+        """The sharded model's whole weights (`trained_only`: those that train) on rank 0, gathered
+        one tensor at a time onto the CPU."""
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                    ignore_frozen_params=trained_only))
 
     @staticmethod
     def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Every rank passes the whole weights (read from the checkpoint); each keeps its shard."""
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-
-    @staticmethod
-    def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """The optimizer's state keyed by parameter name, whole, on rank 0."""
-        return get_optimizer_state_dict(model, optimizer, options=FULL)
 
     @staticmethod
     def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:

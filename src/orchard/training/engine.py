@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from ..checkpoint.sharded import (consolidate_weights, consolidated_weight_names, is_sharded_checkpoint, load_shards,
+                                  save_shards)
 from ..checkpoint import (ADAPTER_WEIGHTS_FILE, FINAL_DIR, STEP_PREFIX, has_training_state, is_adapter_checkpoint,
                           is_checkpoint, read_record, read_training_state, read_weights, restore_trained_weights,
                           save_checkpoint, step_checkpoints)
@@ -37,6 +39,7 @@ from ..config import Duration, to_dict
 from ..errors import OrchardError
 from ..files import atomic_file, read_json_lines
 from ..model import CausalLM
+from ..peft.surgery import is_peft_tensor
 from ..tokenizer import Tokenizer
 from .progress import Progress
 from .run_directory import METRICS_FILE, open_run, recipe_change
@@ -56,6 +59,10 @@ class TrainConfig:
     """Sequences per micro-batch, per process."""
     grad_accum: int = 1
     """Micro-batches per optimizer step: global batch = batch_size x grad_accum x processes."""
+    global_batch: int | None = None
+    """Sequences (pairs, prompts) per optimizer step over all processes. When set, grad_accum is
+    worked out from it (global_batch / (batch_size x processes), which must divide), so the run
+    trains the same at any number of processes, and can be resumed at another."""
     lr: float = 1e-3
     """Peak learning rate, reached at the end of warm-up."""
     min_lr_ratio: float = 0.1
@@ -105,7 +112,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "max_tokens"):
+        for name in ("max_steps", "max_tokens", "global_batch"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -157,6 +164,19 @@ class Method(Protocol):
     hidden states), saved with the training state only; None for most methods."""
 
 
+def training_runtime(config: TrainConfig) -> Runtime:
+    """The runtime of a training process (its device and, under torchrun, process group), with
+    `config.grad_accum` worked out from `config.global_batch` for this number of processes."""
+    runtime = Runtime.create(config.device, config.precision)
+    if config.global_batch is not None:
+        per_step = config.batch_size * runtime.distributed.world_size
+        if config.global_batch % per_step:
+            raise OrchardError(f"train.global_batch={config.global_batch} is not a multiple of train.batch_size="
+                               f"{config.batch_size} x {runtime.distributed.world_size} process(es)")
+        config.grad_accum = config.global_batch // per_step
+    return runtime
+
+
 def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
     """Linear warm-up over `warmup_steps`, then cosine decay to `lr * min_lr_ratio` as progress -> 1."""
     if step < config.warmup_steps:
@@ -204,8 +224,11 @@ class Trainer:
         self.dist, self.device, self.precision = self.runtime.distributed, self.runtime.device, self.runtime.precision
         self.model = model.to(self.device)
         self.extra_modules = method.trainable_modules
+        # What the optimizer trains: the model, and weights trained beside it (named extra_modules.*).
+        self.trained: torch.nn.Module = self.model
         if self.extra_modules is not None:
             self.extra_modules.to(self.device)
+            self.trained = torch.nn.ModuleDict({"model": self.model, "extra_modules": self.extra_modules})
         self.params: list[torch.nn.Parameter] = []
         self.optimizer: torch.optim.Optimizer | None = None
         self.state = TrainState()
@@ -276,21 +299,49 @@ class Trainer:
         return {**self.record, "training": {
             "steps": s.step, "tokens": s.tokens, "wall_seconds": round(s.elapsed, 2), "flops": s.flops,
             "precision": self.precision, "device": self.device.type, "world_size": self.dist.world_size,
-            "global_batch": self.config.batch_size * self.config.grad_accum * self.dist.world_size,
+            "global_batch": self._global_batch(),
         }, "metrics": dict(s.metrics)}
 
     def _save(self, directory: Path, with_state: bool) -> None:
+        """A checkpoint into `directory` (every rank calls this): a step checkpoint (`with_state`)
+        of a sharded model as each rank's shards; final/ of a sharded model consolidated from the
+        last step's shards, or, when it holds adapters or frozen weights, gathered onto rank 0."""
         self._check_finite(self.state.metrics)
-        # A sharded model's weights and optimizer state are gathered whole onto rank 0 (every rank
-        # takes part); the optimizer's is then keyed by parameter name, so any world size resumes it.
-        weights = self.dist.full_state_dict(self.model) if self.sharded else None
-        optimizer = None
+        training_state = None
         if with_state:
-            optimizer = (self.dist.full_optimizer_state(self.model, self.optimizer) if self.sharded
-                         else self.optimizer.state_dict())
+            training_state = self._training_state(None if self.sharded else self.optimizer.state_dict())
+        if self.sharded and with_state:
+            self._save_shards(directory, training_state)
+            return
+        weights, write_weights = None, None
+        if self.sharded:
+            names = consolidated_weight_names(self.model)
+            if names is None:
+                # Every rank takes part; of a model with adapters only they are gathered (the frozen
+                # base is not saved).
+                with_adapters = any(is_peft_tensor(name) for name, _ in self.model.named_parameters())
+                weights = self.dist.full_state_dict(self.model, trained_only=with_adapters)
+            else:
+                last_step = step_checkpoints(self.out_dir)[-1]
+                write_weights = lambda tmp: consolidate_weights(last_step, tmp, names)  # noqa: E731
         if self.dist.rank == 0:
-            save_checkpoint(directory, self.model, self.tokenizer, self._full_record(),
-                            self._training_state(optimizer) if with_state else None, weights=weights)
+            save_checkpoint(directory, self.model, self.tokenizer, self._full_record(), training_state,
+                            weights=weights, write_weights=write_weights)
+        self.dist.barrier()
+
+    def _save_shards(self, directory: Path, training_state: dict) -> None:
+        """Rank 0 makes the checkpoint's temporary directory and tells the others where it is; each
+        rank writes its shards there; rank 0 adds the rest and renames it into place."""
+        def write_shards(tmp: Path | None) -> None:
+            where = [str(tmp)]
+            dist.broadcast_object_list(where, src=0)
+            save_shards(Path(where[0]), self.model, self.trained, self.optimizer)
+
+        if self.dist.rank == 0:
+            save_checkpoint(directory, self.model, self.tokenizer, self._full_record(), training_state,
+                            write_weights=write_shards)
+        else:
+            write_shards(None)
         self.dist.barrier()
 
     def _save_step(self) -> None:
@@ -322,6 +373,7 @@ class Trainer:
                 self._pass_over(candidate, problem)
                 continue
             self._check_same_recipe(record)  # another run's checkpoint is refused, not passed over
+            self._check_global_batch(candidate, record)
             try:
                 saved = self._load_step(candidate, record)
                 break
@@ -346,20 +398,20 @@ class Trainer:
                 "".join(json.dumps(entry) + "\n" for entry in kept), encoding="utf-8"))
         return self.state.step
 
-    def _load_optimizer(self, saved: dict) -> None:
-        """An optimizer state keyed by position (saved unsharded) or by parameter name (saved sharded),
-        into this run's optimizer, sharded or not."""
-        by_name = all(isinstance(key, str) for key in saved["state"])
-        if not by_name and not self.sharded:
+    def _load_optimizer(self, saved: dict | None) -> None:
+        """An optimizer state keyed by position (saved by one process or DDP) into this run's
+        optimizer, sharded or not; None when the checkpoint's shards held it (already loaded)."""
+        if saved is None:
+            return
+        if not self.sharded:
             self.optimizer.load_state_dict(saved)
             return
-        if not by_name:
-            names = {id(p): name for name, p in self.model.named_parameters()}
-            order = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
-            saved = {"state": {order[index]: value for index, value in saved["state"].items()},
-                     "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
-                                      for group in saved["param_groups"]]}
-        self.dist.load_full_optimizer_state(self.model, self.optimizer, saved)
+        names = {id(p): name for name, p in self.trained.named_parameters()}
+        order = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+        by_name = {"state": {order[index]: value for index, value in saved["state"].items()},
+                   "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
+                                    for group in saved["param_groups"]]}
+        self.dist.load_full_optimizer_state(self.trained, self.optimizer, by_name)
 
     def _pass_over(self, step_dir: Path, problem: OrchardError) -> None:
         if self.dist.rank == 0:
@@ -374,7 +426,10 @@ class Trainer:
         bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             raise OrchardError(f"its {bad[0]} is {metrics[bad[0]]}")
-        if self.sharded:
+        if is_sharded_checkpoint(directory):
+            # Saved by a sharded run: each rank reads its slices, at any number of processes.
+            load_shards(directory, self.model, self.trained, self.optimizer)
+        elif self.sharded:
             # Every rank reads the whole tensors (an adapter checkpoint's are the adapters) and keeps its shards.
             weights = directory / ADAPTER_WEIGHTS_FILE if is_adapter_checkpoint(directory) else directory
             self.dist.load_full_state_dict(self.model, read_weights(weights))
@@ -385,6 +440,18 @@ class Trainer:
         if name is not None:
             raise OrchardError(f"its weight {name} is not finite")
         return saved
+
+    def _global_batch(self) -> int:
+        return self.config.batch_size * self.config.grad_accum * self.dist.world_size
+
+    def _check_global_batch(self, directory: Path, record: dict) -> None:
+        """Refuse to continue a run with another global batch (what another number of processes
+        gives, unless train.global_batch holds it): it would be a different run from there on."""
+        saved = (record.get("training") or {}).get("global_batch")
+        if isinstance(saved, int) and saved != self._global_batch():
+            raise OrchardError(f"{directory.name} was trained with a global batch of {saved}, this run's is "
+                               f"{self._global_batch()} (train.batch_size x grad_accum x {self.dist.world_size} "
+                               f"process(es)); set train.global_batch={saved} to continue it")
 
     def _non_finite_parameter(self) -> str | None:
         """The name of a trained weight holding NaN or infinity, or None when all are finite (of a

@@ -21,7 +21,7 @@ from ..lineage import new_record
 from ..model import CausalLM
 from ..peft.config import PeftConfig
 from ..tokenizer import Tokenizer
-from .engine import TrainConfig, Trainer, TrainResult
+from .engine import TrainConfig, Trainer, TrainResult, training_runtime
 from .runtime import Runtime
 
 
@@ -54,7 +54,7 @@ def start_from(init: str | None, command: str, train: TrainConfig) -> Start:
     """The checkpoint `init` (refused when unset), merged, as `command` trains it on `train`'s runtime."""
     if not init:
         raise OrchardError(f"init: {command} needs a checkpoint to start from, e.g. init=runs/quickstart/sft")
-    runtime = Runtime.create(train.device, train.precision)
+    runtime = training_runtime(train)
     checkpoint = load_merged(init)
     return Start(runtime, checkpoint, checkpoint.model.float().train(), checkpoint.tokenizer)
 

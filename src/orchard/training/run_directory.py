@@ -42,7 +42,8 @@ SETUP_ENTRIES = {RUN_FILE, "tokenizer"}
 RESUMABLE_CHANGES = {"out", "train.max_steps", "train.max_tokens", "train.max_time", "train.eval_every",
                      "train.eval_batches", "train.save_every", "train.keep_checkpoints", "train.log_every",
                      "train.progress", "train.device", "train.compile", "train.activation_checkpointing",
-                     "train.activation_checkpointing_every"}
+                     "train.activation_checkpointing_every", "train.parallel", "train.batch_size",
+                     "train.grad_accum", "train.global_batch"}
 """Recipe keys that may differ when a run directory is resumed."""
 
 _open: dict[Path, list] = {}

@@ -21,7 +21,7 @@ from ...files import atomic_file, read_json, write_json
 from ...lineage import new_record
 from ...peft.config import PeftConfig
 from ...peft.lora import LoraConfig, add_lora, set_active_adapters, trainable_parameter_count
-from ...training import TrainConfig, Trainer, TrainResult
+from ...training import TrainConfig, Trainer, TrainResult, training_runtime
 from ...training.run_directory import in_run_directory
 from ...training.runtime import Runtime
 from .config import ContinualConfig
@@ -98,7 +98,7 @@ def run(config: ContinualConfig) -> TrainResult:
     if config.strategy == "adapters" and is_adapter_checkpoint(base):
         raise OrchardError(f"init: strategy=adapters trains adapters on a full checkpoint, and {base} is an "
                            f"adapter checkpoint; merge it first (e.g. train from its merged export)")
-    runtime = Runtime.create(config.train.device, config.train.precision)
+    runtime = training_runtime(config.train)
     device = runtime.device
     out = Path(config.out)
     start = load_merged(base)

@@ -14,7 +14,7 @@ from ...data.tokens import build_token_cache
 from ...errors import OrchardError
 from ...lineage import new_record
 from ...model import CausalLM
-from ...training import Trainer, TrainResult
+from ...training import Trainer, TrainResult, training_runtime
 from ...training.objectives import ConversationLanguageModeling, tokenize_conversations
 from ...training.run_directory import in_run_directory
 from ...training.runtime import Runtime
@@ -44,7 +44,7 @@ def run(config: DistillConfig) -> TrainResult:
     if not config.teacher:
         raise OrchardError("teacher: distill needs a teacher checkpoint, e.g. orchard distill runs/big/final "
                            "--student student.yaml")
-    runtime = Runtime.create(config.train.device, config.train.precision)
+    runtime = training_runtime(config.train)
     teacher = Teacher(config.teacher)
     if config.mode == "sequence":
         return run_sequence_level(config, teacher, runtime)
