@@ -1,6 +1,7 @@
 """FSDP2 under torchrun on the CPU (gloo): 2 processes with train.parallel=fsdp train like 1 process
-with the same global batch (pretraining, SFT, DPO), write a whole Hugging Face-shaped checkpoint from
-the shards, and resume a sharded run exactly; what fsdp does not support yet is one line."""
+with the same global batch (pretraining, SFT, LoRA, DPO, GRPO, PPO, distillation), write sharded step
+checkpoints and a whole Hugging Face-shaped final/ from them, and resume exactly, at the same number of
+processes or another."""
 
 from __future__ import annotations
 
@@ -56,9 +57,9 @@ def assert_same_curve(one: Path, two: Path, steps: int) -> None:
     assert a[-1] < a[0]
 
 
-def validation(run_dir: Path) -> list[dict]:
+def validation(run_dir: Path, key: str = "val_loss") -> list[dict]:
     return [{k: v for k, v in m.items() if k.startswith("val_")}
-            for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "val_loss" in m]
+            for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if key in m]
 
 
 def test_pretraining_sharded_on_two_processes_matches_one(tmp_path, corpus):
@@ -172,17 +173,29 @@ def test_sft_lora_and_dpo_sharded_match_one_process(tmp_path, chat_base):
     assert all(abs(a[k] - b[k]) < 1e-5 for a, b in zip(one, split) for k in a), (one, split)
 
 
-def test_what_fsdp_does_not_support_yet_is_one_line(tmp_path, chat_base):
-    for command, extra, words in (("grpo", ["num_generations=2", "max_new_tokens=4"], "samples its own replies"),):
-        completed = orchard(tmp_path, [command, f"init={chat_base.dir}", *extra, "train.max_steps=1",
-                                       "train.parallel=fsdp", "train.progress=false",
-                                       f"out={tmp_path / command}"], 2)
-        assert completed.returncode != 0
-        errors = [line for line in completed.stderr.splitlines() if line.startswith("orchard: error:")]
-        # torchrun prints its own traceback for a failed worker; none of orchard's frames is in it.
-        frames = [line for line in completed.stderr.splitlines() if line.strip().startswith("File ")]
-        assert errors and words in errors[0] and not any("/orchard/" in frame for frame in frames), \
-            completed.stderr[-2000:]
+def test_grpo_and_ppo_sharded_match_one_process(tmp_path, chat_base):
+    """Each process samples its replies with the policy's weights gathered once (their lengths differ
+    between processes); every reply's sampler is seeded by its place in the run, so 2 sharded
+    processes sample and train as 1 does."""
+    for command, extra, steps in (("grpo", ["num_generations=4", "rewards=[length_penalty,single_line]"], 8),
+                                  ("ppo", [], 4)):
+        common = [command, f"init={chat_base.dir}", *extra, "max_new_tokens=6", "data.max_prompts=16",
+                  "data.eval_prompts=4", "train.lr=1e-2", "train.warmup_steps=1", f"train.max_steps={steps}",
+                  "train.save_every=0", f"train.eval_every={steps // 2}", "train.precision=fp32", "train.log_every=1",
+                  "train.progress=false"]
+        one = orchard(tmp_path, [*common, "train.batch_size=4", f"out={tmp_path / command / 'one'}"])
+        assert one.returncode == 0, one.stderr[-3000:]
+        two = orchard(tmp_path, [*common, "train.batch_size=2", "train.parallel=fsdp",
+                                 f"out={tmp_path / command / 'two'}"], 2)
+        assert two.returncode == 0, two.stderr[-3000:]
+        a, b = losses(tmp_path / command / "one"), losses(tmp_path / command / "two")
+        assert len(a) == len(b) == steps and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+        rewards = [[m["reward"] for m in map(json.loads, (tmp_path / command / run / "metrics.jsonl").read_text()
+                                                           .splitlines()) if "reward" in m] for run in ("one", "two")]
+        # The same replies were sampled; the logged reward is the whole batch's mean, not rank 0's.
+        assert len(rewards[0]) == steps and max(abs(x - y) for x, y in zip(*rewards)) < 1e-6, rewards
+        one_val, two_val = (validation(tmp_path / command / run, "val_reward") for run in ("one", "two"))
+        assert len(one_val) == 3 and all(abs(x[k] - y[k]) < 1e-5 for x, y in zip(one_val, two_val) for k in x)
 
 
 def test_two_nodes_meeting_at_a_rendezvous_train_like_two_local_processes(tmp_path, corpus):

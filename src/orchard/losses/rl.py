@@ -32,6 +32,8 @@ convention differences.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 AGGREGATIONS = ("sequence", "token", "dr_grpo")
@@ -158,21 +160,23 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str,
 # --- PPO ----------------------------------------------------------------------------------------------
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           total: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums) -> torch.Tensor:
     """(values - mean) / sqrt(var + eps) over the masked entries of the whole batch; 0 outside the mask.
 
     As TRL's `masked_whiten`: one mean and one variance over all masked entries (not per row), the
     variance unbiased (Bessel, n-1). `shift_mean=False` adds the mean back (scale only; TRL's
     reward whitening). TRL leaves entries outside the mask shifted and scaled and masks them later;
-    here they are 0. Needs at least 2 masked entries.
+    here they are 0. Needs at least 2 masked entries. `total` adds up a tensor of sums over the
+    parts of a batch split over processes (an all-reduce), so each part is whitened as the whole.
     """
     mask = mask.bool()
-    n = mask.sum()
+    values = torch.where(mask, values, 0.0)
+    n, value_sum = total(torch.stack([mask.sum().to(values.dtype), values.sum()]))
     if n.item() < 2:
         raise ValueError(f"whiten needs at least 2 masked values, got {int(n.item())}")
-    values = torch.where(mask, values, 0.0)
-    mean = values.sum() / n
-    var = torch.where(mask, (values - mean) ** 2, 0.0).sum() / (n - 1)
+    mean = value_sum / n
+    var = total(torch.where(mask, (values - mean) ** 2, 0.0).sum()) / (n - 1)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -90,11 +90,15 @@ class PPO:
         mask = batch["completion_mask"] & batch["reward_valid"][:, None]
         old_logps, old_values, ref_logps = old_logps.float().cpu(), old_values.float().cpu(), ref_logps.float().cpu()
         rewards = token_rewards_with_kl(batch["rewards"], old_logps, ref_logps, mask, c.kl_coef)
-        if c.whiten_rewards and mask.sum() > 1:
-            rewards = whiten(rewards, mask, shift_mean=False)
+        # Whitened over this micro-batch of every process together: the statistics of the batch
+        # one process would see, whatever the number of processes.
+        total = self.rollouts.runtime.distributed.sum_tensor
+        enough = total(mask.sum().float()) > 1
+        if c.whiten_rewards and enough:
+            rewards = whiten(rewards, mask, shift_mean=False, total=total)
         advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
-        if mask.sum() > 1:
-            advantages = whiten(advantages, mask)
+        if enough:
+            advantages = whiten(advantages, mask, total=total)
         batch.update(loss_mask=mask, old_logps=old_logps, old_values=old_values, ref_logps=ref_logps,
                      advantages=advantages, returns=returns)
         return batch

@@ -164,12 +164,15 @@ class Rollouts:
         return self._prepared[key]
 
     @torch.no_grad()
-    def sample(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[int]]:
+    def sample(self, prompt_ids: list[list[int]], sampling: SamplingConfig,
+               row_seeds: list[int] | None = None) -> list[list[int]]:
+        """Replies to `prompt_ids`; a sharded policy's weights are gathered once for the whole of it,
+        so each process samples replies of its own lengths without waiting for the others."""
         was_training = self.policy.training
         self.policy.eval()
-        with self.runtime.autocast():
+        with self.runtime.distributed.gathered(self.policy), self.runtime.autocast():
             completions = generate(self.policy, prompt_ids, sampling, self.end_ids, self.tokenizer.pad_id,
-                                   keep_end_token=True)
+                                   keep_end_token=True, row_seeds=row_seeds)
         self.policy.train(was_training)
         return completions
 
@@ -179,9 +182,10 @@ class Rollouts:
     def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
         samples = micro_batch_samples(step, micro, rank, world, self.batch_size, self.grad_accum)
         prompts = [self.prompts[self.order[s]] for s in samples for _ in range(self.num_generations)]
-        seed = self.seed * 1_000_003 + (step * self.grad_accum + micro) * 1009 + rank
-        sampling = SamplingConfig(**{**vars(self.sampling), "seed": seed})
-        completions = self.sample([p.ids for p in prompts], sampling)
+        # Each reply's sampler is seeded by its place in the run (sample number, generation), so the
+        # replies are the same however the global batch is split over processes and micro-batches.
+        seeds = [self.seed * 1_000_003 + s * 1009 + g for s in samples for g in range(self.num_generations)]
+        completions = self.sample([p.ids for p in prompts], self.sampling, row_seeds=seeds)
         scored = self.rewards([p.messages for p in prompts], self.texts(completions), [p.answer for p in prompts])
         batch = layout([p.ids for p in prompts], completions, self.tokenizer.pad_id)
         batch["rewards"] = scored.total
@@ -253,11 +257,6 @@ def prepare_online_run(config: OnlineConfig, stage: str, num_generations: int, k
     adapter is attached), attach `config.peft` and, for PPO, a value head."""
     start = start_from(config.init, stage, config.train)
     model, tokenizer, runtime = start.model, start.tokenizer, start.runtime
-    if config.train.parallel == "fsdp" and runtime.distributed.active:
-        # Each process samples replies of its own lengths, while a sharded forward pass needs every
-        # process at every step.
-        raise OrchardError(f"train.parallel: {stage} samples its own replies, which fsdp does not support yet; "
-                           f"use train.parallel=ddp")
     rewards = Rewards(config.rewards, runtime.device)
     train, val, data_record = load_prompts(config.data, tokenizer, config.train.seed)
     if max(len(p.ids) for p in train + val) + config.max_new_tokens > model.config.max_position_embeddings:

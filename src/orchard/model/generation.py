@@ -70,25 +70,30 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def next_tokens(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from (B, V) logits."""
+def next_tokens(logits: torch.Tensor, config: SamplingConfig,
+                generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """One token per row from (B, V) logits; `generator` is one for the batch, or one per row."""
     if config.temperature == 0:
         return logits.argmax(-1)
-    logits = filter_top_k_top_p(logits.float() / config.temperature, config.top_k, config.top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    probabilities = filter_top_k_top_p(logits.float() / config.temperature, config.top_k, config.top_p).softmax(-1)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(row[None], 1, generator=g) for row, g in zip(probabilities, generator)])[:, 0]
+    return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
 def generate(model: CausalLM, prompts: list[list[int]], config: SamplingConfig, eos_id: int | Sequence[int],
              pad_id: int, use_cache: bool = True, is_finished: Callable[[int, list[int]], bool] | None = None,
-             on_tokens: Callable[[torch.Tensor], None] | None = None, keep_end_token: bool = False) -> list[list[int]]:
+             on_tokens: Callable[[torch.Tensor], None] | None = None, keep_end_token: bool = False,
+             row_seeds: Sequence[int] | None = None) -> list[list[int]]:
     """Continue each prompt; returns the new tokens of each, up to (not including) an end token;
     `keep_end_token` includes it (RL trains the policy to end its replies too).
 
     `eos_id` is one end token or several (a chat model's turn ends at `<|im_end|>` as well).
 
     `is_finished(row, tokens)` lets the caller end a row early (stop strings); `on_tokens` receives
-    each step's (B,) new tokens, for streaming.
+    each step's (B,) new tokens, for streaming. `row_seeds` seeds each row's sampler on its own
+    (instead of `config.seed` seeding the batch's), so a row samples the same tokens in any batch.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -104,6 +109,10 @@ def generate(model: CausalLM, prompts: list[list[int]], config: SamplingConfig, 
         input_ids[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
         attention_mask[row, longest - len(prompt):] = 1
     generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
+    if row_seeds is not None:
+        if len(row_seeds) != batch_size:
+            raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {batch_size} prompts")
+        generator = [torch.Generator(device=device).manual_seed(seed) for seed in row_seeds]
     seen = torch.zeros((batch_size, model.config.vocab_size), dtype=torch.bool, device=device)
     seen.scatter_(1, input_ids, attention_mask.bool())
 

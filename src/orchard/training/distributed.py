@@ -131,6 +131,28 @@ class Distributed:
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
     @staticmethod
+    @contextmanager
+    def gathered(model: torch.nn.Module):
+        """A sharded model's whole weights in every process for the block, gathered once (not at
+        every forward pass, and with no collective inside the block), so that processes may run
+        different numbers of forward passes: sampling replies of their own lengths. A model that is
+        not sharded is left as it is."""
+        if not isinstance(model, FSDPModule):
+            yield
+            return
+        sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for module in sharded:
+            module.unshard()
+            module.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for module in sharded:
+                # As fully_shard leaves them: the blocks reshard after their forward, the root does not.
+                module.set_reshard_after_forward(module is not model, recurse=False)
+                module.reshard()
+
+    @staticmethod
     def local(tensor: torch.Tensor) -> torch.Tensor:
         """This process's part of a tensor (the shard of a sharded one)."""
         return tensor.to_local() if isinstance(tensor, DTensor) else tensor
@@ -144,6 +166,24 @@ class Distributed:
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
         return tensor.item()
+
+    def sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over the processes (every process calls this; it stays on its device)."""
+        if not self.active:
+            return tensor
+        summed = tensor.to(self.device, torch.float64)
+        dist.all_reduce(summed)
+        return summed.to(tensor.device, tensor.dtype)
+
+    def mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each metric's mean over the processes that report it (every process calls this): what a
+        method measured on its part of the batch (a reward, a KL) becomes the whole batch's."""
+        if not self.active:
+            return metrics
+        everyone: list[dict[str, float]] = [{} for _ in range(self.world_size)]
+        dist.all_gather_object(everyone, metrics)
+        keys = dict.fromkeys(key for reported in everyone for key in reported)
+        return {key: sum(r[key] for r in everyone if key in r) / sum(key in r for r in everyone) for key in keys}
 
     @contextmanager
     def rank_zero_first(self):

@@ -599,6 +599,7 @@ class Trainer:
             window_seconds += now - started
 
             if c.log_every and self.state.step % c.log_every == 0:
+                logged = self.dist.mean_over_processes(logged)
                 tokens_per_second = window_tokens / max(window_seconds, 1e-9)
                 window_tokens, window_seconds = 0, 0.0
                 self._log({"step": self.state.step, "tokens": self.state.tokens, "loss": loss, "lr": lr,

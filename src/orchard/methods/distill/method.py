@@ -73,7 +73,7 @@ class Distillation:
         self.student.eval()
         sampling = SamplingConfig(max_new_tokens=self.config.max_new_tokens,
                                   temperature=self.config.sampling_temperature, top_p=1.0, seed=seed)
-        with self.runtime.autocast():
+        with self.runtime.distributed.gathered(self.student), self.runtime.autocast():
             completions = generate(self.student, prompts.tolist(), sampling, self.end_ids, self.pad_id)
         self.student.train(was_training)
         P, C = prompts.shape[1], max(1, max(len(c) for c in completions))
