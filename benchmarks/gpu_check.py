@@ -7,6 +7,9 @@ It prints, for a ~124M-parameter Llama-shaped model (12 blocks of width 768, voc
 - the bf16 matmul peak measured here (a large square matmul), against which MFU is computed;
 - training tokens/s and MFU (bf16 autocast, torch.compile unless --no-compile, batch x 1024 tokens),
   with and without activation checkpointing, and the peak memory of each;
+- packed sequences (documents of random lengths side by side, as packed SFT batches are): the
+  FlexAttention block-mask path against the dense-mask reference, equal logits (and, on a GPU,
+  gradients) in fp32, and each one's training step time and peak memory in bf16;
 - `generate` tokens/s at batch 1 and 32 (greedy, KV cache).
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -67,6 +71,64 @@ def training(config, runtime, args, checkpoint_every: int) -> dict:
             "flops_per_s": tokens_per_second * config.training_flops_per_token(args.seq_len), "peak_gib": peak}
 
 
+def packed_batch(config, batch: int, seq_len: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Rows of documents of random lengths (16 to seq_len / 2 tokens), the last 5% of each row padding."""
+    generator = torch.Generator().manual_seed(0)
+    documents = torch.full((batch, seq_len), -1, dtype=torch.long)
+    positions = torch.zeros((batch, seq_len), dtype=torch.long)
+    for row in range(batch):
+        start, document, end = 0, 0, seq_len - seq_len // 20
+        while start < end:
+            length = min(int(torch.randint(16, seq_len // 2, (1,), generator=generator)), end - start)
+            documents[row, start:start + length] = document
+            positions[row, start:start + length] = torch.arange(length)
+            start, document = start + length, document + 1
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=generator)
+    return {name: tensor.to(device) for name, tensor in
+            {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "position_ids": positions, "document_ids": documents}.items()}
+
+
+def packed_attention(config, runtime, batch: int, seq_len: int, steps: int) -> None:
+    """FlexAttention against the dense mask on packed rows: equality in fp32, then speed and memory in bf16."""
+    from orchard.model import CausalLM
+
+    torch.manual_seed(0)
+    model = CausalLM(config).to(runtime.device)
+    data = packed_batch(config, batch, seq_len, runtime.device)
+    backward = runtime.device.type == "cuda"  # FlexAttention has no backward pass on the CPU
+
+    def step(choice: str, autocast) -> tuple[torch.Tensor, dict]:
+        model.packed_attention = choice
+        model.zero_grad(set_to_none=True)
+        with autocast, torch.set_grad_enabled(backward):
+            logits = model(data["input_ids"], position_ids=data["position_ids"], document_ids=data["document_ids"]).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), data["labels"].flatten())
+        if backward:
+            loss.backward()
+        return logits.detach().float(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    (mask_logits, mask_grads), (flex_logits, flex_grads) = step("mask", nullcontext()), step("flex", nullcontext())
+    difference = (mask_logits - flex_logits).abs().max().item()
+    gradients = max(((mask_grads[n] - flex_grads[n]).abs().max().item() for n in mask_grads), default=float("nan"))
+    print(f"packed attention, {batch} x {seq_len} tokens in documents of 16-{seq_len // 2}: flex vs dense mask "
+          f"(fp32) logits differ by {difference:.2e}, gradients by {gradients:.2e} "
+          f"({'equal' if difference <= 1e-5 and not gradients > 1e-5 else 'NOT EQUAL'} within 1e-5)")
+    for choice in ("mask", "flex"):
+        if runtime.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        timings = []
+        for _ in range(steps + 2):
+            synchronize(runtime.device)
+            started = time.perf_counter()
+            step(choice, runtime.autocast())
+            synchronize(runtime.device)
+            timings.append(time.perf_counter() - started)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if runtime.device.type == "cuda" else float("nan")
+        best = min(timings[2:])
+        print(f"  {choice:<5} bf16 {'forward+backward' if backward else 'forward'}: {best * 1e3:8.1f} ms  "
+              f"{batch * seq_len / best:>10,.0f} tokens/s  peak memory {peak:.2f} GiB")
+
+
 def generation(config, runtime, batch: int, new_tokens: int) -> float:
     from orchard.model import CausalLM
     from orchard.model.generation import SamplingConfig, generate
@@ -116,6 +178,10 @@ def main() -> None:
         result = training(config, runtime, args, every)
         print(f"  {label:<26} {result['tokens_per_s']:>10,.0f} tokens/s  MFU {result['flops_per_s'] / peak:6.1%}  "
               f"peak memory {result['peak_gib']:.2f} GiB")
+    if args.smoke:
+        packed_attention(config, runtime, 2, 128, 1)
+    else:
+        packed_attention(config, runtime, 8, 4096, 5)
     for batch in (1, 32):
         print(f"generate, greedy, batch {batch:>2}: {generation(config, runtime, batch, new_tokens):>10,.0f} tokens/s")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, in one go and under 8 minutes on an H100: the CUDA tests, then the figures
-# (bf16 matmul peak, 124M-model training MFU with and without activation checkpointing, generate
-# tokens/s). Needs PyTorch with CUDA and the usual scientific packages; no network, no install:
+# (bf16 matmul peak, 124M-model training MFU with and without activation checkpointing, packed
+# attention through FlexAttention against the dense mask, generate tokens/s). Needs PyTorch with CUDA and the usual scientific packages; no network, no install:
 # it runs from the repository with PYTHONPATH=src.
 set -euo pipefail
 cd "$(dirname "$0")/.."

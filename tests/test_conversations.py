@@ -24,6 +24,7 @@ from orchard.data.synthetic import World, generate_documents, instruction_conver
 from orchard.errors import OrchardError
 from orchard.losses.tokens import IGNORE_INDEX, token_cross_entropy
 from orchard.model import CausalLM, ModelConfig
+from orchard.model.attention import document_mask
 from orchard.tokenizer.bpe import Tokenizer
 
 IM_END = "<|im_end|>"
@@ -288,7 +289,8 @@ def test_collate_packed_mask_is_block_diagonal_causal():
     assert batch["input_ids"].tolist() == [[10, 11, 12, 20, 21], [30, 31, 32, 33, 0]]
     assert batch["labels"][1].tolist() == [31, 32, 33, IGNORE_INDEX, IGNORE_INDEX]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
-    mask = batch["attention_mask"]
+    assert batch["document_ids"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 0, -1]]
+    mask = document_mask(batch["document_ids"])
     assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool
     expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]])
     assert mask[0, 0].long().tolist() == expected.tolist()
@@ -316,8 +318,7 @@ def test_packed_batch_gives_each_conversation_its_own_logits_and_loss(tokenizer)
     batch = collate_packed(packed, tokenizer.pad_id)
     padded = collate_padded(examples, tokenizer.pad_id)
     with torch.no_grad():
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"]).logits
+        logits = model(batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"]).logits
         padded_logits = model(padded["input_ids"], attention_mask=padded["attention_mask"]).logits
         alone = [model(torch.tensor([e.input_ids])).logits[0] for e in examples]
 
@@ -359,3 +360,26 @@ def test_length_grouped_order_is_a_deterministic_grouped_permutation():
     spreads = [max(lengths[i] for i in order[s:s + 4]) - min(lengths[i] for i in order[s:s + 4])
                for s in range(0, 1000, 4)]
     assert sum(spreads) / len(spreads) < 5  # random batches would spread ~60
+
+
+def test_packed_attention_through_flex_attention_equals_the_dense_mask(tokenizer):
+    """FlexAttention's block mask (the GPU path) and the dense (T x T) mask (the CPU path) give the
+    same logits within 1e-5 in fp32, padding and grouped-query attention included. (FlexAttention
+    has no backward pass on the CPU: the gradients are compared in tests/test_cuda.py.)"""
+    records = instruction_conversations(World(), num_conversations=8)
+    examples = [tokenize_conversation(Conversation(r["messages"], str(i)), tokenizer, 256)
+                for i, r in enumerate(records)]
+    batch = collate_packed(pack_conversations(examples, seq_len=256), tokenizer.pad_id, pad_to=288)
+    assert (batch["document_ids"] == -1).any() and batch["document_ids"].max() > 0
+    model = tiny_model(tokenizer.vocab_size)
+    logits = {}
+    for choice in ("mask", "flex"):
+        model.packed_attention = choice
+        with torch.no_grad():
+            logits[choice] = model(batch["input_ids"], position_ids=batch["position_ids"],
+                                   document_ids=batch["document_ids"]).logits
+    assert (logits["mask"] - logits["flex"]).abs().max() <= 1e-5
+    assert (logits["mask"] - logits["flex"]).abs().max() > 0  # two computations, not one path taken twice
+    with pytest.raises(ValueError, match="packed attention"):
+        model.packed_attention = "dense"
+        model(batch["input_ids"], document_ids=batch["document_ids"])

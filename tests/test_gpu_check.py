@@ -23,6 +23,7 @@ def test_the_gpu_check_runs_its_figures_on_the_cpu():
     assert lines[0].startswith("CPU, torch") and "bf16 matmul peak" in lines[1]
     assert any("activation checkpointing" in line and "MFU" in line for line in lines)
     assert sum("generate, greedy" in line for line in lines) == 2
+    assert any("flex vs dense mask" in line and "(equal within 1e-5)" in line for line in lines), lines
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -407,8 +407,10 @@ def collate_packed(packed: list[PackedExample], pad_id: int, pad_to: int | None 
     """A batch of packed sequences, right padded to the longest (or to ``pad_to``):
 
     input_ids (B, T) long; labels (B, T) long, shifted, IGNORE_INDEX at padding; position_ids (B, T)
-    long (0 at padding); attention_mask (B, 1, T, T) bool, block-diagonal causal: token i sees token
-    j iff both belong to the same conversation and j <= i; a padding token sees only itself.
+    long (0 at padding); document_ids (B, T) long, the conversation of each token in its row (-1 at
+    padding), from which the model makes token i see token j iff both belong to the same
+    conversation and j <= i (a padding token sees only itself), without a (T x T) mask per row on a
+    GPU (orchard.model.attention).
     """
     if not packed:
         raise ValueError("collate_packed needs at least one sequence")
@@ -428,12 +430,7 @@ def collate_packed(packed: list[PackedExample], pad_id: int, pad_to: int | None 
         labels[row, :n] = torch.tensor(p.labels, dtype=torch.long)
         position_ids[row, :n] = torch.tensor(p.position_ids, dtype=torch.long)
         documents[row, :n] = torch.tensor(p.document_ids, dtype=torch.long)
-    index = torch.arange(T)
-    causal = index[None, :] <= index[:, None]                                        # (T, T)
-    same = (documents[:, :, None] == documents[:, None, :]) & (documents[:, :, None] >= 0)
-    mask = (same & causal) | torch.eye(T, dtype=torch.bool)                           # (B, T, T)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "attention_mask": mask[:, None]}
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "document_ids": documents}
 
 
 def collate_padded(examples: list[TokenizedConversation], pad_id: int) -> dict[str, torch.Tensor]:

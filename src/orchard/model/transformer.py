@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import BlockMask, document_block_mask, document_mask, packed_attention, uses_flex
 from .config import ModelConfig
 
 
@@ -149,7 +150,7 @@ class Attention(nn.Module):
         self.extra_kv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+                mask: torch.Tensor | BlockMask | None, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)                      # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)                   # (B, T, K, D)
@@ -160,6 +161,8 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)                                   # (B, K, S, D)
+        if isinstance(mask, BlockMask):  # packed documents through FlexAttention (model/attention.py)
+            return self.o_proj(packed_attention(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
         if self.extra_kv is not None:
             k, v, mask = self._with_extra_kv(x, k, v, mask)                               # (B, K, P+S, D)
         if self.num_kv_heads != self.num_heads:
@@ -270,6 +273,8 @@ class CausalLM(nn.Module):
         if config.num_labels:
             self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.checkpoint_every = 0  # recompute every k-th block's activations (set_activation_checkpointing)
+        self.packed_attention = "auto"
+        """How packed documents attend (`document_ids`): auto, flex or mask (see model/attention.py)."""
         if self.lm_head.weight.device.type != "meta":  # a model built on the meta device is about to be loaded
             self.reset_parameters()
 
@@ -290,9 +295,10 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                 output_hidden_states: bool = False, logits_to_keep: int = 0,
-                compute_logits: bool = True) -> ModelOutput:
+                compute_logits: bool = True, document_ids: torch.Tensor | None = None) -> ModelOutput:
         """`attention_mask` is either (B, S) with 1 for real tokens (padding) or a boolean (B, 1, T, S)
-        mask used as is (packed sequences); `position_ids` default to 0.. after any padding.
+        mask used as is; `position_ids` default to 0.. after any padding. `document_ids` (B, T) makes
+        packed documents attend only within themselves (-1 at padding; model/attention.py).
         `compute_logits=False` skips the output projection (a reward model needs only its scores)."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -304,7 +310,11 @@ class CausalLM(nn.Module):
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         # Plain causal attention over a fresh sequence takes SDPA's fast is_causal path.
-        if explicit_mask:
+        if document_ids is not None:
+            prefixed = any(layer.self_attn.extra_kv is not None for layer in self.model.layers)
+            flex = uses_flex(self.packed_attention, input_ids.device) and not prefixed and cache is None
+            mask = document_block_mask(document_ids) if flex else document_mask(document_ids)
+        elif explicit_mask:
             mask = attention_mask.bool()  # (B, 1, T, S) built by the caller, e.g. block-diagonal for packed sequences
         elif attention_mask is not None or past > 0:
             mask = causal_mask(attention_mask, position_ids, past, past + T)

@@ -26,10 +26,10 @@ from .engine import TrainConfig
 
 
 def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy of a batch's supervised tokens. A packed batch brings its block mask and
+    """Summed cross-entropy of a batch's supervised tokens. A packed batch brings its documents and
     positions, a padded one its padding mask, a batch of plain text windows neither."""
     logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch.get("position_ids")).logits
+                   position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids")).logits
     return token_cross_entropy(logits, batch["labels"])
 
 
