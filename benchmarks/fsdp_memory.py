@@ -2,11 +2,14 @@
 
     python benchmarks/fsdp_memory.py                      # a ~0.5B Llama-shaped model (Qwen2.5-0.5B's shape)
     python benchmarks/fsdp_memory.py --layers 4 --width 512 --vocab 8192   # a quick small run
+    python benchmarks/fsdp_memory.py --from-checkpoint    # start from a bf16 checkpoint, as init= does
 
 For each setting it prints the bytes this process holds of parameters + gradients + AdamW state,
 counted from its local tensors (shards under FSDP2), and its peak resident memory (ru_maxrss) after
 one optimizer step on batch 1 x --seq-len tokens. The same engine pieces as training: the runtime's
-wrapping (`Runtime.wrap`), fused AdamW, fp32 weights.
+wrapping (`Runtime.wrap`), fused AdamW, fp32 weights. With --from-checkpoint the model is first
+written as a bf16 checkpoint and each process starts from it as `init=` does (`start_from`):
+memory-mapped, made float32 whole by one process or DDP, block by block as it is sharded by FSDP2.
 """
 
 from __future__ import annotations
@@ -21,17 +24,40 @@ import sys
 import torch
 
 
+def model_config(args):
+    from orchard.model import ModelConfig
+    return ModelConfig(vocab_size=args.vocab, hidden_size=args.width, intermediate_size=args.intermediate,
+                       num_hidden_layers=args.layers, num_attention_heads=args.width // 64,
+                       num_key_value_heads=max(1, args.width // 448), max_position_embeddings=args.seq_len)
+
+
+def write_checkpoint(args, directory: str) -> None:
+    """The model as a bf16 checkpoint (as Hugging Face models come), in `directory`."""
+    from orchard.checkpoint import save_checkpoint
+    from orchard.model import CausalLM
+    from orchard.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    model = CausalLM(model_config(args)).to(torch.bfloat16)
+    tokenizer = Tokenizer.train(["a tiny corpus for a tokenizer"] * 4, vocab_size=300)
+    save_checkpoint(directory, model, tokenizer, {"stage": "benchmark"})
+
+
 def one_process(args) -> dict:
-    from orchard.model import CausalLM, ModelConfig
+    from orchard.model import CausalLM
     from orchard.training.distributed import Distributed
     from orchard.training.runtime import Runtime
 
     runtime = Runtime.create("cpu", "fp32")
-    config = ModelConfig(vocab_size=args.vocab, hidden_size=args.width, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.width // 64,
-                         num_key_value_heads=max(1, args.width // 448), max_position_embeddings=args.seq_len)
-    torch.manual_seed(0)
-    model = CausalLM(config)
+    if args.checkpoint:
+        from orchard.checkpoint import load_checkpoint
+        model = load_checkpoint(args.checkpoint).model.train()
+        if not runtime.distributed.shards(args.parallel):
+            model = model.float()  # as start_from does
+    else:
+        torch.manual_seed(0)
+        model = CausalLM(model_config(args))
+    config = model.config
     wrapped = runtime.wrap(model, 0, args.parallel)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -58,7 +84,10 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=4864)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--parallel", default=None, help=argparse.SUPPRESS)  # a child's setting
+    parser.add_argument("--from-checkpoint", action="store_true",
+                        help="start from a bf16 checkpoint (memory-mapped), as init= does")
+    parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)  # a child's setting
+    parser.add_argument("--parallel", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.parallel is not None:
@@ -67,12 +96,17 @@ def main() -> None:
             json.dump(result, handle)
         return
     rows = []
+    extra = []
+    if args.from_checkpoint:
+        checkpoint = f"/tmp/orchard-fsdp-memory-checkpoint-{os.getpid()}"
+        write_checkpoint(args, checkpoint)
+        extra = ["--checkpoint", checkpoint]
     settings = (("one process", "ddp", 1), ("DDP, 2 processes", "ddp", 2), ("FSDP2, 2 processes", "fsdp", 2))
     for label, parallel, processes in settings:
         out = f"/tmp/orchard-fsdp-memory-{os.getpid()}"
         launch = [sys.executable] if processes == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-        child = [*launch, __file__, *sys.argv[1:], "--parallel", parallel, "--out", out]
+        child = [*launch, __file__, *sys.argv[1:], *extra, "--parallel", parallel, "--out", out]
         completed = subprocess.run(child, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if completed.returncode != 0:  # on a small machine, most likely out of memory
             print(f"{label}: failed (exit {completed.returncode}): {completed.stderr.strip()[-300:]}", file=sys.stderr)
@@ -86,7 +120,8 @@ def main() -> None:
                      results[0]["parameters"]))
     if not rows or rows[0][0] != "one process":
         sys.exit("the one-process run failed: nothing to compare with")
-    print(f"{rows[0][3]:,} parameters, fp32 weights, AdamW, batch 1 x {args.seq_len} tokens; per process:")
+    start = "from a bf16 checkpoint, " if args.from_checkpoint else ""
+    print(f"{rows[0][3]:,} parameters, {start}fp32 weights, AdamW, batch 1 x {args.seq_len} tokens; per process:")
     print(f"{'':<22}{'params+grads+AdamW':>20}{'vs one process':>16}{'peak resident':>15}")
     for label, held, peak, _ in rows:
         print(f"{label:<22}{held / 2**30:>17.2f} GiB{held / rows[0][1]:>16.0%}{peak / 2**30:>11.2f} GiB")

@@ -258,7 +258,8 @@ def test_eval_asks_the_runtime_for_device_and_precision(trained, capsys, monkeyp
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
-@pytest.mark.parametrize("command", [["eval", "--data"], ["generate", "--prompt", "x"], ["chat"]])
+@pytest.mark.parametrize("command", [["eval", "--data"], ["generate", "--prompt", "x"], ["chat"],
+                                     ["quantize", "--bits", "8"]])
 def test_inference_on_a_missing_gpu_is_one_line(trained, capsys, command):
     data = [str(trained["corpus"])] if command[0] == "eval" else []
     line = run_error(capsys, [command[0], str(trained["out"]), *command[1:], *data, "--device", "cuda"])

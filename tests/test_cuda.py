@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from orchard.checkpoint import read_weights
 from orchard.cli.main import main
 from orchard.data.synthetic import write_corpus
 
@@ -86,6 +87,20 @@ def test_inference_commands_use_the_gpu_in_bf16(tmp_path, corpus, capsys, monkey
                      "--max-new-tokens", "8", "--device", device]) == 0
         replies[device] = capsys.readouterr().out
     assert replies["cuda"].startswith("Tom") and len(replies["cuda"]) > len("Tom")
+    # Quantizing on the GPU writes what quantizing on the CPU writes (int4 with its error search).
+    quantized = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"int4-{device}"
+        assert main(["quantize", str(tmp_path / "run"), "--bits", "4", "--minimize-error", "--device", device,
+                     "--out", str(out)]) == 0
+        quantized[device] = read_weights(out)
+    assert quantized["cpu"].keys() == quantized["cuda"].keys()
+    for name, tensor in quantized["cpu"].items():
+        other = quantized["cuda"][name]
+        if tensor.dtype == torch.uint8:  # packed codes: ties may round either way, nothing more
+            assert (tensor != other).float().mean() < 1e-3, name
+        else:
+            assert torch.allclose(tensor.float(), other.float(), rtol=1e-2, atol=1e-6), name
 
 
 def test_packed_attention_through_flex_attention_equals_the_dense_mask_on_the_gpu():

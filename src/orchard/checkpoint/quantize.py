@@ -61,7 +61,8 @@ def format_size(num_bytes: int) -> str:
 
 
 def quantize_checkpoint(source: str | Path, out: str | Path | None, bits: int, group_size: int | None = None,
-                        minimize_error: bool | None = None, force: bool = False) -> QuantizeResult:
+                        minimize_error: bool | None = None, force: bool = False,
+                        device: str | torch.device = "cpu") -> QuantizeResult:
     """Quantize `source` (a checkpoint or run directory, a Hugging Face directory or Hub id; an adapter
     checkpoint is merged into its base first) into the checkpoint directory `out`.
 
@@ -96,7 +97,7 @@ def quantize_checkpoint(source: str | Path, out: str | Path | None, bits: int, g
     if existing is not None:
         return existing
 
-    checkpoint = load_merged(resolved)
+    checkpoint = load_merged(resolved, device)  # quantized where it is (the rounding and int4's error search)
     model = checkpoint.model.eval().requires_grad_(False)
     bytes_before = sum(t.nbytes for t in model_state_dict(model).values())
     quantized = quantize_model(model, bits, group_size, minimize_error)

@@ -245,9 +245,11 @@ def export(args) -> None:
 
 def quantize(args) -> None:
     from ..checkpoint.quantize import quantize_checkpoint
+    from ..training.runtime import Runtime
 
+    runtime = Runtime.for_inference(args.device)
     result = quantize_checkpoint(args.checkpoint, args.out, args.bits, args.group_size, args.minimize_error,
-                                 force=args.force)
+                                 force=args.force, device=runtime.device)
     print(result.summary())
 
 

@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--out", default=None,
                           help="output directory (default: beside the checkpoint, named NAME-int8 or NAME-int4-g32)")
     quantize.add_argument("--force", action="store_true", help=FORCE_HELP)
+    quantize.add_argument("--device", default="auto", help="where to quantize: auto (a GPU when there is one), cpu, "
+                                                           "cuda or cuda:N; the result is the same")
 
     grow = commands.add_parser("grow", formatter_class=HelpFormatter,
                                help="grow a model (layers, width, heads) without changing what it computes",

@@ -78,7 +78,9 @@ class ReferenceModel:
     def __init__(self, policy: nn.Module, peft: PeftConfig):
         self.policy = policy
         self.shares_weights = peft.method in ("lora", "dora", "qlora")
-        self.copy = None if self.shares_weights else copy.deepcopy(policy).eval().requires_grad_(False)
+        # float32 as the policy trains, also when the policy still has the checkpoint's dtype (a
+        # model to be sharded is made float32 only as it is sharded).
+        self.copy = None if self.shares_weights else copy.deepcopy(policy).float().eval().requires_grad_(False)
 
     @contextmanager
     def model(self) -> Iterator[nn.Module]:

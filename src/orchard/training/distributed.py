@@ -24,6 +24,14 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 
+def _float32(module: torch.nn.Module) -> None:
+    """`module`'s floating-point weights not yet sharded made float32, in place (a no-op for those
+    already float32: a memory-mapped weight stays mapped until sharding copies this process's part)."""
+    for parameter in module.parameters():
+        if not isinstance(parameter, DTensor) and parameter.is_floating_point() and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+
+
 @dataclass(frozen=True)
 class Shard:
     """A validation set of `world` global batches' worth, split over the processes: this one takes
@@ -77,9 +85,17 @@ class Distributed:
             dist.init_process_group("nccl" if use_cuda else "gloo")
         return cls(rank=rank, world_size=world_size, device=device)
 
+    def shards(self, parallel: str) -> bool:
+        """Whether `wrap` shards the model: fsdp under torchrun."""
+        return self.active and parallel == "fsdp"
+
     def wrap(self, model: torch.nn.Module, parallel: str = "ddp", bf16: bool = False) -> torch.nn.Module:
         """`model` replicated (ddp) or sharded in place (fsdp; with `bf16`, bf16 weights in the
-        forward and backward passes and fp32 gradient reduction, the master weights fp32)."""
+        forward and backward passes and fp32 gradient reduction, the master weights fp32).
+
+        A model to shard may come as loaded (memory-mapped, in the checkpoint's dtype, on the CPU):
+        each block in turn is made float32 and sharded, which moves only this process's shards to
+        its device, so no process ever holds the whole model in float32 or on its GPU."""
         if not self.active:
             return model
         if parallel == "fsdp":
@@ -87,7 +103,9 @@ class Distributed:
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
                 else MixedPrecisionPolicy()
             for block in model.model.layers:
+                _float32(block)
                 fully_shard(block, mesh=mesh, mp_policy=policy)
+            _float32(model)  # what the blocks left: embeddings, final norm, heads
             fully_shard(model, mesh=mesh, mp_policy=policy)
             return model
         device_ids = [self.device.index] if self.device.type == "cuda" else None

@@ -222,7 +222,8 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.runtime = runtime or Runtime.create(config.device, config.precision)
         self.dist, self.device, self.precision = self.runtime.distributed, self.runtime.device, self.runtime.precision
-        self.model = model.to(self.device)
+        # A model to shard is moved (and made float32) block by block as it is sharded (Distributed.wrap).
+        self.model = model if self.dist.shards(config.parallel) else model.to(self.device)
         self.extra_modules = method.trainable_modules
         # What the optimizer trains: the model, and weights trained beside it (named extra_modules.*).
         self.trained: torch.nn.Module = self.model

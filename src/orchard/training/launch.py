@@ -46,7 +46,8 @@ class Start:
     runtime: Runtime
     checkpoint: Checkpoint
     model: CausalLM
-    """The checkpoint's model in float32 (autocast brings the speed), in training mode."""
+    """The checkpoint's model in float32 (autocast brings the speed), in training mode; in the
+    checkpoint's dtype, memory-mapped, when the run shards it (made float32 as it is sharded)."""
     tokenizer: Tokenizer
 
 
@@ -56,7 +57,12 @@ def start_from(init: str | None, command: str, train: TrainConfig) -> Start:
         raise OrchardError(f"init: {command} needs a checkpoint to start from, e.g. init=runs/quickstart/sft")
     runtime = training_runtime(train)
     checkpoint = load_merged(init)
-    return Start(runtime, checkpoint, checkpoint.model.float().train(), checkpoint.tokenizer)
+    model = checkpoint.model
+    if not runtime.distributed.shards(train.parallel):
+        # A model to shard stays memory-mapped in the checkpoint's dtype: each process makes float32
+        # only its shards, block by block (Distributed.wrap), never the whole model.
+        model = model.float()
+    return Start(runtime, checkpoint, model.train(), checkpoint.tokenizer)
 
 
 def finish(start: Start, config: MethodConfig, method, stage: str, data_record: dict, parameters: tuple[int, int],
