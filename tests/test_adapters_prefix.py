@@ -259,7 +259,7 @@ def test_prefix_with_padding_and_packing_equals_sequences_alone():
                            document_ids=[d for d, s in enumerate(seqs) for _ in s])
     single = PackedExample(input_ids=seqs[1], labels=[-100] * 3, position_ids=[0, 1, 2], document_ids=[0] * 3)
     batch = collate_packed([packed, single], pad_id=2, pad_to=14)
-    out = logits(model, batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+    out = logits(model, batch["input_ids"], document_ids=batch["document_ids"], position_ids=batch["position_ids"])
     start = 0
     for row, s in enumerate(seqs):
         assert torch.allclose(out[0, start:start + len(s)], alone[row], atol=1e-5)

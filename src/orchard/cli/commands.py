@@ -73,7 +73,10 @@ def train(args, command) -> None:
         overrides.append(f"student={args.student}")
     if recipe and "=" in recipe and not Path(recipe).exists():
         recipe, overrides = None, [recipe] + overrides  # no recipe, only overrides
+    from ..training.distributed import leave_process_group
+
     result = command.run(load_config(command.config, recipe, overrides))
+    leave_process_group()
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary (rank 0 holds the metrics)
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.state.metrics.items())
         print(f"{result.final_dir}: {result.state.step} steps, {result.state.tokens:,} tokens; {metrics}")

@@ -217,8 +217,13 @@ class Distributed:
             dist.barrier()
 
     def close(self) -> None:
-        if self.active and dist.is_initialized():
-            # Tear down together: a process that leaves while its peer is still in a collective
-            # makes gloo abort the peer.
-            dist.barrier()
-            dist.destroy_process_group()
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """The end of a command under torchrun (after all its training runs: continual trains several):
+    every process leaves together, since one that leaves while its peer is still in a collective
+    makes gloo abort the peer. Nothing to do in a single process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -627,5 +627,4 @@ class Trainer:
         # The last step checkpoint keeps the training state, so the run can be extended later.
         self._save_step()
         self._save(final_dir, with_state=False)
-        self.dist.close()
         return TrainResult(final_dir=final_dir, state=self.state, resumed_from=resumed_from)

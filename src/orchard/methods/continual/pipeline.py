@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -92,13 +91,17 @@ def _save_fisher(fisher: dict[str, torch.Tensor], path: Path, config: ContinualC
 def run(config: ContinualConfig) -> TrainResult:
     if not config.init:
         raise OrchardError("init: continual needs a checkpoint to start from, e.g. init=runs/quickstart/sft")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise OrchardError("continual runs in one process for now; start it without torchrun")
     base = resolve_checkpoint(config.init)
     if config.strategy == "adapters" and is_adapter_checkpoint(base):
         raise OrchardError(f"init: strategy=adapters trains adapters on a full checkpoint, and {base} is an "
                            f"adapter checkpoint; merge it first (e.g. train from its merged export)")
     runtime = training_runtime(config.train)
+    if config.strategy == "ewc" and runtime.distributed.shards(config.train.parallel):
+        # FSDP2 replaces the weights by shards, and the penalty's gradient would have to be added to
+        # each shard apart from the reduce-scattered loss gradient: not done yet.
+        raise OrchardError("train.parallel: strategy=ewc does not run sharded yet; use train.parallel=ddp")
+    # Under torchrun every process scores the tasks (the same numbers) and trains; rank 0 writes.
+    writes = runtime.distributed.rank == 0
     device = runtime.device
     out = Path(config.out)
     start = load_merged(base)
@@ -119,7 +122,8 @@ def run(config: ContinualConfig) -> TrainResult:
     else:
         model = start.model.to(device)
         baseline = [score_task(model, tokenizer, task) for task in tasks]
-        write_json(out / "baseline.json", {"key": key, "baseline": baseline})
+        if writes:
+            write_json(out / "baseline.json", {"key": key, "baseline": baseline})
         start.model.cpu()
     del start
 
@@ -150,19 +154,25 @@ def run(config: ContinualConfig) -> TrainResult:
                 fisher = stored
             else:
                 trained = load_checkpoint(finals[i], device).model.float()
-                new = diagonal_fisher(trained, current, config.ewc_batches, device)
+                new = diagonal_fisher(trained, current, config.ewc_batches, device, runtime.distributed.world_size,
+                                      config.train.grad_accum)
                 fisher = new if fisher is None else {k: config.ewc_gamma * fisher[k] + new[k] for k in new}
-                _save_fisher(fisher, fisher_file, config)
+                if writes:
+                    _save_fisher(fisher, fisher_file, config)
 
         scores = _read_cached(dirs[i] / SCORES_FILE)
         if scores is None or scores.get("key") != key:
             row = _evaluate_row(config, tasks, finals, base, i, device)
-            write_json(dirs[i] / SCORES_FILE, {"key": key, "scores": row})
+            if writes:
+                write_json(dirs[i] / SCORES_FILE, {"key": key, "scores": row})
         else:
             row = scores["scores"]
         R.append(row)
 
     summary = continual_metrics.summary(R, baseline)
+    assert result is not None  # task_steps trains at least one task
+    if not writes:
+        return result
     write_json(out / "continual.json", {
         "strategy": config.strategy, "tasks": names, "sources": [t.source for t in tasks],
         "metrics": [t.metric for t in tasks], "R": R, "baseline": baseline, "summary": summary,
@@ -181,7 +191,6 @@ def run(config: ContinualConfig) -> TrainResult:
     report.heading("Summary")
     report.table(["metric", "value"], [[k, "n/a" if v is None else v] for k, v in summary.items()])
     report.write()
-    assert result is not None  # task_steps trains at least one task
     return result
 
 

@@ -68,19 +68,25 @@ class ContinualLanguageModeling:
 # --- EWC ----------------------------------------------------------------------------------------------
 
 
-def diagonal_fisher(model: torch.nn.Module, method, batches: int, device: torch.device) -> dict[str, torch.Tensor]:
+def diagonal_fisher(model: torch.nn.Module, method, batches: int, device: torch.device, world: int = 1,
+                    grad_accum: int = 1) -> dict[str, torch.Tensor]:
     """Mean over `batches` of the squared gradients of each batch's mean token loss (the empirical
     diagonal Fisher of the log-likelihood, per batch), for every trainable parameter, on the CPU.
     The mean, not the sum, so the Fisher keeps its scale whatever the batch size and sequence
-    length, as the per-token penalty it weighs does."""
+    length, as the per-token penalty it weighs does. A batch is a training step's global batch (all
+    `grad_accum` micro-batches of all `world` processes, taken here in one process), so the Fisher
+    is the same however the run is split over processes."""
     model = model.to(device).train()
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     fisher = {name: torch.zeros_like(p, device="cpu") for name, p in params.items()}
     for step in range(batches):
-        batch = {k: v.to(device) for k, v in method.batch(step, 0, 0, 1).items()}
+        parts = [{k: v.to(device) for k, v in method.batch(step, micro, rank, world).items()}
+                 for micro in range(grad_accum) for rank in range(world)]
+        count = max(sum(method.count(part) for part in parts), 1)
         model.zero_grad(set_to_none=True)
-        total, _ = method.loss(model, batch)
-        (total / max(method.count(batch), 1)).backward()
+        for part in parts:
+            total, _ = method.loss(model, part)
+            (total / count).backward()
         for name, p in params.items():
             if p.grad is not None:
                 fisher[name] += p.grad.detach().float().cpu() ** 2
