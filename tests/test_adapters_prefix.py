@@ -313,7 +313,7 @@ def test_prefix_trains_on_a_packed_batch():
     before = model.model.layers[0].self_attn.prefix.key.detach().clone()
     batch = collate_packed([PackedExample(input_ids=[5, 6, 7, 8, 9], labels=[6, 7, -100, 9, -100],
                                           position_ids=[0, 1, 2, 0, 1], document_ids=[0, 0, 0, 1, 1])], pad_id=2)
-    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+    out = model(batch["input_ids"], document_ids=batch["document_ids"], position_ids=batch["position_ids"])
     F.cross_entropy(out.logits[0], batch["labels"][0]).backward()
     torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2).step()
     assert not torch.equal(model.model.layers[0].self_attn.prefix.key, before)
