@@ -114,13 +114,21 @@ def test_ewc_fisher_and_penalty(chat_base, tmp_path):
     model = load_checkpoint(out / "task-0-arithmetic" / "final").model.float()
     anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
     penalty = EWCPenalty(model, fisher0, anchor, ewc_lambda=0.5)
-    assert penalty().item() == 0.0
+    assert penalty.add_gradient(model) == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())  # no pull at the anchor
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     optimizer.step()
-    assert penalty().item() > 0
-    penalty().backward()  # differentiable
+    model.zero_grad(set_to_none=True)
+    value = penalty.add_gradient(model)
+    # The value and the gradient added are those of (lambda / 2) * sum F (theta - theta*)^2.
+    by_hand = 0.25 * sum((fisher0[n] * (p - anchor[n]) ** 2).sum() for n, p in model.named_parameters() if n in fisher0)
+    assert value > 0 and abs(value - by_hand.item()) <= 1e-6 * by_hand.item()
+    added = {n: p.grad.clone() for n, p in model.named_parameters() if n in fisher0}
+    model.zero_grad(set_to_none=True)
+    by_hand.backward()
+    assert all(torch.allclose(added[n], p.grad, rtol=1e-5, atol=1e-12) for n, p in model.named_parameters() if n in added)
 
 
 def test_replay_batches(chat_base, tmp_path):

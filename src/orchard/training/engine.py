@@ -161,7 +161,12 @@ class Method(Protocol):
 
     trainable_modules: torch.nn.Module | None
     """Weights that train with the model but are not part of it (distillation's projections of
-    hidden states), saved with the training state only; None for most methods."""
+    hidden states), saved with the training state only; None for most methods.
+
+    A method may also have `regularize(model, distributed) -> (penalty, metrics)`: called once per
+    step after the backward passes, it adds the gradient of a penalty on the weights to their
+    gradients itself (each process to the weights or shards it holds) and returns the penalty,
+    which the logged loss includes (continual learning's EWC)."""
 
 
 def training_runtime(config: TrainConfig) -> Runtime:
@@ -575,6 +580,11 @@ class Trainer:
                 loss_total += total.item()
                 for key, value in metrics.items():
                     logged[key] = logged.get(key, 0.0) + value / len(batches)
+            regularize = getattr(self.method, "regularize", None)
+            penalty = 0.0
+            if regularize is not None:
+                penalty, metrics = regularize(self.model, self.dist)
+                logged.update(metrics)
             if self.dist.active and self.extra_modules is not None:
                 # DDP averages the model's gradients; weights outside it are averaged here.
                 for p in self.extra_modules.parameters():
@@ -586,7 +596,7 @@ class Trainer:
                 self._diverged(step + 1, f"the gradient norm is {grad_norm}")
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.dist.all_reduce_sum(loss_total) / items
+            loss = self.dist.all_reduce_sum(loss_total) / items + penalty
             if not math.isfinite(loss):
                 self._diverged(step + 1, f"the loss is {loss}")
 

@@ -96,10 +96,6 @@ def run(config: ContinualConfig) -> TrainResult:
         raise OrchardError(f"init: strategy=adapters trains adapters on a full checkpoint, and {base} is an "
                            f"adapter checkpoint; merge it first (e.g. train from its merged export)")
     runtime = training_runtime(config.train)
-    if config.strategy == "ewc" and runtime.distributed.shards(config.train.parallel):
-        # FSDP2 replaces the weights by shards, and the penalty's gradient would have to be added to
-        # each shard apart from the reduce-scattered loss gradient: not done yet.
-        raise OrchardError("train.parallel: strategy=ewc does not run sharded yet; use train.parallel=ddp")
     # Under torchrun every process scores the tasks (the same numbers) and trains; rank 0 writes.
     writes = runtime.distributed.rank == 0
     device = runtime.device

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ...errors import OrchardError
 from ...losses.tokens import IGNORE_INDEX
@@ -53,13 +54,14 @@ class ContinualLanguageModeling:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
     def loss(self, model, batch):
-        total, metrics = summed_token_loss(model, batch), {}
-        if self.penalty is not None:
-            # The engine divides the summed loss by count(): a per-token penalty is added count times.
-            penalty = self.penalty()
-            total = total + penalty * self.count(batch)
-            metrics["ewc_penalty"] = float(penalty.detach())
-        return total, metrics
+        return summed_token_loss(model, batch), {}
+
+    def regularize(self, model, distributed) -> tuple[float, dict[str, float]]:
+        """EWC's penalty, its gradient added once per step (see `EWCPenalty`)."""
+        if self.penalty is None:
+            return 0.0, {}
+        penalty = self.penalty.add_gradient(model, distributed.all_reduce_sum)
+        return penalty, {"ewc_penalty": penalty}
 
     def evaluate(self, model, shard) -> dict[str, float]:
         return self.current.evaluate(model, shard)
@@ -95,25 +97,50 @@ def diagonal_fisher(model: torch.nn.Module, method, batches: int, device: torch.
 
 
 class EWCPenalty:
-    """(lambda / 2) * sum_k F_k (theta_k - theta*_k)^2 over the parameters the Fisher names."""
+    """(lambda / 2) * sum_k F_k (theta_k - theta*_k)^2 over the parameters the Fisher names.
+
+    Not a term of the loss: once per step its gradient, lambda * F_k (theta_k - theta*_k), is added
+    to the weights' gradients (`add_gradient`), by each process to the weights or shards it holds.
+    That is exact whether the model is whole, replicated (DDP) or sharded (FSDP2); inside the loss
+    the penalty would be weighted by each process's share of the batch's tokens."""
 
     def __init__(self, model: torch.nn.Module, fisher: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
                  ewc_lambda: float):
         self.ewc_lambda = ewc_lambda
-        named = dict(model.named_parameters())
-        missing = sorted(set(fisher) - set(named))
+        missing = sorted(set(fisher) - {name for name, _ in model.named_parameters()})
         if missing:
             raise OrchardError(f"ewc: the Fisher names {missing[0]}, which the model does not have")
-        self.terms = [(named[name], fisher[name], anchor[name]) for name in sorted(fisher)]
+        self.fisher, self.anchor = fisher, anchor
+        self._placed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self) -> torch.Tensor:
-        total = None
-        for i, (p, f, a) in enumerate(self.terms):
-            if f.device != p.device:  # the engine moved the model after this was built
-                f, a = f.to(p.device), a.to(p.device)
-                self.terms[i] = (p, f, a)
-            term = (f * (p.float() - a) ** 2).sum()
-            total = term if total is None else total + term
-        if total is None:
-            return torch.zeros(())
+    def _like(self, name: str, parameter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Fisher and anchor of `name` where `parameter` is: on its device, and for a shard
+        (a DTensor) the same slice of the whole tensors."""
+        if name not in self._placed:
+            f, a = self.fisher[name].float(), self.anchor[name].float()
+            if isinstance(parameter, DTensor):
+                mesh, placements = parameter.device_mesh, parameter.placements
+                f = distribute_tensor(f.to(mesh.device_type), mesh, placements, src_data_rank=None).to_local()
+                a = distribute_tensor(a.to(mesh.device_type), mesh, placements, src_data_rank=None).to_local()
+            self._placed[name] = f.to(parameter.device), a.to(parameter.device)
+        return self._placed[name]
+
+    @torch.no_grad()
+    def add_gradient(self, model: torch.nn.Module, sum_over_processes=lambda value: value) -> float:
+        """Add the penalty's gradient to the model's gradients; return the penalty (of the whole
+        model: `sum_over_processes` adds the shards' parts)."""
+        total = 0.0
+        for name, parameter in model.named_parameters():
+            if name not in self.fisher:
+                continue
+            f, a = self._like(name, parameter)
+            local = parameter.to_local() if isinstance(parameter, DTensor) else parameter
+            difference = local.float() - a
+            total += float((f * difference ** 2).sum())
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            grad = parameter.grad.to_local() if isinstance(parameter.grad, DTensor) else parameter.grad
+            grad.add_((self.ewc_lambda * f * difference).to(grad.dtype))
+        if any(isinstance(p, DTensor) for p in model.parameters()):
+            total = sum_over_processes(total)
         return 0.5 * self.ewc_lambda * total
