@@ -128,3 +128,17 @@ def test_packed_attention_through_flex_attention_equals_the_dense_mask_on_the_gp
     (mask_logits, mask_grads), (flex_logits, flex_grads) = results["mask"], results["auto"]
     assert (mask_logits - flex_logits).abs().max() <= 1e-5
     assert max((mask_grads[n] - flex_grads[n]).abs().max().item() for n in mask_grads) <= 1e-5
+
+
+def test_distillation_with_the_teacher_on_another_device(tmp_path, corpus, monkeypatch):
+    """teacher_device=cpu while the student trains on the GPU: the same losses as both on the GPU."""
+    monkeypatch.setenv("ORCHARD_CACHE", str(tmp_path / "cache"))
+    assert main(["pretrain", f"data.path={corpus}", *TINY, "train.max_steps=10", "train.precision=fp32",
+                 f"out={tmp_path / 'teacher'}"]) == 0
+    common = ["distill", str(tmp_path / "teacher"), "student_layers=[0]", "mode=online", f"data.path={corpus}",
+              "data.seq_len=64", "train.max_steps=4", "train.batch_size=4", "train.precision=fp32",
+              "train.log_every=1", "train.eval_every=0", "train.progress=false", "train.device=cuda"]
+    for where in ("auto", "cpu"):
+        assert main([*common, f"teacher_device={where}", f"out={tmp_path / where}"]) == 0
+    a, b = losses(tmp_path / "auto"), losses(tmp_path / "cpu")
+    assert len(a) == 4 and max(abs(x - y) for x, y in zip(a, b)) < 1e-3

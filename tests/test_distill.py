@@ -157,6 +157,12 @@ def test_bad_settings_are_one_line_errors(chat_base, corpus, student_yaml, tmp_p
         distill.run(config(chat_base, corpus, tmp_path / "b"))
     with pytest.raises(OrchardError, match="alpha"):
         config(chat_base, corpus, tmp_path / "c", alpha=1.5)
+    with pytest.raises(OrchardError, match="teacher_device: unknown device 'gpu'"):
+        distill.run(config(chat_base, corpus, tmp_path / "d", student=student_yaml, mode="online", teacher_device="gpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(OrchardError, match="teacher_device: cuda asked for, but no CUDA device is available"):
+            distill.run(config(chat_base, corpus, tmp_path / "e", student=student_yaml, mode="online",
+                               teacher_device="cuda"))
 
 
 def test_sequence_level_trains_on_the_teachers_answers(chat_base, student_yaml, tmp_path):

@@ -26,6 +26,10 @@ class DistillConfig:
     layers (0-based), its embeddings and its final norm, e.g. [0, 2] of a 4-layer teacher."""
     out: str = "runs/distill"
     """Run directory. Running again resumes it."""
+    teacher_device: str = "auto"
+    """Where the teacher computes: auto (where the student trains), cpu, cuda or cuda:N (e.g. a
+    second GPU, or the CPU to leave the GPU's memory to the student); its outputs are moved to the
+    student."""
     mode: Literal["offline", "online", "on_policy", "sequence"] = "offline"
     """offline: train from the teacher's cached top-k log-probabilities; online: teacher and student in
     one process; on_policy: online plus the student's own continuations (GKD); sequence: fine-tune

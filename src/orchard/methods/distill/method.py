@@ -93,10 +93,14 @@ class Distillation:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
     def teacher_outputs(self, batch: dict[str, torch.Tensor], hidden: bool):
+        device = self.teacher.lm_head.weight.device  # teacher_device: perhaps not the student's
+        student_device = batch["input_ids"].device
+        mask = batch.get("attention_mask")
         with torch.no_grad():
-            output = self.teacher(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+            output = self.teacher(batch["input_ids"].to(device), attention_mask=None if mask is None else mask.to(device),
                                   output_hidden_states=hidden)
-        return output.logits, output.hidden_states
+        hidden_states = None if output.hidden_states is None else tuple(h.to(student_device) for h in output.hidden_states)
+        return output.logits.to(student_device), hidden_states
 
     def _teacher(self, batch):
         if "teacher_ids" in batch:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from ...config import to_dict
@@ -17,7 +18,7 @@ from ...model import CausalLM
 from ...training import Trainer, TrainResult, training_runtime
 from ...training.objectives import ConversationLanguageModeling, tokenize_conversations
 from ...training.run_directory import in_run_directory
-from ...training.runtime import Runtime
+from ...training.runtime import Runtime, resolve_device
 from ..rollouts import turn_end_ids
 from .cache import build_teacher_cache, cache_directory, open_teacher_cache
 from .config import DistillConfig
@@ -46,8 +47,10 @@ def run(config: DistillConfig) -> TrainResult:
                            "--student student.yaml")
     runtime = training_runtime(config.train)
     teacher = Teacher(config.teacher)
+    teacher_runtime = runtime if config.teacher_device == "auto" else \
+        replace(runtime, device=resolve_device(config.teacher_device, key="teacher_device"))
     if config.mode == "sequence":
-        return run_sequence_level(config, teacher, runtime)
+        return run_sequence_level(config, teacher, runtime, teacher_runtime)
     if config.hidden_weight > 0 and config.mode == "offline":
         raise OrchardError("hidden_weight: hidden-state alignment needs the teacher's hidden states, which the "
                            "offline cache does not keep; use mode=online or mode=on_policy")
@@ -80,13 +83,13 @@ def run(config: DistillConfig) -> TrainResult:
                 print(f"caching the teacher's top-{config.top_k} log-probabilities of {num_train + num_val} windows "
                       f"in {directory}", file=sys.stderr)
                 cache = build_teacher_cache(directory, teacher, {"train": train, "val": val}, windows, config.top_k,
-                                            2 * config.train.batch_size, runtime)
+                                            2 * config.train.batch_size, teacher_runtime)
                 teacher.release()
         cache_record = {"path": str(cache.directory), "built_now": built_now,
                         **{k: cache.meta[k] for k in ("k", "tokens", "bytes", "bytes_per_token", "build_seconds",
                                                       "build_flops")}}
     else:
-        teacher_model = teacher.model.to(runtime.device).eval().requires_grad_(False)
+        teacher_model = teacher.model.to(teacher_runtime.device).eval().requires_grad_(False)
         teacher_flops = teacher.forward_flops_per_token()  # one teacher forward pass per training token
 
     method = Distillation(config, train, val, num_train, num_val, tokenizer.token_byte_lengths(), student,
@@ -101,12 +104,13 @@ def run(config: DistillConfig) -> TrainResult:
                   stage=f"distill-{config.mode.replace('_', '-')}", extra_flops=teacher_flops)
 
 
-def run_sequence_level(config: DistillConfig, teacher: Teacher, runtime: Runtime) -> TrainResult:
+def run_sequence_level(config: DistillConfig, teacher: Teacher, runtime: Runtime,
+                       teacher_runtime: Runtime) -> TrainResult:
     """Sequence-level KD: the teacher writes answers once; the student is fine-tuned on them exactly as
     `orchard sft` fine-tunes on conversations."""
     tokenizer = teacher.tokenizer
     with runtime.distributed.rank_zero_first():
-        replies, meta = teacher_replies(config, teacher, Path(config.out), runtime)
+        replies, meta = teacher_replies(config, teacher, Path(config.out), teacher_runtime)
     student, student_init = build_student(config, teacher, config.data.seq_len)
     summary = parameter_summary(teacher.config, student.config)
     records = [json.loads(line) for line in replies.read_text(encoding="utf-8").splitlines()]
