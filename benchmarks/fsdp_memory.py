@@ -7,7 +7,8 @@
 For each setting it prints the bytes this process holds of parameters + gradients + AdamW state,
 counted from its local tensors (shards under FSDP2), and its peak resident memory (ru_maxrss) after
 one optimizer step on batch 1 x --seq-len tokens. The same engine pieces as training: the runtime's
-wrapping (`Runtime.wrap`), fused AdamW, fp32 weights. With --from-checkpoint the model is first
+wrapping (`Runtime.wrap`), fused AdamW, fp32 weights; a fresh model to shard is built on the meta
+device and each process initialises its shards only, as pretraining does. With --from-checkpoint the model is first
 written as a bf16 checkpoint and each process starts from it as `init=` does (`start_from`):
 memory-mapped, made float32 whole by one process or DDP, block by block as it is sharded by FSDP2.
 """
@@ -54,11 +55,18 @@ def one_process(args) -> dict:
         model = load_checkpoint(args.checkpoint).model.train()
         if not runtime.distributed.shards(args.parallel):
             model = model.float()  # as start_from does
+    elif runtime.distributed.shards(args.parallel):
+        with torch.device("meta"):  # as pretraining builds a fresh model to shard
+            model = CausalLM(model_config(args))
     else:
-        torch.manual_seed(0)
         model = CausalLM(model_config(args))
+        model.reset_parameters(seed=0)
     config = model.config
     wrapped = runtime.wrap(model, 0, args.parallel)
+    if any(Distributed.local(p).is_meta for p in model.parameters()):
+        model.to_empty(device=runtime.device)  # each process allocates and initialises its shards only
+        model.reset_parameters(seed=0)
+        model.model.rotary.reset()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     ids = torch.randint(0, config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(runtime.distributed.rank))

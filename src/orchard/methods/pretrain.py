@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from ..checkpoint import (inference_only_error, is_quantized_checkpoint, load_checkpoint, read_record,
                           resolve_checkpoint)
 from ..config import to_dict
@@ -152,7 +154,9 @@ def freeze_all_but(model: CausalLM, names: list[str], where: Path) -> None:
         parameters[name].requires_grad_(True)
 
 
-def build_model(config: PretrainConfig, tokenizer: Tokenizer) -> tuple[CausalLM, str | None]:
+def build_model(config: PretrainConfig, tokenizer: Tokenizer, sharded: bool = False) -> tuple[CausalLM, str | None]:
+    """The model to train and the checkpoint it starts from (None: a fresh one). A fresh model that
+    will be sharded is built on the meta device: the engine gives each process only its shards."""
     init = init_checkpoint(config)
     if init is not None:
         checkpoint = load_checkpoint(init)
@@ -167,6 +171,9 @@ def build_model(config: PretrainConfig, tokenizer: Tokenizer) -> tuple[CausalLM,
     model_config.pad_token_id = tokenizer.pad_id
     if model_config.max_position_embeddings < config.data.seq_len:
         model_config.max_position_embeddings = config.data.seq_len
+    if sharded:
+        with torch.device("meta"):
+            return CausalLM(model_config), None
     model = CausalLM(model_config)
     model.reset_parameters(seed=config.train.seed)
     return model, None
@@ -201,7 +208,7 @@ def _run(config: PretrainConfig, run_dir: Path) -> TrainResult:
                                   show_progress=sys.stderr.isatty() and runtime.distributed.rank == 0)
     where = ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
     train_tokens, val_tokens = split_tokens(cache.tokens, config.data.val_fraction, config.data.seq_len, where)
-    model, parent = build_model(config, tokenizer)
+    model, parent = build_model(config, tokenizer, runtime.distributed.shards(config.train.parallel))
     if model.config.vocab_size < tokenizer.vocab_size:
         raise OrchardError(f"init: the tokenizer has {tokenizer.vocab_size} tokens, the model only "
                            f"{model.config.vocab_size}")

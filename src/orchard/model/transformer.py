@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from .attention import BlockMask, document_block_mask, document_mask, packed_attention, uses_flex
@@ -279,13 +280,18 @@ class CausalLM(nn.Module):
             self.reset_parameters()
 
     def reset_parameters(self, seed: int | None = None) -> None:
-        """Normal(0, initializer_range) weights, zero biases, unit norms (as Llama)."""
+        """Normal(0, initializer_range) weights, zero biases, unit norms (as Llama). A sharded model
+        (FSDP2, built on the meta device) gets in each process its shards of the same weights: each
+        whole weight is drawn on the CPU, one at a time, and this process keeps its part."""
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 with torch.no_grad():
                     weight = torch.empty(module.weight.shape).normal_(0.0, std, generator=generator)
+                    if isinstance(module.weight, DTensor):
+                        weight = distribute_tensor(weight.to(module.weight.device), module.weight.device_mesh,
+                                                   module.weight.placements, src_data_rank=None)
                     module.weight.copy_(weight)
                 if isinstance(module, nn.Linear) and module.bias is not None:
                     nn.init.zeros_(module.bias)

@@ -248,6 +248,12 @@ class Trainer:
         c = self.config
         model = self.runtime.wrap(self.model, c.activation_checkpointing_every if c.activation_checkpointing else 0,
                                   c.parallel)
+        if any(self.dist.local(p).is_meta for p in self.model.parameters()):
+            # A fresh model built on the meta device to be sharded: each process allocates only its
+            # shards, and initialises them as the whole model would be (as torchtitan does).
+            self.model.to_empty(device=self.device)
+            self.model.reset_parameters(seed=c.seed)
+            self.model.model.rotary.reset()
         # Frozen parameters (a base under adapters, say) are left out of the optimizer.
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if self.extra_modules is not None:
