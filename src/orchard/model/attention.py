@@ -6,8 +6,8 @@ From them the model builds one of two equivalent attentions (equal within 1e-5 i
 
 - `mask`: a dense boolean (B, 1, T, T) mask for `scaled_dot_product_attention`. It costs T x T
   booleans per row, and rules out the memory-efficient SDPA kernels. On the CPU it is the fastest
-  (B=2, 8 heads, T=512: 5.5 ms, against 9.6 ms for compiled FlexAttention and 51 ms eager), so
-  `auto` keeps it there.
+  (`benchmarks/packed_attention.py`, B=2, 8 heads, T=512: 5.3 ms, against 9.3 ms for compiled
+  FlexAttention and 39 ms eager), so `auto` keeps it there.
 - `flex`: FlexAttention with a block mask: per row (T/128)^2 block flags instead of T^2 booleans;
   blocks no query may see are skipped, not computed and thrown away; grouped-query attention is
   native (keys and values are not repeated per query head). On CUDA it runs compiled (one fused
