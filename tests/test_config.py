@@ -1,6 +1,8 @@
 """Recipes and overrides: YAML + dotted key=value, type checks, durations, and errors that name the
 full dotted key (or the file and line)."""
 
+from pathlib import Path
+
 import pytest
 
 from orchard.config import Duration, build, describe, load_config, parse_override, to_dict
@@ -35,6 +37,18 @@ def test_recipe_then_overrides(tmp_path):
     assert isinstance(config.train.max_time, Duration)
     assert config.train.max_time == 300.0
     assert load_config(PretrainConfig, None, ["data.path=corpus.txt"]).data.path == "corpus.txt"
+
+
+def test_a_default_step_limit_never_cuts_short_a_limit_the_recipe_sets(tmp_path):
+    """pretrain's default max_steps (1000) stands only for a run given no limit: a recipe that sets
+    max_time or max_tokens trains to it alone, and max_steps set too still counts."""
+    timed = write(tmp_path / "t.yaml", "train:\n  max_time: 5m\n  lr: 2.0e-3\n")
+    config = load_config(PretrainConfig, timed)
+    assert config.train.max_steps is None and config.train.max_time == 300.0 and config.train.lr == 2e-3
+    assert load_config(PretrainConfig, timed, ["train.max_steps=50"]).train.max_steps == 50
+    assert load_config(PretrainConfig, None, ["train.max_tokens=4096"]).train.max_steps is None
+    assert load_config(PretrainConfig, None, ["train.lr=1e-3"]).train.max_steps == 1000
+    assert load_config(PretrainConfig, Path(__file__).parents[1] / "recipes" / "shakespeare.yaml").train.max_steps is None
 
 
 @pytest.mark.parametrize("text,seconds", [("1h30m", 5400.0), ("5m", 300.0), ("90s", 90.0), ("300", 300.0),

@@ -172,7 +172,13 @@ def build(cls: type[T], data: Any, prefix: str = "") -> T:
         if isinstance(data.get(f.name), dict) and f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
             if dataclasses.is_dataclass(default):
-                data = {**data, f.name: _merged(to_dict(default), data[f.name])}
+                section, base = data[f.name], to_dict(default)
+                # A default that only stands in for a choice the section makes another way yields to
+                # it (a method's default max_steps, when the recipe sets max_time).
+                for name, others in getattr(type(default), "DEFAULTS_YIELD_TO", {}).items():
+                    if name not in section and any(other in section for other in others):
+                        base[name] = None
+                data = {**data, f.name: _merged(base, section)}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:

@@ -24,7 +24,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -107,6 +107,11 @@ class TrainConfig:
     memory back for speed."""
     progress: bool = True
     """Show a progress bar on an interactive terminal."""
+
+    DEFAULTS_YIELD_TO: ClassVar[dict[str, tuple[str, ...]]] = {"max_steps": ("max_tokens", "max_time")}
+    """A method's default max_steps limits only a run given no other limit: a recipe that sets
+    max_tokens or max_time, and not max_steps, trains to that limit alone (and the schedule decays
+    over it)."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum"):
