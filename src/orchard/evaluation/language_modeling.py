@@ -14,7 +14,7 @@ import torch
 
 from ..data.packing import PackedSequences
 from ..errors import OrchardError
-from ..losses.tokens import bits_per_byte, token_cross_entropy
+from ..losses.tokens import bits_per_byte
 
 
 @torch.no_grad()
@@ -35,8 +35,7 @@ def evaluate_language_modeling(model: torch.nn.Module, sequences: PackedSequence
         if shard is not None and not shard.takes(index):
             continue
         batch = sequences.batch(range(start, min(start + batch_size, count)))
-        logits = model(batch["input_ids"].to(device)).logits
-        loss_sum += token_cross_entropy(logits, batch["labels"].to(device)).item()
+        loss_sum += model(batch["input_ids"].to(device), labels=batch["labels"].to(device)).loss.item()
         tokens += batch["labels"].numel()
         num_bytes += int(byte_table[batch["labels"]].sum())
     if shard is not None:

@@ -24,6 +24,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..losses.tokens import linear_token_cross_entropy, token_cross_entropy
 from .attention import BlockMask, document_block_mask, document_mask, packed_attention, uses_flex
 from .config import ModelConfig
 
@@ -240,6 +241,8 @@ class ModelOutput:
     cache: KVCache | None = None
     scores: torch.Tensor | None = None
     """(B, T, num_labels) outputs of the score head at every position, when the model has one."""
+    loss: torch.Tensor | None = None
+    """With `labels`: the summed next-token cross-entropy (`losses.tokens.token_cross_entropy`)."""
 
 
 def causal_mask(attention_mask: torch.Tensor | None, position_ids: torch.Tensor, past_length: int,
@@ -301,11 +304,15 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                 output_hidden_states: bool = False, logits_to_keep: int = 0,
-                compute_logits: bool = True, document_ids: torch.Tensor | None = None) -> ModelOutput:
+                compute_logits: bool = True, document_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> ModelOutput:
         """`attention_mask` is either (B, S) with 1 for real tokens (padding) or a boolean (B, 1, T, S)
         mask used as is; `position_ids` default to 0.. after any padding. `document_ids` (B, T) makes
         packed documents attend only within themselves (-1 at padding; model/attention.py).
-        `compute_logits=False` skips the output projection (a reward model needs only its scores)."""
+        `compute_logits=False` skips the output projection (a reward model needs only its scores).
+        `labels` (B, T), aligned with the logits (see `token_cross_entropy`), adds their summed loss;
+        a plain output projection then computes it with the loss, a chunk of rows at a time, and
+        the (B, T, vocab) logits are never made (`logits` is None)."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         explicit_mask = attention_mask is not None and attention_mask.dim() == 4
@@ -347,9 +354,22 @@ class CausalLM(nn.Module):
         scores = self.score(x) if self.config.num_labels else None
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x) if compute_logits else None
+        loss = None
+        if labels is not None and self._plain_head():
+            logits, loss = None, linear_token_cross_entropy(x, self.lm_head.weight, labels)
+        else:
+            logits = self.lm_head(x) if compute_logits or labels is not None else None
+            if labels is not None:
+                loss = token_cross_entropy(logits, labels)
         return ModelOutput(logits=logits, hidden_states=tuple(hidden_states) if hidden_states else None,
-                           cache=cache, scores=scores)
+                           cache=cache, scores=scores, loss=loss)
+
+    def _plain_head(self) -> bool:
+        """Whether the output projection is a bare weight (no bias, no adapter or quantization hooked
+        on it), which the fused head-and-loss can use directly."""
+        head = self.lm_head
+        return type(head) is nn.Linear and head.bias is None and not head._forward_hooks \
+            and not head._forward_pre_hooks and not head._modules
 
     def set_activation_checkpointing(self, every: int) -> None:
         """Keep only the input of every `every`-th block during training and recompute its

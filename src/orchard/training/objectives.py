@@ -19,7 +19,7 @@ from ..data.conversations import (Conversation, collate_packed, collate_padded, 
                                   pack_conversations, tokenize_conversation)
 from ..data.packing import EpochOrder, PackedSequences, micro_batch_samples
 from ..evaluation.language_modeling import evaluate_language_modeling
-from ..losses.tokens import IGNORE_INDEX, token_cross_entropy
+from ..losses.tokens import IGNORE_INDEX
 from ..model import CausalLM
 from .distributed import Shard
 from .engine import TrainConfig
@@ -28,9 +28,8 @@ from .engine import TrainConfig
 def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed cross-entropy of a batch's supervised tokens. A packed batch brings its documents and
     positions, a padded one its padding mask, a batch of plain text windows neither."""
-    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids")).logits
-    return token_cross_entropy(logits, batch["labels"])
+    return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"),
+                 document_ids=batch.get("document_ids"), labels=batch["labels"]).loss
 
 
 class PackedLanguageModeling:
@@ -51,8 +50,7 @@ class PackedLanguageModeling:
         return batch["labels"].numel()
 
     def loss(self, model, batch):
-        logits = model(batch["input_ids"]).logits
-        return token_cross_entropy(logits, batch["labels"]), {}
+        return model(batch["input_ids"], labels=batch["labels"]).loss, {}
 
     def evaluate(self, model: CausalLM, shard: Shard) -> dict[str, float]:
         # eval_batches global batches, split over the processes: the same windows at every world size.
