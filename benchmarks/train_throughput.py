@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from orchard.model import CausalLM, ModelConfig
-from orchard.losses.tokens import token_cross_entropy
 from orchard.tokenizer import Tokenizer
 from orchard.training import TrainConfig, Trainer
 
@@ -70,7 +69,7 @@ class RandomTokens:
         return batch["labels"].numel()
 
     def loss(self, model, batch):
-        return token_cross_entropy(model(batch["input_ids"]).logits, batch["labels"]), {}
+        return model(batch["input_ids"], labels=batch["labels"]).loss, {}
 
     def evaluate(self, model, shard):
         return {}
