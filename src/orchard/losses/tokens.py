@@ -41,12 +41,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         step = max(1, LOGITS_PER_CHUNK // weight.size(0))
         for start in range(0, len(rows), step):
             chunk, target = h[start:start + step], y[start:start + step]
-            logits = (chunk @ w.T).float()                                         # (n, V) fp32
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, target[:, None]).squeeze(1)
-            total += (lse - picked).sum()
-            # d loss / d logits = softmax - one-hot, written over the logits in place.
-            grad_logits = logits.sub_(lse[:, None]).exp_()
+            # One pass reads the (n, V) logits in the compute dtype and writes fp32 log-probabilities.
+            log_probs = torch.log_softmax(chunk @ w.T, dim=-1, dtype=torch.float32)
+            total -= log_probs.gather(1, target[:, None]).sum()
+            # d loss / d logits = softmax - one-hot, written over the log-probabilities in place.
+            grad_logits = log_probs.exp_()
             grad_logits[torch.arange(len(target), device=target.device), target] -= 1.0
             grad_logits = grad_logits.to(dtype)
             grad_h[start:start + step] = grad_logits @ w
