@@ -25,6 +25,7 @@ from orchard.data.conversations import Conversation, collate_packed, pack_conver
 from orchard.data.synthetic import World, instruction_conversations
 from orchard.losses.tokens import token_cross_entropy
 from orchard.model import CausalLM, ModelConfig
+from orchard.model.attention import document_mask
 from orchard.tokenizer import Tokenizer
 
 CONFIG = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
@@ -56,8 +57,9 @@ def orchard_model(method: str, vocab_size: int):
         from orchard.peft.prefix import PrefixConfig, add_prefix
 
         add_prefix(model, PrefixConfig(num_virtual_tokens=16), seed=0)
-    return model, lambda batch: model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      position_ids=batch["position_ids"]).logits
+    # The summed loss as orchard's training computes it (the head fused with the loss).
+    return model, lambda batch: model(batch["input_ids"], position_ids=batch["position_ids"],
+                                      document_ids=batch["document_ids"], labels=batch["labels"]).loss
 
 
 def peft_model(vocab_size: int):
@@ -67,8 +69,11 @@ def peft_model(vocab_size: int):
     config = LlamaConfig(vocab_size=vocab_size, rms_norm_eps=1e-5, attn_implementation="sdpa", **CONFIG)
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS))
     # transformers takes an additive float mask of shape (B, 1, T, T) for packed sequences.
-    return model, lambda batch: model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                      attention_mask=torch.where(batch["attention_mask"], 0.0, float("-inf"))).logits
+    def summed_loss(batch):
+        mask = torch.where(document_mask(batch["document_ids"]), 0.0, float("-inf"))
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask).logits
+        return token_cross_entropy(logits, batch["labels"])
+    return model, summed_loss
 
 
 def worker(method: str, steps: int, precision: str) -> dict:
@@ -85,8 +90,7 @@ def worker(method: str, steps: int, precision: str) -> dict:
     for step, batch in enumerate(data):
         started = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = forward(batch)
-        loss = token_cross_entropy(logits, batch["labels"]) / (batch["labels"] != -100).sum()
+            loss = forward(batch) / (batch["labels"] != -100).sum()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
