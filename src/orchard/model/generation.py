@@ -108,24 +108,30 @@ def generate(model: CausalLM, prompts: list[list[int]], config: SamplingConfig, 
     for row, prompt in enumerate(prompts):
         input_ids[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
         attention_mask[row, longest - len(prompt):] = 1
+    # Prompts of one length need no mask: attention is causal and a decoding step sees every key.
+    padded = any(len(p) != longest for p in prompts)
     generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
     if row_seeds is not None:
         if len(row_seeds) != batch_size:
             raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {batch_size} prompts")
         generator = [torch.Generator(device=device).manual_seed(seed) for seed in row_seeds]
-    seen = torch.zeros((batch_size, model.config.vocab_size), dtype=torch.bool, device=device)
-    seen.scatter_(1, input_ids, attention_mask.bool())
+    penalised = config.repetition_penalty != 1.0
+    if penalised:
+        seen = torch.zeros((batch_size, model.config.vocab_size), dtype=torch.bool, device=device)
+        seen.scatter_(1, input_ids, attention_mask.bool())
 
     cache = model.new_cache(batch_size, longest + config.max_new_tokens) if use_cache else None
     outputs: list[list[int]] = [[] for _ in range(batch_size)]
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     step_input = input_ids
     for _ in range(config.max_new_tokens):
+        mask = attention_mask if padded else None
         if use_cache:
-            logits = model(step_input, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+            logits = model(step_input, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
         else:
-            logits = model(input_ids, attention_mask=attention_mask, logits_to_keep=1).logits[:, -1]
-        logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+            logits = model(input_ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+        if penalised:
+            logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
         tokens = next_tokens(logits, config, generator)
         tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
         if on_tokens is not None:
@@ -143,10 +149,13 @@ def generate(model: CausalLM, prompts: list[list[int]], config: SamplingConfig, 
                 finished[row] = True
         if bool(finished.all()):
             break
-        seen[torch.arange(batch_size, device=device), tokens] = True
+        if penalised:
+            seen[torch.arange(batch_size, device=device), tokens] = True
         step_input = tokens[:, None]
-        input_ids = torch.cat([input_ids, step_input], dim=1)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(step_input)], dim=1)
+        if not use_cache:
+            input_ids = torch.cat([input_ids, step_input], dim=1)
+        if padded:
+            attention_mask = torch.cat([attention_mask, torch.ones_like(step_input)], dim=1)
     return outputs
 
 

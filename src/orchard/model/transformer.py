@@ -172,7 +172,9 @@ class Attention(nn.Module):
             group = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)    # (B, H, S, D)
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            # Causal over a fresh sequence; a single query (a decoding step) sees every cached key,
+            # which SDPA's is_causal, aligned to the first key, would hide.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
@@ -329,10 +331,10 @@ class CausalLM(nn.Module):
             mask = document_block_mask(document_ids) if flex else document_mask(document_ids)
         elif explicit_mask:
             mask = attention_mask.bool()  # (B, 1, T, S) built by the caller, e.g. block-diagonal for packed sequences
-        elif attention_mask is not None or past > 0:
+        elif attention_mask is not None or (past > 0 and T > 1):
             mask = causal_mask(attention_mask, position_ids, past, past + T)
         else:
-            mask = None
+            mask = None  # causal over the new tokens; one new token sees every key (see Attention)
 
         stack = self.model
         x = stack.embed_tokens(input_ids)                                           # (B, T, d)
