@@ -1,6 +1,7 @@
 """The fast paths give the reference's numbers: the output projection fused with the loss (no
 (N, vocab) logits) equals `token_cross_entropy` of the logits, in loss and gradients, alone and over
-20 training steps of a model."""
+20 training steps of a model; fused with the per-token log-probabilities (DPO, RL) it equals
+`token_log_probs`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orchard.losses.tokens import IGNORE_INDEX, linear_token_cross_entropy, token_cross_entropy
+from orchard.losses.tokens import (IGNORE_INDEX, linear_token_cross_entropy, linear_token_log_probs, token_cross_entropy,
+                                   token_log_probs)
 from orchard.model import CausalLM, ModelConfig
 
 
@@ -91,3 +93,24 @@ def test_a_model_trains_the_same_through_the_fused_loss_for_20_steps():
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_head_and_log_probs_equal_the_reference_in_fp32(monkeypatch, temperature):
+    monkeypatch.setattr("orchard.losses.tokens.LOGITS_PER_CHUNK", 4096)  # several chunks
+    hidden, weight, labels = inputs(3)
+    labels = labels.view(12, 25)
+    hidden = hidden.view(12, 25, -1)
+    upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(4))  # a gradient per token
+
+    def run(function):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        out = function(h, w)
+        (out * upstream).sum().backward()
+        return out.detach(), h.grad, w.grad
+
+    expected = run(lambda h, w: token_log_probs(F.linear(h, w), labels, temperature))
+    fused = run(lambda h, w: linear_token_log_probs(h, w, labels, temperature))
+    assert fused[0].shape == labels.shape and (fused[0][labels == IGNORE_INDEX] == 0).all()
+    for a, b in zip(expected, fused):
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()

@@ -73,6 +73,57 @@ def linear_token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1), dtype)
 
 
+class _LinearLogProbs(torch.autograd.Function):
+    """Per-token log-probabilities of softmax(hidden @ weight.T / temperature) without the (N, V)
+    logits: a chunk of rows at a time, forward and again in backward (which needs the gradient of
+    each token, unknown in the forward pass)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, dtype, temperature):
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+        h, y, w = hidden[rows].to(dtype), labels[rows], weight.to(dtype)
+        step = max(1, LOGITS_PER_CHUNK // weight.size(0))
+        for start in range(0, len(rows), step):
+            logits = (h[start:start + step] @ w.T).float() / temperature
+            out[rows[start:start + step]] = logits.log_softmax(-1).gather(1, y[start:start + step, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, rows, y)
+        ctx.dtype, ctx.temperature = dtype, temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden, weight, rows, y = ctx.saved_tensors
+        dtype, temperature = ctx.dtype, ctx.temperature
+        h, w = hidden[rows].to(dtype), weight.to(dtype)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        g = grad_output[rows].float()
+        step = max(1, LOGITS_PER_CHUNK // weight.size(0))
+        for start in range(0, len(rows), step):
+            chunk, target, scale = h[start:start + step], y[start:start + step], g[start:start + step]
+            # d log p(target) / d logits = (one-hot - softmax) / temperature, times each token's gradient.
+            grad_logits = torch.softmax((chunk @ w.T).float() / temperature, dim=-1).neg_()
+            grad_logits[torch.arange(len(target), device=target.device), target] += 1.0
+            grad_logits = (grad_logits * (scale / temperature)[:, None]).to(dtype)
+            grad_h[start:start + step] = grad_logits @ w
+            grad_w += (grad_logits.T @ chunk).float()
+        grad_hidden = torch.zeros_like(hidden)
+        grad_hidden[rows] = grad_h.to(hidden.dtype)
+        return grad_hidden, grad_w.to(weight.dtype), None, None, None
+
+
+def linear_token_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                           temperature: float = 1.0) -> torch.Tensor:
+    """`token_log_probs(hidden @ weight.T, labels, temperature)` without materialising the logits:
+    (...) fp32 log-probabilities, 0 where the target is IGNORE_INDEX. Dtypes as in
+    `linear_token_cross_entropy`; equal to the reference within rounding (tested)."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    out = _LinearLogProbs.apply(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1), dtype, temperature)
+    return out.view(labels.shape)
+
+
 def bits_per_byte(loss_sum_nats: float, num_bytes: int) -> float:
     """Convert a summed loss in nats to bits per UTF-8 byte, comparable across tokenizers."""
     return loss_sum_nats / max(num_bytes, 1) / torch.log(torch.tensor(2.0)).item()

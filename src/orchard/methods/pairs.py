@@ -26,7 +26,7 @@ from ..data.preferences import (PreferencePair, checked_split, read_limited, rea
                                 tokenize_preference_pair)
 from ..data.synthetic import World, preference_pairs
 from ..files import atomic_file
-from ..losses.tokens import IGNORE_INDEX, token_log_probs
+from ..losses.tokens import IGNORE_INDEX
 from ..training import TrainConfig
 from ..training.runtime import Runtime
 
@@ -145,9 +145,8 @@ def held_out_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, l
 
 def sequence_log_probs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed, per-token mean) log-probability of each row's supervised reply."""
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits
-    logps = token_log_probs(logits, batch["labels"])
+    logps = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                  log_probs_of=batch["labels"]).log_probs
     tokens = (batch["labels"] != IGNORE_INDEX).sum(-1).clamp(min=1)
     summed = logps.sum(-1)
     return summed, summed / tokens

@@ -18,12 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from ..data.packing import EpochOrder, micro_batch_samples
 from ..data.preferences import PromptItem, checked_split, read_limited, read_prompts, read_split
 from ..data.synthetic import World, verifiable_prompts
 from ..errors import OrchardError
-from ..losses.tokens import IGNORE_INDEX, token_log_probs
+from ..losses.tokens import IGNORE_INDEX
 from ..model.generation import SamplingConfig, generate
 from ..peft.config import ReferenceModel, apply_peft
 from ..rewards import Rewards
@@ -287,8 +288,11 @@ def completion_log_probs(model, batch: dict[str, torch.Tensor], temperature: flo
     `with_values`, also the (N, C) score-head outputs at the positions that predict them (PPO's
     value of the state before each token)."""
     C = batch["completion_ids"].size(1)
-    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=C + 1)
-    logps = token_log_probs(out.logits[:, :-1], batch["completion_ids"], temperature)
+    # The last C + 1 positions predict the completion and one token past it, which has no target.
+    targets = F.pad(batch["completion_ids"], (0, 1), value=IGNORE_INDEX)
+    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=C + 1,
+                log_probs_of=targets, temperature=temperature)
+    logps = out.log_probs[:, :-1]
     if not with_values:
         return logps
     return logps, out.scores[:, -C - 1:-1, 0].float()

@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..losses.tokens import linear_token_cross_entropy, token_cross_entropy
+from ..losses.tokens import linear_token_cross_entropy, linear_token_log_probs, token_cross_entropy, token_log_probs
 from .attention import BlockMask, document_block_mask, document_mask, packed_attention, uses_flex
 from .config import ModelConfig
 
@@ -245,6 +245,8 @@ class ModelOutput:
     """(B, T, num_labels) outputs of the score head at every position, when the model has one."""
     loss: torch.Tensor | None = None
     """With `labels`: the summed next-token cross-entropy (`losses.tokens.token_cross_entropy`)."""
+    log_probs: torch.Tensor | None = None
+    """With `log_probs_of`: each target's log-probability (`losses.tokens.token_log_probs`)."""
 
 
 def causal_mask(attention_mask: torch.Tensor | None, position_ids: torch.Tensor, past_length: int,
@@ -307,14 +309,17 @@ class CausalLM(nn.Module):
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                 output_hidden_states: bool = False, logits_to_keep: int = 0,
                 compute_logits: bool = True, document_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> ModelOutput:
+                labels: torch.Tensor | None = None, log_probs_of: torch.Tensor | None = None,
+                temperature: float = 1.0) -> ModelOutput:
         """`attention_mask` is either (B, S) with 1 for real tokens (padding) or a boolean (B, 1, T, S)
         mask used as is; `position_ids` default to 0.. after any padding. `document_ids` (B, T) makes
         packed documents attend only within themselves (-1 at padding; model/attention.py).
         `compute_logits=False` skips the output projection (a reward model needs only its scores).
         `labels` (B, T), aligned with the logits (see `token_cross_entropy`), adds their summed loss;
         a plain output projection then computes it with the loss, a chunk of rows at a time, and
-        the (B, T, vocab) logits are never made (`logits` is None)."""
+        the (B, T, vocab) logits are never made (`logits` is None). `log_probs_of` (B, T), aligned the
+        same way, gives each target's log-probability at `temperature` (DPO's and RL's), computed the
+        same way."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         explicit_mask = attention_mask is not None and attention_mask.dim() == 4
@@ -356,15 +361,22 @@ class CausalLM(nn.Module):
         scores = self.score(x) if self.config.num_labels else None
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        loss = None
-        if labels is not None and self._plain_head():
-            logits, loss = None, linear_token_cross_entropy(x, self.lm_head.weight, labels)
+        loss = log_probs = None
+        targets = labels is not None or log_probs_of is not None
+        if targets and self._plain_head():
+            logits = None
+            if labels is not None:
+                loss = linear_token_cross_entropy(x, self.lm_head.weight, labels)
+            if log_probs_of is not None:
+                log_probs = linear_token_log_probs(x, self.lm_head.weight, log_probs_of, temperature)
         else:
-            logits = self.lm_head(x) if compute_logits or labels is not None else None
+            logits = self.lm_head(x) if compute_logits or targets else None
             if labels is not None:
                 loss = token_cross_entropy(logits, labels)
+            if log_probs_of is not None:
+                log_probs = token_log_probs(logits, log_probs_of, temperature)
         return ModelOutput(logits=logits, hidden_states=tuple(hidden_states) if hidden_states else None,
-                           cache=cache, scores=scores, loss=loss)
+                           cache=cache, scores=scores, loss=loss, log_probs=log_probs)
 
     def _plain_head(self) -> bool:
         """Whether the output projection is a bare weight (no bias, no adapter or quantization hooked
