@@ -302,6 +302,7 @@ def dpo_orchard(files: dict, args, out: Path) -> dict:
     from orchard.methods import dpo
     from orchard.methods.pairs import PreferenceDataConfig, load_pairs
     from orchard.training import TrainConfig
+    from orchard.training.runtime import Runtime
 
     config = dpo.DPOConfig(
         init=files["checkpoint"], out=str(out), loss="dpo", beta=DPO_BETA,
@@ -309,12 +310,16 @@ def dpo_orchard(files: dict, args, out: Path) -> dict:
         train=TrainConfig(max_steps=args.dpo_steps, batch_size=DPO_BATCH, grad_accum=1, lr=DPO_LR, warmup_steps=0,
                           weight_decay=0.0, grad_clip=1.0, precision=args.precision, device="cpu", eval_every=0,
                           eval_batches=1, save_every=0, log_every=1, seed=SEED, progress=False))
-    # The reference pass `dpo.run` makes first, timed here on its own; run() then finds it cached.
+    # The reference pass `dpo.run` makes first, timed here on its own (in a scratch directory: the
+    # run directory must be new to `dpo.run`, which computes it again before its steps).
     checkpoint = load_checkpoint(config.init)
     train, val, _ = load_pairs(config.data, checkpoint.tokenizer, SEED)
+    scratch = out.parent / f"{out.name}-reference"
+    scratch.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    dpo.cached_reference(out, checkpoint.model.float().train(), train, val, checkpoint.tokenizer.pad_id,
-                         2 * DPO_BATCH, checkpoint.record.get("weights_sha256"), args.precision, torch.device("cpu"))
+    dpo.cached_reference(scratch, checkpoint.model.float().train(), train, val, checkpoint.tokenizer.pad_id,
+                         2 * DPO_BATCH, checkpoint.record.get("weights_sha256"),
+                         Runtime(torch.device("cpu"), args.precision))
     reference_seconds = time.perf_counter() - started
     dpo.run(config)
     rows = [r for r in read_jsonl(str(out / "metrics.jsonl")) if "elapsed" in r]
