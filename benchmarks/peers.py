@@ -211,8 +211,8 @@ def main() -> None:
             ratios = [x / y for x, y in zip(a, b)]
             extra = ""
             if "mfu" in results[ours][0]:
-                extra = f"  MFU {statistics.median(r['mfu'] for r in results[ours]):.1%} vs " \
-                        f"{statistics.median(r['mfu'] for r in results[theirs]):.1%}"
+                extra = f"  MFU {statistics.median(r['mfu'] for r in results[theirs]):.1%} -> " \
+                        f"{statistics.median(r['mfu'] for r in results[ours]):.1%}"
             if "tokens" in results[ours][0]:
                 same = results[ours][0]["tokens"] == results[theirs][0]["tokens"]
                 extra = f"  tokens {'identical' if same else 'DIFFER'}"
