@@ -57,8 +57,7 @@ def training(config, runtime, args, checkpoint_every: int) -> dict:
         synchronize(runtime.device)
         started = time.perf_counter()
         with runtime.autocast():
-            logits = step_model(ids[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss = step_model(ids[:, :-1], labels=ids[:, 1:]).loss / ids[:, 1:].numel()  # the fused head and loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
