@@ -46,7 +46,7 @@ def write_checkpoint(args, directory: str) -> None:
 
 def one_process(args) -> dict:
     from orchard.model import CausalLM
-    from orchard.training.distributed import Distributed
+    from orchard.training.distributed import Distributed, leave_process_group
     from orchard.training.runtime import Runtime
 
     runtime = Runtime.create("cpu", "fp32")
@@ -81,7 +81,7 @@ def one_process(args) -> dict:
     result = {"parallel": args.parallel, "world": runtime.distributed.world_size, "rank": runtime.distributed.rank,
               "parameters": model.config.num_parameters(), "held_bytes": held,
               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    runtime.distributed.close()
+    leave_process_group()
     return result
 
 

@@ -18,7 +18,7 @@ from orchard.config import load_config
 from orchard.data.synthetic import write_corpus
 from orchard.errors import OrchardError
 from orchard.methods import pretrain
-from orchard.training import TrainConfig, learning_rate
+from orchard.training import TrainConfig, learning_rate, training_runtime
 
 TINY = [
     "model.hidden_size=48", "model.intermediate_size=96", "model.num_hidden_layers=2",
@@ -142,6 +142,16 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path, corpus):
     big = [m["loss"] for m in metrics(tmp_path / "big") if "loss" in m]
     accum = [m["loss"] for m in metrics(tmp_path / "accum") if "loss" in m]
     assert max(abs(a - b) for a, b in zip(big, accum)) < 1e-4
+
+
+def test_global_batch_sets_the_accumulation_or_is_refused_in_one_line():
+    config = TrainConfig(max_steps=1, batch_size=2, global_batch=8)
+    training_runtime(config)
+    assert config.grad_accum == 4  # one process: 8 sequences = 2 per micro-batch x 4
+    with pytest.raises(OrchardError, match=r"train.global_batch=9 is not a multiple of train.batch_size=2"):
+        training_runtime(TrainConfig(max_steps=1, batch_size=2, global_batch=9))
+    with pytest.raises(OrchardError, match="train.global_batch must be positive"):
+        load_config(pretrain.PretrainConfig, None, ["train.global_batch=0"])
 
 
 def test_time_limit_stops_the_run(tmp_path, corpus):

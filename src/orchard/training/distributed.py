@@ -216,8 +216,6 @@ class Distributed:
         if self.active:
             dist.barrier()
 
-    def close(self) -> None:
-        leave_process_group()
 
 
 def leave_process_group() -> None:

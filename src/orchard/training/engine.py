@@ -230,7 +230,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.record = record
         self.flops_per_token = flops_per_token
-        self.runtime = runtime or Runtime.create(config.device, config.precision)
+        self.runtime = runtime or training_runtime(config)
         self.dist, self.device, self.precision = self.runtime.distributed, self.runtime.device, self.runtime.precision
         # A model to shard is moved (and made float32) block by block as it is sharded (Distributed.wrap).
         self.model = model if self.dist.shards(config.parallel) else model.to(self.device)

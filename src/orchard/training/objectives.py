@@ -50,7 +50,7 @@ class PackedLanguageModeling:
         return batch["labels"].numel()
 
     def loss(self, model, batch):
-        return model(batch["input_ids"], labels=batch["labels"]).loss, {}
+        return summed_token_loss(model, batch), {}
 
     def evaluate(self, model: CausalLM, shard: Shard) -> dict[str, float]:
         # eval_batches global batches, split over the processes: the same windows at every world size.

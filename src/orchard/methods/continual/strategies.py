@@ -9,6 +9,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ...errors import OrchardError
 from ...losses.tokens import IGNORE_INDEX
+from ...training.distributed import Distributed
 from ...training.objectives import ConversationLanguageModeling, summed_token_loss
 
 
@@ -134,12 +135,11 @@ class EWCPenalty:
             if name not in self.fisher:
                 continue
             f, a = self._like(name, parameter)
-            local = parameter.to_local() if isinstance(parameter, DTensor) else parameter
-            difference = local.float() - a
+            difference = Distributed.local(parameter).float() - a
             total += float((f * difference ** 2).sum())
             if parameter.grad is None:
                 parameter.grad = torch.zeros_like(parameter)
-            grad = parameter.grad.to_local() if isinstance(parameter.grad, DTensor) else parameter.grad
+            grad = Distributed.local(parameter.grad)
             grad.add_((self.ewc_lambda * f * difference).to(grad.dtype))
         if any(isinstance(p, DTensor) for p in model.parameters()):
             total = sum_over_processes(total)
