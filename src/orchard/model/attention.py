@@ -1,5 +1,15 @@
-"""Attention over packed sequences: several documents side by side in one row, each token seeing
-only the earlier tokens of its own document (document masking), and a padding token only itself.
+"""The attention kernels the model chooses between, by device, precision and shape.
+
+Causal attention over a fresh sequence (training, prefill) takes SDPA's `is_causal` kernel, except
+where a plain matmul kernel is faster: on the CPU, in bf16, compiled, with gradients, for at most
+`MATMUL_ATTENTION_MAX_LENGTH` tokens. There PyTorch's CPU flash-attention backward is slow on short
+rows (B=8, 6 heads, T=256, D=64, forward and backward: 15 ms, against 7 ms for `_MatmulAttention`
+compiled; at T=1024 they tie, beyond it flash wins), while the (B, H, T, T) scores of short rows are
+small, and bf16 matmuls are what the CPU does fastest. Eagerly the matmul kernel's elementwise
+passes cost more than they save, so uncompiled runs keep SDPA (`benchmarks/attention_kernels.py`).
+
+Packed sequences: several documents side by side in one row, each token seeing only the earlier
+tokens of its own document (document masking), and a padding token only itself.
 
 A packed batch carries `document_ids` (B, T): the document each token belongs to, -1 at padding.
 From them the model builds one of two equivalent attentions (equal within 1e-5 in fp32, tested):
@@ -27,9 +37,57 @@ import warnings
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 PACKED_ATTENTION = ("auto", "flex", "mask")
+MATMUL_ATTENTION_MAX_LENGTH = 512
+
+
+class _MatmulAttention(torch.autograd.Function):
+    """Causal attention as two matmuls around a softmax taken in fp32, keeping the (B, H, T, T)
+    probabilities for the backward pass, which is then four matmuls and one elementwise pass."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal_bias: torch.Tensor) -> torch.Tensor:
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.size(-1) ** -0.5 + causal_bias  # (B, H, T, T)
+        probabilities = torch.softmax(scores, dim=-1).to(q.dtype)
+        out = torch.matmul(probabilities, v)                                          # (B, H, T, D)
+        ctx.save_for_backward(q, k, v, probabilities, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v, probabilities, out = ctx.saved_tensors
+        scale = q.size(-1) ** -0.5
+        grad_v = torch.matmul(probabilities.transpose(-1, -2), grad)
+        grad_probabilities = torch.matmul(grad, v.transpose(-1, -2)).float()
+        # Softmax's backward: p * (dp - sum_j p_j dp_j), where sum_j p_j dp_j = (grad . out) per row.
+        row = (grad.float() * out.float()).sum(-1, keepdim=True)
+        grad_scores = (probabilities.float() * (grad_probabilities - row) * scale).to(q.dtype)
+        return torch.matmul(grad_scores, k), torch.matmul(grad_scores.transpose(-1, -2), q), grad_v, None
+
+
+_CAUSAL_BIASES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _causal_bias(length: int, device: torch.device) -> torch.Tensor:
+    """(T, T) fp32: 0 where query i may see key j (j <= i), -inf above the diagonal. Kept rather than
+    rebuilt: compiled, an added tensor makes a softmax kernel twice as fast as a mask computed from
+    positions inside it."""
+    key = (length, device)
+    if key not in _CAUSAL_BIASES:
+        _CAUSAL_BIASES[key] = torch.full((length, length), float("-inf"), device=device).triu(1)
+    return _CAUSAL_BIASES[key]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of (B, H, T, D) queries over as many keys and values, by the fastest kernel
+    for the device, precision and shape (see the module docstring)."""
+    if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
+            and q.size(-2) <= MATMUL_ATTENTION_MAX_LENGTH and torch.compiler.is_compiling()):
+        return _MatmulAttention.apply(q, k, v, _causal_bias(q.size(-2), q.device))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 def uses_flex(choice: str, device: torch.device) -> bool:
