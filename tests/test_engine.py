@@ -18,7 +18,7 @@ from orchard.config import load_config
 from orchard.data.synthetic import write_corpus
 from orchard.errors import OrchardError
 from orchard.methods import pretrain
-from orchard.training import TrainConfig, learning_rate, training_runtime
+from orchard.training import TrainConfig, engine, learning_rate, training_runtime
 
 TINY = [
     "model.hidden_size=48", "model.intermediate_size=96", "model.num_hidden_layers=2",
@@ -160,6 +160,22 @@ def test_time_limit_stops_the_run(tmp_path, corpus):
     assert 3 <= result.state.elapsed < 8
     assert time.perf_counter() - started < 30
     assert result.state.step > 1
+
+
+def test_auto_compile_compiles_a_run_with_time_left_and_records_it(tmp_path, corpus, monkeypatch):
+    """train.compile=auto (the default) compiles a fixed-shape run after its 5th step when the time
+    left reaches COMPILE_PAYS_AFTER (lowered to 0 here), and not otherwise; the record names the step.
+    The compiled steps train as the eager ones (losses within 2%, bf16 or fp32)."""
+    runs = {}
+    for name, threshold in (("eager", 1e9), ("compiled", 0.0)):
+        monkeypatch.setattr(engine, "COMPILE_PAYS_AFTER", threshold)
+        result = run_pretrain(tmp_path / name, corpus, "train.max_steps=8", "train.eval_every=0")
+        record = json.loads((result.final_dir / "orchard.json").read_text())
+        runs[name] = ([m["loss"] for m in metrics(tmp_path / name) if "loss" in m], record["training"]["compiled_at_step"])
+    (eager, eager_at), (compiled, compiled_at) = runs["eager"], runs["compiled"]
+    assert eager_at is None and compiled_at == engine.AUTO_COMPILE_STEP
+    assert eager[:5] == compiled[:5]
+    assert max(abs(a - b) / a for a, b in zip(eager[5:], compiled[5:])) < 0.02, (eager, compiled)
 
 
 def test_token_limit_stops_the_run(tmp_path, corpus):

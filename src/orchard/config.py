@@ -92,6 +92,8 @@ def _type_name(tp: Any) -> str:
     if isinstance(tp, type) and not typing.get_args(tp):
         return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
                 "Duration": "a duration"}.get(tp.__name__, tp.__name__)
+    if typing.get_origin(tp) is typing.Literal:
+        return " or ".join(map(str, typing.get_args(tp)))
     return str(tp).replace("typing.", "")
 
 

@@ -96,6 +96,17 @@ class LoraAdapter(nn.Module):
         dtype = self.A.dtype
         return torch.linalg.vector_norm(weight.to(dtype) + self.scaling * (self.B @ self.A), dim=1)
 
+    def added_to(self, result: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+        """`result` plus this adapter's share. Plain LoRA folds s into B and lets the second matmul
+        add its product to `result` (addmm): one pass over the layer's output instead of three (scale,
+        cast, add), ~7% of a LoRA step on the CPU."""
+        if self.magnitude is not None or (self.training and self.config.dropout > 0):
+            return result + self(x, base_out, linear).to(result.dtype)
+        down = F.linear(x, self.A.to(x.dtype))                                       # (..., r)
+        up = (self.B * self.scaling).to(result.dtype)
+        out = torch.addmm(result.reshape(-1, result.size(-1)), down.to(result.dtype).reshape(-1, down.size(-1)), up.T)
+        return out.view(result.shape)
+
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
         """What this adapter adds to `base_out` = linear(x), computed in x's dtype."""
         a, b = self.A.to(x.dtype), self.B.to(x.dtype)
@@ -145,7 +156,7 @@ class LoraAdapters(nn.ModuleDict):
         result = output
         for name in self.active:
             if name in self and self[name].original_weight is None:  # a merged one is in the weight
-                result = result + self[name](x, output, linear).to(output.dtype)
+                result = self[name].added_to(result, x, output, linear)
         return result
 
     def _routed(self, linear: nn.Linear, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:

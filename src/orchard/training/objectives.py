@@ -37,6 +37,7 @@ class PackedLanguageModeling:
 
     name = "pretrain"
     trainable_modules = None
+    fixed_shapes = True
 
     def __init__(self, train: PackedSequences, val: PackedSequences, token_bytes, config: TrainConfig):
         self.train, self.val, self.token_bytes, self.config = train, val, token_bytes, config
