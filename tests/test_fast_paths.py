@@ -126,17 +126,51 @@ def attention_and_grads(function, dtype):
     return [t.float() for t in (out, q.grad, k.grad, v.grad)]
 
 
+@pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_matmul_attention_equals_sdpa(dtype, tolerance):
-    """The CPU's causal matmul attention (compiled bf16 training takes it, model/attention.py):
-    output and the three gradients as SDPA's causal kernel, within 1e-5 in fp32 and 2% in bf16
-    (relative to the largest value)."""
-    from orchard.model.attention import _causal_bias, _MatmulAttention
+def test_matmul_attention_equals_sdpa(dtype, tolerance, masked):
+    """The CPU's matmul attention (bf16 training on short rows takes it, model/attention.py), causal
+    and under a mask of packed documents with padding: output and the three gradients as SDPA's,
+    within 1e-5 in fp32 and 2% in bf16 (relative to the largest value)."""
+    from orchard.model.attention import _causal_bias, _MatmulAttention, document_mask
 
-    expected = attention_and_grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), dtype)
-    matmul = attention_and_grads(lambda q, k, v: _MatmulAttention.apply(q, k, v, _causal_bias(40, q.device)), dtype)
+    documents = torch.tensor([[0] * 15 + [1] * 20 + [-1] * 5, [0] * 40])
+    mask = document_mask(documents) if masked else None
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf")) if masked else _causal_bias(40, torch.device("cpu"))
+    expected = attention_and_grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                                   is_causal=not masked), dtype)
+    matmul = attention_and_grads(lambda q, k, v: _MatmulAttention.apply(q, k, v, bias), dtype)
     for a, b in zip(expected, matmul):
         assert (a - b).abs().max() <= tolerance * a.abs().max()
+
+
+def test_bf16_training_on_short_rows_takes_the_matmul_attention(monkeypatch):
+    """Eager bf16 training on rows of at most MATMUL_ATTENTION_MAX_LENGTH_EAGER tokens takes the
+    matmul kernel, padded or not, and gives SDPA's loss within 1%; longer rows and fp32 keep SDPA."""
+    import orchard.model.attention as kernels
+
+    calls = []
+    original = kernels._MatmulAttention.apply
+    monkeypatch.setattr(kernels._MatmulAttention, "apply", lambda *a: calls.append(a[0].shape) or original(*a))
+    config = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = CausalLM(config)
+    model.reset_parameters(seed=0)
+    ids = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
+    padding = torch.ones(2, 32, dtype=torch.long)
+    padding[0, :4] = 0
+
+    def loss(length, attention_mask=None, autocast=True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            return model(ids[:, :length], attention_mask=attention_mask, labels=ids[:, 1:length + 1]).loss
+
+    plain, padded = loss(32), loss(32, padding)
+    assert len(calls) == 4  # 2 layers, twice
+    monkeypatch.setattr(kernels, "MATMUL_ATTENTION_MAX_LENGTH_EAGER", 16)
+    assert abs(loss(32).item() - plain.item()) < 0.01 * plain.item()
+    assert abs(loss(32, padding).item() - padded.item()) < 0.01 * padded.item()
+    loss(32, autocast=False)
+    assert len(calls) == 4
 
 
 def test_compiled_bf16_training_tracks_eager():

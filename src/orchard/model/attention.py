@@ -1,12 +1,14 @@
 """The attention kernels the model chooses between, by device, precision and shape.
 
-Causal attention over a fresh sequence (training, prefill) takes SDPA's `is_causal` kernel, except
-where a plain matmul kernel is faster: on the CPU, in bf16, compiled, with gradients, for at most
-`MATMUL_ATTENTION_MAX_LENGTH` tokens. There PyTorch's CPU flash-attention backward is slow on short
-rows (B=8, 6 heads, T=256, D=64, forward and backward: 15 ms, against 7 ms for `_MatmulAttention`
-compiled; at T=1024 they tie, beyond it flash wins), while the (B, H, T, T) scores of short rows are
-small, and bf16 matmuls are what the CPU does fastest. Eagerly the matmul kernel's elementwise
-passes cost more than they save, so uncompiled runs keep SDPA (`benchmarks/attention_kernels.py`).
+Attention over a fresh sequence (training, prefill), causal or under a boolean mask (padding,
+packed documents), takes SDPA, except where a plain matmul kernel is faster: on the CPU, in bf16,
+with gradients, for rows of at most MATMUL_ATTENTION_MAX_LENGTH tokens compiled, and of at most
+MATMUL_ATTENTION_MAX_LENGTH_EAGER eagerly. There PyTorch's CPU flash-attention backward is slow:
+B=8, 6 heads, T=256, D=64, causal, forward and backward, 15 ms against 7 ms for `_MatmulAttention`
+compiled (they tie at T=1024, beyond it flash wins); a DPO batch of 16 padded rows of 70 tokens, 4
+heads, 9 ms against 2 ms eagerly. The (B, H, T, T) scores of short rows are small, and bf16 matmuls
+are what the CPU does fastest; eagerly, the kernel's elementwise passes over the scores outweigh the
+gain beyond ~128 tokens. fp32 keeps SDPA, which is as fast there (`benchmarks/attention_kernels.py`).
 
 Packed sequences: several documents side by side in one row, each token seeing only the earlier
 tokens of its own document (document masking), and a padding token only itself.
@@ -42,15 +44,18 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 PACKED_ATTENTION = ("auto", "flex", "mask")
 MATMUL_ATTENTION_MAX_LENGTH = 512
+MATMUL_ATTENTION_MAX_LENGTH_EAGER = 128
 
 
 class _MatmulAttention(torch.autograd.Function):
-    """Causal attention as two matmuls around a softmax taken in fp32, keeping the (B, H, T, T)
-    probabilities for the backward pass, which is then four matmuls and one elementwise pass."""
+    """Attention as two matmuls around a softmax taken in fp32, keeping the (B, H, T, S)
+    probabilities for the backward pass, which is then four matmuls and one elementwise pass.
+    `bias` (T, S) or (B|1, 1, T, S) is added to the scores: 0 where a query sees a key, -inf where
+    not (every query must see at least one key)."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal_bias: torch.Tensor) -> torch.Tensor:
-        scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.size(-1) ** -0.5 + causal_bias  # (B, H, T, T)
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.size(-1) ** -0.5 + bias  # (B, H, T, S)
         probabilities = torch.softmax(scores, dim=-1).to(q.dtype)
         out = torch.matmul(probabilities, v)                                          # (B, H, T, D)
         ctx.save_for_backward(q, k, v, probabilities, out)
@@ -81,13 +86,23 @@ def _causal_bias(length: int, device: torch.device) -> torch.Tensor:
     return _CAUSAL_BIASES[key]
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of (B, H, T, D) queries over as many keys and values, by the fastest kernel
-    for the device, precision and shape (see the module docstring)."""
-    if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
-            and q.size(-2) <= MATMUL_ATTENTION_MAX_LENGTH and torch.compiler.is_compiling()):
-        return _MatmulAttention.apply(q, k, v, _causal_bias(q.size(-2), q.device))
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of (B, H, T, D) queries over (B, H, S, D) keys and values: causal over a fresh
+    sequence (S = T) when `mask` is None, else where the (B|1, 1, T, S) mask allows (boolean, or
+    additive: 0 or -inf); by the fastest kernel for the device, precision and shape (see the module
+    docstring)."""
+    longest = MATMUL_ATTENTION_MAX_LENGTH if torch.compiler.is_compiling() else MATMUL_ATTENTION_MAX_LENGTH_EAGER
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad and k.size(-2) <= longest:
+        if mask is None:
+            bias = _causal_bias(q.size(-2), q.device)
+        elif mask.dtype == torch.bool:
+            bias = torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))
+        else:
+            bias = mask.float()  # already additive
+        return _MatmulAttention.apply(q, k, v, bias)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def uses_flex(choice: str, device: torch.device) -> bool:

@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..losses.tokens import linear_token_cross_entropy, linear_token_log_probs, token_cross_entropy, token_log_probs
-from .attention import BlockMask, causal_attention, document_block_mask, document_mask, packed_attention, uses_flex
+from .attention import BlockMask, attention, document_block_mask, document_mask, packed_attention, uses_flex
 from .config import ModelConfig
 
 
@@ -171,14 +171,12 @@ class Attention(nn.Module):
             # Each key/value head serves a group of query heads.
             group = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)    # (B, H, S, D)
-        if mask is None and T > 1:
-            out = causal_attention(q, k, v)  # over a fresh sequence
-        elif mask is None:
+        if mask is None and T == 1:
             # A single query (a decoding step) sees every cached key, which a causal mask aligned to
             # the first key would hide.
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = attention(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def _with_extra_kv(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
