@@ -13,7 +13,9 @@ Rows (the peer dependencies come with the `bench` extra: transformers, TRL, PEFT
   MFU against the bf16 matmul peak measured in the same process.
 - generate: greedy decoding of 128 new tokens at batch 1 and 16, fp32, the same weights: orchard's
   `generate` (KV cache) beside transformers' `generate`; tokens/s, and whether the tokens are
-  identical.
+  identical. Then at batch 1 orchard's compiled decoding (`SamplingConfig.compile`: static cache,
+  compiled step) beside transformers' `generate`, and beside transformers compiled too (its static
+  cache and `torch.compile` of its forward). A warm-up call (which compiles) is not timed.
 - lora, grpo, dpo: run `finetune_methods.py` (orchard's LoRA beside PEFT's) and
   `alignment_vs_trl.py` (GRPO and DPO steps beside TRL's) once per round and read their figures.
 """
@@ -121,12 +123,12 @@ def prompts(batch: int) -> torch.Tensor:
     return torch.randint(1, TRAIN["vocab_size"], (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
 
 
-def generate_orchard(batch: int) -> dict:
+def generate_orchard(batch: int, compiled: bool = False) -> dict:
     from orchard.model.generation import SamplingConfig, generate
 
     model = orchard_model().eval()
     ids = prompts(batch).tolist()
-    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.0)
+    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.0, compile=compiled)
     generate(model, ids, sampling, eos_id=-1, pad_id=0)  # warm-up
     started = time.perf_counter()
     outputs = generate(model, ids, sampling, eos_id=-1, pad_id=0)
@@ -134,11 +136,16 @@ def generate_orchard(batch: int) -> dict:
     return {"tokens_per_s": batch * NEW_TOKENS / seconds, "tokens": digest(outputs)}
 
 
-def generate_transformers(batch: int) -> dict:
+def generate_transformers(batch: int, compiled: bool = False) -> dict:
+    """transformers' `generate`; compiled: its static cache and a compiled forward, as its docs
+    recommend (on the CPU `generate` does not compile by itself)."""
     model = transformers_model().eval()
     ids = prompts(batch)
     settings = dict(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0,
                     eos_token_id=None)
+    if compiled:
+        model.forward = torch.compile(model.forward, dynamic=False)
+        settings["cache_implementation"] = "static"
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), **settings)  # warm-up
         started = time.perf_counter()
@@ -157,12 +164,17 @@ WORKERS = {
     "train-transformers-compiled": lambda: train_transformers(True),
     "generate-1-orchard": lambda: generate_orchard(1), "generate-1-transformers": lambda: generate_transformers(1),
     "generate-16-orchard": lambda: generate_orchard(16), "generate-16-transformers": lambda: generate_transformers(16),
+    "generate-1-orchard-compiled": lambda: generate_orchard(1, compiled=True),
+    "generate-1-transformers-compiled": lambda: generate_transformers(1, compiled=True),
 }
 ROWS = {
     "train": [("training, eager", "train-orchard", "train-transformers"),
               ("training, both compiled", "train-orchard-compiled", "train-transformers-compiled")],
     "generate": [("greedy generation, batch 1", "generate-1-orchard", "generate-1-transformers"),
-                 ("greedy generation, batch 16", "generate-16-orchard", "generate-16-transformers")],
+                 ("greedy generation, batch 16", "generate-16-orchard", "generate-16-transformers"),
+                 ("generation, batch 1, orchard compiled", "generate-1-orchard-compiled", "generate-1-transformers"),
+                 ("generation, batch 1, both compiled", "generate-1-orchard-compiled",
+                  "generate-1-transformers-compiled")],
 }
 SCRIPT_ROWS = {
     # row: (script and its arguments, the lines to read: (label, orchard's line, peer's line, column))
@@ -199,7 +211,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
           f"median (min-max) of {args.rounds} processes each, orchard and peer alternating")
-    print(f"{'':<30}{'peer tokens/s':>26}{'orchard tokens/s':>26}{'ratio':>8}")
+    print(f"{'':<38}{'peer tokens/s':>26}{'orchard tokens/s':>26}{'ratio':>8}")
     for row in args.rows:
         for label, ours, theirs in ROWS.get(row, []):
             results = {ours: [], theirs: []}
@@ -216,7 +228,7 @@ def main() -> None:
             if "tokens" in results[ours][0]:
                 same = results[ours][0]["tokens"] == results[theirs][0]["tokens"]
                 extra = f"  tokens {'identical' if same else 'DIFFER'}"
-            print(f"{label:<30}{spread(b):>26}{spread(a):>26}{statistics.median(ratios):>7.2f}x{extra}", flush=True)
+            print(f"{label:<38}{spread(b):>26}{spread(a):>26}{statistics.median(ratios):>7.2f}x{extra}", flush=True)
         if row in SCRIPT_ROWS:
             command, (label, ours, theirs, column) = SCRIPT_ROWS[row]
             a, b = [], []
@@ -227,7 +239,7 @@ def main() -> None:
                 a.append(float(table[ours][column].replace(",", "")))
                 b.append(float(table[theirs][column].replace(",", "")))
             ratios = [x / y for x, y in zip(a, b)]
-            print(f"{label:<30}{spread(b):>26}{spread(a):>26}{statistics.median(ratios):>7.2f}x", flush=True)
+            print(f"{label:<38}{spread(b):>26}{spread(a):>26}{statistics.median(ratios):>7.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,19 @@ def test_greedy_with_cache_equals_without(model):
     assert len({tuple(t) for t in cached}) == 3
 
 
+def test_compiled_decoding_gives_the_same_tokens(model):
+    """The static cache and compiled step (`SamplingConfig.compile`): the tokens of uncompiled
+    decoding, greedy and seeded sampling, with padded prompts of three lengths and a lone prompt,
+    and again on a second call (which reuses the compilation)."""
+    for config in (greedy(), SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=20, seed=3)):
+        expected = generate(model, PROMPTS, config, eos_id=NO_EOS, pad_id=PAD)
+        compiled = SamplingConfig(**{**vars(config), "compile": True})
+        assert generate(model, PROMPTS, compiled, eos_id=NO_EOS, pad_id=PAD) == expected
+        assert generate(model, PROMPTS, compiled, eos_id=NO_EOS, pad_id=PAD) == expected
+    assert generate(model, PROMPTS[:1], greedy(compile=True), eos_id=NO_EOS, pad_id=PAD) == \
+        generate(model, PROMPTS[:1], greedy(), eos_id=NO_EOS, pad_id=PAD)
+
+
 def test_greedy_matches_step_by_step_argmax(model):
     prompt = PROMPTS[0]
     (out,) = generate(model, [prompt], greedy(8), eos_id=NO_EOS, pad_id=PAD)

@@ -333,6 +333,6 @@ def _sampling_config(args):
     try:
         return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
-                              seed=args.seed)
+                              seed=args.seed, compile=args.compile)
     except ValueError as error:
         raise OrchardError(f"--{str(error).split()[0].replace('_', '-')}: {error}") from None

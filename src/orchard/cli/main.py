@@ -50,6 +50,9 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats (default 1)")
     parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     parser.add_argument("--seed", type=int, default=None, help="seed for repeatable samples")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode with a static KV cache and a compiled step: faster per token, after a "
+                             "compilation of seconds (worth it for long replies and chat sessions)")
 
 
 def build_parser() -> argparse.ArgumentParser:

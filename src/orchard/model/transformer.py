@@ -127,6 +127,35 @@ class KVCache:
         self.keys = [k[index] for k in self.keys]
         self.values = [v[index] for v in self.values]
 
+    def advance(self, tokens: int) -> None:
+        self.length += tokens
+
+
+class StaticKVCache:
+    """Keys and values of every layer in buffers of a fixed `max_length`, for a compiled decoding
+    step: a pass writes its keys and values at the slots in `positions` (a tensor the caller sets,
+    so no shape or Python number changes from one step to the next) and attends over all the slots,
+    the caller's (B, 1, T, max_length) mask hiding those not written yet. The model's forward then
+    needs `position_ids` and that mask; `length` stays 0."""
+
+    length = 0
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (batch_size, config.num_key_value_heads, max_length, config.resolved_head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.positions = torch.zeros(1, dtype=torch.long, device=device)
+        self.max_length = max_length
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[layer][:, :, self.positions] = k
+        self.values[layer][:, :, self.positions] = v
+        return self.keys[layer], self.values[layer]
+
+    def advance(self, tokens: int) -> None:
+        """The caller moves `positions`."""
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
@@ -152,7 +181,7 @@ class Attention(nn.Module):
         self.extra_kv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | BlockMask | None, cache: KVCache | None) -> torch.Tensor:
+                mask: torch.Tensor | BlockMask | None, cache: KVCache | StaticKVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)                      # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)                   # (B, T, K, D)
@@ -240,7 +269,7 @@ class ModelOutput:
     with compute_logits=False)."""
     hidden_states: tuple[torch.Tensor, ...] | None = None
     """The embeddings and each layer's output, the last one after the final norm (as Hugging Face)."""
-    cache: KVCache | None = None
+    cache: KVCache | StaticKVCache | None = None
     scores: torch.Tensor | None = None
     """(B, T, num_labels) outputs of the score head at every position, when the model has one."""
     loss: torch.Tensor | None = None
@@ -306,7 +335,7 @@ class CausalLM(nn.Module):
                 nn.init.ones_(module.weight)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | StaticKVCache | None = None,
                 output_hidden_states: bool = False, logits_to_keep: int = 0,
                 compute_logits: bool = True, document_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, log_probs_of: torch.Tensor | None = None,
@@ -357,7 +386,7 @@ class CausalLM(nn.Module):
         if output_hidden_states:
             hidden_states[-1] = x
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         scores = self.score(x) if self.config.num_labels else None
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
@@ -404,11 +433,13 @@ class CausalLM(nn.Module):
             self.score.weight.copy_(torch.empty(self.score.weight.shape).normal_(
                 0.0, self.config.initializer_range, generator=generator))
 
-    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+    def new_cache(self, batch_size: int, max_length: int, static: bool = False) -> KVCache | StaticKVCache:
+        """A KV cache in the dtype the model computes in; `static`: a StaticKVCache."""
         parameter = self.lm_head.weight
         dtype = torch.get_autocast_dtype(parameter.device.type) if torch.is_autocast_enabled(parameter.device.type) \
             else parameter.dtype
-        return KVCache(self.config, batch_size, max_length, dtype=dtype, device=parameter.device)
+        kind = StaticKVCache if static else KVCache
+        return kind(self.config, batch_size, max_length, dtype=dtype, device=parameter.device)
 
     def num_parameters(self, include_embeddings: bool = True) -> int:
         return self.config.num_parameters(include_embeddings)
