@@ -253,6 +253,7 @@ def grpo_orchard(files: dict, args, out: Path) -> dict:
     config = grpo.GRPOConfig(
         init=files["checkpoint"], out=str(out), rewards=["exact_match"], num_generations=G,
         max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=1.0, beta=GRPO_BETA, epsilon=0.2,
+        compile_decoding=args.compile_decoding,
         loss_aggregation="sequence", scale_rewards=True,
         data=PromptDataConfig(path=files["grpo_train"], val_path=files["grpo_val"], eval_prompts=VAL_PROMPTS),
         train=TrainConfig(max_steps=args.grpo_steps, batch_size=GRPO_PROMPTS, grad_accum=1, lr=GRPO_LR,
@@ -392,7 +393,7 @@ def spawn(name: str, args, files_path: Path) -> dict | None:
     command = [sys.executable, __file__, "--worker", name, "--files", str(files_path), "--threads", str(args.threads),
                "--precision", args.precision, "--grpo-steps", str(args.grpo_steps), "--dpo-steps", str(args.dpo_steps),
                "--rollout-prompts", str(args.rollout_prompts), "--rollout-calls", str(args.rollout_calls),
-               "--rollout-warmup", str(args.rollout_warmup)]
+               "--rollout-warmup", str(args.rollout_warmup)] + (["--compile-decoding"] if args.compile_decoding else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
            "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
@@ -441,6 +442,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 steps of each (1 untimed), 1 timed rollout call")
     parser.add_argument("--only", nargs="+", choices=["rollout", "grpo", "dpo"], default=["rollout", "grpo", "dpo"])
     parser.add_argument("--workdir", help="keep the checkpoint, export, data and run directories here")
+    parser.add_argument("--compile-decoding", action="store_true",
+                        help="orchard's GRPO rollouts decode with a compiled step (compile_decoding=true; the first, "
+                             "compiling, rollout falls in the untimed warm-up steps)")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--files", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -558,7 +562,8 @@ def print_report(args, results: dict) -> None:
           f"beta {GRPO_BETA}, epsilon 0.2, per-sequence loss, group-std advantages, lr {GRPO_LR}; DPO {DPO_BATCH} "
           f"pairs per step, sigmoid loss, beta {DPO_BETA}, max length {DPO_MAX_LENGTH}, lr {DPO_LR}; both: AdamW "
           f"(fused, betas 0.9/0.95, no weight decay), clip 1.0, no gradient checkpointing, {args.warmup} untimed "
-          f"warm-up steps, GRPO {args.grpo_steps} / DPO {args.dpo_steps} steps")
+          f"warm-up steps, GRPO {args.grpo_steps} / DPO {args.dpo_steps} steps; orchard's GRPO decoding "
+          f"{'compiled (compile_decoding)' if args.compile_decoding else 'eager'}")
     for note in notes:
         print(f"  {note}")
     if "rollout" in args.only:

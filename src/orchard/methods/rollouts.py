@@ -71,6 +71,10 @@ class OnlineConfig(MethodConfig):
     """Longest reply sampled."""
     temperature: float = 1.0
     """Sampling temperature of the rollouts."""
+    compile_decoding: bool = False
+    """Sample with a static KV cache and a compiled decoding step (`SamplingConfig.compile`): in bf16
+    on the CPU ~20% faster rollouts (16 replies of 64 tokens, a 3.4M model: 0.24 -> 0.19 s) after a
+    first rollout that compiles (~10 s), so for runs of more than ~100 steps."""
     num_iterations: int = 1
     """Optimizer steps per rollout (GRPO's mu, PPO's epochs): above 1, later steps reuse the replies
     and the clipped ratio bounds how far the policy moves from the one that sampled them.
@@ -270,7 +274,7 @@ def prepare_online_run(config: OnlineConfig, stage: str, num_generations: int, k
         model.add_score_head(1, seed=config.train.seed)  # trainable on a frozen base too
         trainable, total = trainable + model.config.hidden_size, total + model.config.hidden_size
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                              top_p=getattr(config, "top_p", 1.0))
+                              top_p=getattr(config, "top_p", 1.0), compile=config.compile_decoding)
     rollouts = Rollouts(model, tokenizer, train, rewards, sampling, num_generations, config.train.batch_size,
                         config.train.grad_accum, config.train.seed, runtime, config.num_iterations)
     return OnlineRun(start, rollouts, val, reference, stage, data_record, (trainable, total))
