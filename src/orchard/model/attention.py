@@ -73,17 +73,17 @@ class _MatmulAttention(torch.autograd.Function):
         return torch.matmul(grad_scores, k), torch.matmul(grad_scores.transpose(-1, -2), q), grad_v, None
 
 
-_CAUSAL_BIASES: dict[tuple[int, torch.device], torch.Tensor] = {}
+_CAUSAL_BIASES: dict[torch.device, torch.Tensor] = {}
 
 
 def _causal_bias(length: int, device: torch.device) -> torch.Tensor:
-    """(T, T) fp32: 0 where query i may see key j (j <= i), -inf above the diagonal. Kept rather than
-    rebuilt: compiled, an added tensor makes a softmax kernel twice as fast as a mask computed from
-    positions inside it."""
-    key = (length, device)
-    if key not in _CAUSAL_BIASES:
-        _CAUSAL_BIASES[key] = torch.full((length, length), float("-inf"), device=device).triu(1)
-    return _CAUSAL_BIASES[key]
+    """(T, T) fp32: 0 where query i may see key j (j <= i), -inf above the diagonal. One table per
+    device, as long as the longest row asked for, sliced: compiled, an added tensor makes a softmax
+    kernel twice as fast as a mask computed from positions inside it."""
+    table = _CAUSAL_BIASES.get(device)
+    if table is None or table.size(0) < length:
+        table = _CAUSAL_BIASES[device] = torch.full((length, length), float("-inf"), device=device).triu(1)
+    return table[:length, :length]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
