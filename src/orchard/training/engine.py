@@ -312,8 +312,9 @@ class Trainer:
         """train.compile=auto: whether to compile now, after the AUTO_COMPILE_STEP-th step of this
         attempt, given the fraction of the run done and the seconds its steps took so far. Every
         process decides the same (on the mean of their estimates)."""
+        # Only conditions every process shares: the all-reduce below must be reached by all or none.
         if (self.config.compile != "auto" or self.compiled_at is not None or steps != AUTO_COMPILE_STEP
-                or not getattr(self.method, "fixed_shapes", False) or progress >= 1.0):
+                or not getattr(self.method, "fixed_shapes", False)):
             return False
         done_now = progress - self._progress_at_start
         seconds_left = seconds * (1.0 - progress) / max(done_now, 1e-9)
