@@ -168,8 +168,7 @@ class LoraAdapters(nn.ModuleDict):
             if name is None or name not in self:
                 continue
             rows = torch.tensor([i for i, n in enumerate(self.routing) if n == name], device=x.device)
-            share = self[name](x[rows], output[rows], linear)
-            result[rows] = output[rows] + share.to(output.dtype)
+            result[rows] = self[name].added_to(output[rows], x[rows], output[rows], linear)
         return result
 
 
