@@ -14,6 +14,7 @@ D head dimension.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..losses.tokens import linear_token_cross_entropy, linear_token_log_probs, token_cross_entropy, token_log_probs
-from .attention import BlockMask, attention, document_block_mask, document_mask, packed_attention, uses_flex
+from .attention import (MATMUL_ATTENTION_MAX_LENGTH, BlockMask, additive_mask, attention, document_block_mask,
+                        document_mask, packed_attention, uses_flex)
 from .config import ModelConfig
 
 
@@ -278,6 +280,18 @@ class ModelOutput:
     """With `log_probs_of`: each target's log-probability (`losses.tokens.token_log_probs`)."""
 
 
+def _run_block(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               mask: torch.Tensor | BlockMask | None, cache: KVCache | StaticKVCache | None) -> torch.Tensor:
+    return layer(x, cos, sin, mask, cache)
+
+
+@functools.cache
+def _compiled_block() -> Callable:
+    """`_run_block` compiled: one compilation serves every block (their weights are its inputs), and
+    a second one, for any length, once a batch of another shape arrives."""
+    return torch.compile(_run_block)
+
+
 def causal_mask(attention_mask: torch.Tensor | None, position_ids: torch.Tensor, past_length: int,
                 total_length: int) -> torch.Tensor:
     """Boolean (B, 1, T, S) mask: query i may see key j when j is not padding and j <= i.
@@ -310,6 +324,10 @@ class CausalLM(nn.Module):
         if config.num_labels:
             self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.checkpoint_every = 0  # recompute every k-th block's activations (set_activation_checkpointing)
+        self.compiled_blocks = False
+        """Run each decoder block compiled in passes with gradients and no cache (training): regional
+        compilation, as torchtitan's, which lets batches change shape, unlike compiling the whole model
+        with its loss (`train.compile` for methods whose batches do)."""
         self.packed_attention = "auto"
         """How packed documents attend (`document_ids`): auto, flex or mask (see model/attention.py)."""
         if self.lm_head.weight.device.type != "meta":  # a model built on the meta device is about to be loaded
@@ -369,17 +387,22 @@ class CausalLM(nn.Module):
             mask = causal_mask(attention_mask, position_ids, past, past + T)
         else:
             mask = None  # causal over the new tokens; one new token sees every key (see Attention)
+        if (isinstance(mask, torch.Tensor) and mask.device.type == "cpu"
+                and mask.size(-1) <= MATMUL_ATTENTION_MAX_LENGTH):
+            mask = additive_mask(mask)  # once, rather than in every layer (see additive_mask)
 
         stack = self.model
         x = stack.embed_tokens(input_ids)                                           # (B, T, d)
         cos, sin = stack.rotary(position_ids)
         hidden_states = [x] if output_hidden_states else None
-        recompute = self.checkpoint_every and self.training and torch.is_grad_enabled() and cache is None
+        training = torch.is_grad_enabled() and cache is None
+        recompute = self.checkpoint_every and self.training and training
+        run = _compiled_block() if self.compiled_blocks and training else _run_block
         for index, layer in enumerate(stack.layers):
             if recompute and index % self.checkpoint_every == 0:
-                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                x = checkpoint(run, layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = run(layer, x, cos, sin, mask, cache)
             if output_hidden_states:
                 hidden_states.append(x)
         x = stack.norm(x)

@@ -94,9 +94,11 @@ class TrainConfig:
     device: str = "auto"
     """cpu, cuda, cuda:1, ... or auto (CUDA when available)."""
     compile: bool | Literal["auto"] = "auto"
-    """torch.compile the model with its loss (one compilation, then faster steps: on 2 CPU cores
-    ~20 s, then a bf16 step ~1/3 shorter). auto compiles a method of fixed batch shapes (pretraining)
-    once its first steps show at least COMPILE_PAYS_AFTER seconds of training left."""
+    """torch.compile the training step: the whole model with its loss for a method whose batches
+    all have one shape (pretraining), else each decoder block, whatever the batch's shape (SFT,
+    LoRA, DPO, RL). One compilation (~20 s on 2 CPU cores), then faster steps: a bf16 step ~1/4 to
+    1/3 shorter. auto compiles once the first steps show at least COMPILE_PAYS_AFTER seconds of
+    training left."""
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"
     """Under torchrun: ddp keeps a whole copy of the model, its gradients and optimizer state in every
     process; fsdp shards them (FSDP2, per block), for models that do not fit one device that way.
@@ -178,7 +180,8 @@ class Method(Protocol):
     hidden states), saved with the training state only; None for most methods.
 
     A method whose batches all have the same shapes sets `fixed_shapes = True`, so that
-    train.compile=auto may compile it (others would recompile for every new length).
+    train.compile compiles the whole model with its loss (others get their blocks compiled: the
+    loss takes only the rows with a target, whose number changes from batch to batch).
 
     A method may also have `regularize(model, distributed) -> (penalty, metrics)`: called once per
     step after the backward passes, it adds the gradient of a penalty on the weights to their
@@ -313,12 +316,21 @@ class Trainer:
         attempt, given the fraction of the run done and the seconds its steps took so far. Every
         process decides the same (on the mean of their estimates)."""
         # Only conditions every process shares: the all-reduce below must be reached by all or none.
-        if (self.config.compile != "auto" or self.compiled_at is not None or steps != AUTO_COMPILE_STEP
-                or not getattr(self.method, "fixed_shapes", False)):
+        if self.config.compile != "auto" or self.compiled_at is not None or steps != AUTO_COMPILE_STEP:
             return False
         done_now = progress - self._progress_at_start
         seconds_left = seconds * (1.0 - progress) / max(done_now, 1e-9)
         return self.dist.all_reduce_sum(seconds_left) / self.dist.world_size >= COMPILE_PAYS_AFTER
+
+    def _compiled(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` (as the loop runs it) with its training step compiled (train.compile): wholly,
+        loss included, for batches of one shape; else block by block (regional compilation, as
+        torchtitan's), which a new length does not recompile. `fit` turns the blocks' off again."""
+        self.compiled_at = self.state.step
+        if getattr(self.method, "fixed_shapes", False):
+            return torch.compile(model)
+        self.model.compiled_blocks = True
+        return model
 
     def _done(self) -> bool:
         if self.dist.active:
@@ -553,7 +565,10 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to the limit in `out_dir`, which is held (`open_run`) for the whole run."""
         with open_run(self.out_dir, self.record.get("stage", self.method.name), self.record.get("recipe")):
-            return self._fit()
+            try:
+                return self._fit()
+            finally:
+                self.model.compiled_blocks = False  # the trained model goes on eagerly (generation, export)
 
     def _fit(self) -> TrainResult:
         final_dir = self.out_dir / FINAL_DIR
@@ -581,7 +596,7 @@ class Trainer:
             # Lines of an earlier attempt that was killed before its first checkpoint: it starts over.
             self.metrics_file.unlink(missing_ok=True)
         if self.config.compile is True:
-            model, self.compiled_at = torch.compile(model), self.state.step
+            model = self._compiled(model)
         model.train()
         c = self.config
         world = self.dist.world_size
@@ -659,7 +674,7 @@ class Trainer:
             progress = self._progress()
             attempt_step_seconds += now - started
             if self._compile_pays(progress, attempt_step_seconds, step + 1 - (resumed_from or 0)):
-                model, self.compiled_at = torch.compile(model), self.state.step
+                model = self._compiled(model)
                 progress_display.message(f"step {self.state.step}: compiling the model (train.compile=auto: "
                                          f"training has minutes left)")
             progress_display.update(self.state.step, min(progress, 1.0), self.state.elapsed, loss, tokens_per_second)
