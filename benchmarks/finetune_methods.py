@@ -1,13 +1,15 @@
 """Fine-tuning methods side by side (full, LoRA, DoRA, bottleneck adapters, prefix tuning): trainable parameters, tokens/s and peak memory, and orchard's
 LoRA beside Hugging Face PEFT's on the same model, data and settings.
 
-    python benchmarks/finetune_methods.py [--steps 8] [--precision bf16]
+    python benchmarks/finetune_methods.py [--steps 8] [--precision bf16] [--compile]
 
 Every method runs in its own process (so peak resident memory is its own) on the same Llama-style
 model (~22M parameters) and the same packed batches of the built-in instruction conversations:
 a training step is forward, loss on assistant tokens, backward and AdamW, as in the engine.
 PEFT runs the identical model as a `transformers.LlamaForCausalLM` with `peft.LoraConfig` of the
-same rank, alpha and target modules. The first two steps are not timed.
+same rank, alpha and target modules. The first two steps are not timed. With --compile, orchard
+compiles its decoder blocks as `train.compile` does for SFT (whose batches change shape), and PEFT
+runs `torch.compile` of its whole model (its faster choice here).
 """
 
 from __future__ import annotations
@@ -76,12 +78,16 @@ def peft_model(vocab_size: int):
     return model, summed_loss
 
 
-def worker(method: str, steps: int, precision: str) -> dict:
+def worker(method: str, steps: int, precision: str, compiled: bool) -> dict:
     torch.manual_seed(0)
     tokenizer = Tokenizer.train((m["content"] for r in instruction_conversations(World(), split="train")
                                  for m in r["messages"]), vocab_size=2048)
     data = batches(tokenizer, steps)
     model, forward = peft_model(tokenizer.vocab_size) if method == "peft-lora" else orchard_model(method, tokenizer.vocab_size)
+    if compiled and method == "peft-lora":
+        forward = torch.compile(forward)
+    elif compiled:
+        model.compiled_blocks = True
     params = [p for p in model.parameters() if p.requires_grad]
     total = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -107,17 +113,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--compile", action="store_true", help="orchard's blocks compiled, PEFT's model compiled")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.precision)))
+        print(json.dumps(worker(args.worker, args.steps, args.precision, args.compile)))
         return
     print(f"model: {CONFIG['num_hidden_layers']} layers x {CONFIG['hidden_size']}, batch {BATCH} x {SEQ_LEN} packed "
-          f"tokens, {args.precision}, LoRA r={RANK} alpha={ALPHA:g} on {len(TARGETS)} projections")
+          f"tokens, {args.precision}, LoRA r={RANK} alpha={ALPHA:g} on {len(TARGETS)} projections"
+          f"{', compiled' if args.compile else ''}")
     print(f"{'method':<10} {'trainable':>12} {'of total':>9} {'tokens/s':>9} {'peak RSS MiB':>13}")
     for method in args.methods:
         out = subprocess.run([sys.executable, __file__, "--worker", method, "--steps", str(args.steps),
-                              "--precision", args.precision], capture_output=True, text=True)
+                              "--precision", args.precision] + ["--compile"] * args.compile, capture_output=True,
+                             text=True)
         if out.returncode != 0:
             print(f"{method:<10} failed: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode}")
             continue

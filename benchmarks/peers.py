@@ -177,8 +177,10 @@ ROWS = {
                   "generate-1-transformers-compiled")],
 }
 SCRIPT_ROWS = {
-    # row: (script and its arguments, the lines to read: (label, orchard's line, peer's line, column))
-    "lora": (["finetune_methods.py", "--methods", "lora", "peft-lora"], ("LoRA r=8 training, tokens/s", "lora", "peft-lora", 3)),
+    # row: [(label, script and its arguments, orchard's line, peer's line)]: tokens/s in column 3, peak MiB in 4
+    "lora": [("LoRA r=8 training, eager", ["finetune_methods.py", "--methods", "lora", "peft-lora"], "lora", "peft-lora"),
+             ("LoRA r=8 training, both compiled", ["finetune_methods.py", "--methods", "lora", "peft-lora", "--compile",
+                                                   "--steps", "12"], "lora", "peft-lora")],
 }
 
 
@@ -229,17 +231,18 @@ def main() -> None:
                 same = results[ours][0]["tokens"] == results[theirs][0]["tokens"]
                 extra = f"  tokens {'identical' if same else 'DIFFER'}"
             print(f"{label:<38}{spread(b):>26}{spread(a):>26}{statistics.median(ratios):>7.2f}x{extra}", flush=True)
-        if row in SCRIPT_ROWS:
-            command, (label, ours, theirs, column) = SCRIPT_ROWS[row]
-            a, b = [], []
+        for label, command, ours, theirs in SCRIPT_ROWS.get(row, []):
+            a, b, memory_a, memory_b = [], [], [], []
             for _ in range(args.rounds):
                 out = subprocess.run([sys.executable, str(HERE / command[0]), *command[1:]], capture_output=True,
                                      text=True)
                 table = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line.split()}
-                a.append(float(table[ours][column].replace(",", "")))
-                b.append(float(table[theirs][column].replace(",", "")))
+                for values, memory, method in ((a, memory_a, ours), (b, memory_b, theirs)):
+                    values.append(float(table[method][3].replace(",", "")))
+                    memory.append(float(table[method][4].replace(",", "")))
             ratios = [x / y for x, y in zip(a, b)]
-            print(f"{label:<38}{spread(b):>26}{spread(a):>26}{statistics.median(ratios):>7.2f}x", flush=True)
+            print(f"{label:<38}{spread(b):>26}{spread(a):>26}{statistics.median(ratios):>7.2f}x  peak RSS MiB "
+                  f"{statistics.median(memory_b):,.0f} -> {statistics.median(memory_a):,.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,22 @@ def _rows_per_chunk(weight: torch.Tensor) -> int:
     return max(1, LOGITS_PER_CHUNK.get(weight.device.type, LOGITS_PER_CHUNK["cpu"]) // weight.size(0))
 
 
+def _target_rows(labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The indices of the rows with a target and their targets, followed by enough filler rows (row
+    0, target 0, to be ignored) to fill the last chunk of `step` rows (at most all the rows), and how
+    many are real. The buffers of every batch then take one of a few sizes, which the CPU's
+    allocator reuses: a size that changes with each batch's count of targets fragments glibc's heap
+    (an SFT run's memory grew ~60 MiB a step, benchmarks/finetune_methods.py). The filler costs at
+    most one chunk of logits."""
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    count = len(rows)
+    filler = min(-(-count // step) * step, len(labels)) - count
+    rows = torch.cat([rows, rows.new_zeros(filler)])
+    targets = labels[rows]
+    targets[count:] = 0
+    return rows, targets, count
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of softmax(hidden @ weight.T) without the (N, V) logits: the rows are
     taken a chunk at a time, and the gradients of hidden and weight are computed in the forward
@@ -39,26 +55,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype):
-        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-        h, y = hidden[rows].to(dtype), labels[rows]
-        w = weight.to(dtype)
+        step = _rows_per_chunk(weight)
+        rows, y, count = _target_rows(labels, step)
+        h, w = hidden[rows].to(dtype), weight.to(dtype)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        step = _rows_per_chunk(weight)
         for start in range(0, len(rows), step):
-            chunk, target = h[start:start + step], y[start:start + step]
+            chunk, target, real = h[start:start + step], y[start:start + step], count - start
             # One pass reads the (n, V) logits in the compute dtype and writes fp32 log-probabilities.
             log_probs = torch.log_softmax(chunk @ w.T, dim=-1, dtype=torch.float32)
-            total -= log_probs.gather(1, target[:, None]).sum()
+            total -= log_probs[:real].gather(1, target[:real, None]).sum()
             # d loss / d logits = softmax - one-hot, written over the log-probabilities in place.
             grad_logits = log_probs.exp_()
             grad_logits[torch.arange(len(target), device=target.device), target] -= 1.0
+            grad_logits[real:] = 0.0  # the filler rows
             grad_logits = grad_logits.to(dtype)
             grad_h[start:start + step] = grad_logits @ w
             grad_w += (grad_logits.T @ chunk).float()
         grad_hidden = torch.zeros_like(hidden)
-        grad_hidden[rows] = grad_h.to(hidden.dtype)
+        grad_hidden[rows[:count]] = grad_h[:count].to(hidden.dtype)
         ctx.save_for_backward(grad_hidden, grad_w.to(weight.dtype))
         return total
 
@@ -87,25 +103,28 @@ class _LinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, dtype, temperature):
-        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-        out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-        h, y, w = hidden[rows].to(dtype), labels[rows], weight.to(dtype)
         step = _rows_per_chunk(weight)
+        rows, y, count = _target_rows(labels, step)
+        h, w = hidden[rows].to(dtype), weight.to(dtype)
+        values = torch.empty(len(rows), dtype=torch.float32, device=hidden.device)
         for start in range(0, len(rows), step):
             logits = (h[start:start + step] @ w.T).float() / temperature
-            out[rows[start:start + step]] = logits.log_softmax(-1).gather(1, y[start:start + step, None]).squeeze(1)
+            values[start:start + step] = logits.log_softmax(-1).gather(1, y[start:start + step, None]).squeeze(1)
+        out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+        out[rows[:count]] = values[:count]
         ctx.save_for_backward(hidden, weight, rows, y)
-        ctx.dtype, ctx.temperature = dtype, temperature
+        ctx.dtype, ctx.temperature, ctx.count = dtype, temperature, count
         return out
 
     @staticmethod
     def backward(ctx, grad_output):
         hidden, weight, rows, y = ctx.saved_tensors
-        dtype, temperature = ctx.dtype, ctx.temperature
+        dtype, temperature, count = ctx.dtype, ctx.temperature, ctx.count
         h, w = hidden[rows].to(dtype), weight.to(dtype)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         g = grad_output[rows].float()
+        g[count:] = 0.0  # the filler rows add nothing
         step = _rows_per_chunk(weight)
         for start in range(0, len(rows), step):
             chunk, target, scale = h[start:start + step], y[start:start + step], g[start:start + step]
@@ -116,7 +135,7 @@ class _LinearLogProbs(torch.autograd.Function):
             grad_h[start:start + step] = grad_logits @ w
             grad_w += (grad_logits.T @ chunk).float()
         grad_hidden = torch.zeros_like(hidden)
-        grad_hidden[rows] = grad_h.to(hidden.dtype)
+        grad_hidden[rows[:count]] = grad_h[:count].to(hidden.dtype)
         return grad_hidden, grad_w.to(weight.dtype), None, None, None
 
 
