@@ -193,9 +193,9 @@ def trl_timer():
     return StepTimer()
 
 
-def trl_common(precision: str, steps: int, out: str, lr: float) -> dict:
+def trl_common(precision: str, steps: int, out: str, lr: float, compiled: bool) -> dict:
     """TrainingArguments both TRL trainers get, chosen to match orchard's engine."""
-    return dict(output_dir=out, max_steps=steps, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0,
+    return dict(torch_compile=compiled, output_dir=out, max_steps=steps, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0,
                 weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch_fused",
                 gradient_accumulation_steps=1, gradient_checkpointing=False, bf16=precision == "bf16", fp16=False,
                 use_cpu=True, logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no",
@@ -258,7 +258,8 @@ def grpo_orchard(files: dict, args, out: Path) -> dict:
         data=PromptDataConfig(path=files["grpo_train"], val_path=files["grpo_val"], eval_prompts=VAL_PROMPTS),
         train=TrainConfig(max_steps=args.grpo_steps, batch_size=GRPO_PROMPTS, grad_accum=1, lr=GRPO_LR,
                           warmup_steps=0, weight_decay=0.0, grad_clip=1.0, precision=args.precision, device="cpu",
-                          eval_every=0, save_every=0, log_every=1, seed=SEED, progress=False))
+                          eval_every=0, save_every=0, log_every=1, seed=SEED, progress=False,
+                          compile=args.compile or "auto"))
     grpo.run(config)
     rows = [r for r in read_jsonl(str(out / "metrics.jsonl")) if "elapsed" in r]
     elapsed = [r["elapsed"] for r in rows]
@@ -284,7 +285,7 @@ def grpo_trl(files: dict, args, out: Path) -> dict:
     tokenizer = transformers.AutoTokenizer.from_pretrained(files["hf"])
     # orchard's rollouts end at end-of-text or the chat template's end of turn: so do TRL's.
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    config = GRPOConfig(**trl_common(args.precision, args.grpo_steps, str(out), GRPO_LR),
+    config = GRPOConfig(**trl_common(args.precision, args.grpo_steps, str(out), GRPO_LR, args.compile),
                         per_device_train_batch_size=GRPO_PROMPTS * G, num_generations=G, steps_per_generation=1,
                         num_iterations=1, max_completion_length=NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0,
                         beta=GRPO_BETA, epsilon=0.2, loss_type="grpo", scale_rewards="group",
@@ -310,7 +311,8 @@ def dpo_orchard(files: dict, args, out: Path) -> dict:
         data=PreferenceDataConfig(path=files["dpo_train"], val_path=files["dpo_val"], max_length=DPO_MAX_LENGTH),
         train=TrainConfig(max_steps=args.dpo_steps, batch_size=DPO_BATCH, grad_accum=1, lr=DPO_LR, warmup_steps=0,
                           weight_decay=0.0, grad_clip=1.0, precision=args.precision, device="cpu", eval_every=0,
-                          eval_batches=1, save_every=0, log_every=1, seed=SEED, progress=False))
+                          eval_batches=1, save_every=0, log_every=1, seed=SEED, progress=False,
+                          compile=args.compile or "auto"))
     # The reference pass `dpo.run` makes first, timed here on its own (in a scratch directory: the
     # run directory must be new to `dpo.run`, which computes it again before its steps).
     checkpoint = load_checkpoint(config.init)
@@ -357,7 +359,7 @@ def dpo_trl(files: dict, args, out: Path) -> dict:
 
     model = transformers.AutoModelForCausalLM.from_pretrained(files["hf"], dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(files["hf"])
-    config = DPOConfig(**trl_common(args.precision, args.dpo_steps, str(out), DPO_LR),
+    config = DPOConfig(**trl_common(args.precision, args.dpo_steps, str(out), DPO_LR, args.compile),
                        per_device_train_batch_size=DPO_BATCH, per_device_eval_batch_size=DPO_BATCH,
                        max_length=DPO_MAX_LENGTH, beta=DPO_BETA, loss_type=["sigmoid"],
                        precompute_ref_log_probs=True, precompute_ref_batch_size=2 * DPO_BATCH,
@@ -393,7 +395,8 @@ def spawn(name: str, args, files_path: Path) -> dict | None:
     command = [sys.executable, __file__, "--worker", name, "--files", str(files_path), "--threads", str(args.threads),
                "--precision", args.precision, "--grpo-steps", str(args.grpo_steps), "--dpo-steps", str(args.dpo_steps),
                "--rollout-prompts", str(args.rollout_prompts), "--rollout-calls", str(args.rollout_calls),
-               "--rollout-warmup", str(args.rollout_warmup)] + (["--compile-decoding"] if args.compile_decoding else [])
+               "--rollout-warmup", str(args.rollout_warmup)] + (["--compile-decoding"] if args.compile_decoding else []) \
+        + (["--compile"] if args.compile else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
            "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
@@ -445,6 +448,9 @@ def main() -> None:
     parser.add_argument("--compile-decoding", action="store_true",
                         help="orchard's GRPO rollouts decode with a compiled step (compile_decoding=true; the first, "
                              "compiling, rollout falls in the untimed warm-up steps)")
+    parser.add_argument("--compile", action="store_true",
+                        help="both sides' training steps compiled: orchard's train.compile=true (its blocks), TRL's "
+                             "torch_compile=True (the compiling steps fall in the untimed warm-up)")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--files", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -563,7 +569,8 @@ def print_report(args, results: dict) -> None:
           f"pairs per step, sigmoid loss, beta {DPO_BETA}, max length {DPO_MAX_LENGTH}, lr {DPO_LR}; both: AdamW "
           f"(fused, betas 0.9/0.95, no weight decay), clip 1.0, no gradient checkpointing, {args.warmup} untimed "
           f"warm-up steps, GRPO {args.grpo_steps} / DPO {args.dpo_steps} steps; orchard's GRPO decoding "
-          f"{'compiled (compile_decoding)' if args.compile_decoding else 'eager'}")
+          f"{'compiled (compile_decoding)' if args.compile_decoding else 'eager'}; training steps "
+          f"{'compiled on both sides' if args.compile else 'eager'}")
     for note in notes:
         print(f"  {note}")
     if "rollout" in args.only:

@@ -16,8 +16,10 @@ Rows (the peer dependencies come with the `bench` extra: transformers, TRL, PEFT
   identical. Then at batch 1 orchard's compiled decoding (`SamplingConfig.compile`: static cache,
   compiled step) beside transformers' `generate`, and beside transformers compiled too (its static
   cache and `torch.compile` of its forward). A warm-up call (which compiles) is not timed.
-- lora, grpo, dpo: run `finetune_methods.py` (orchard's LoRA beside PEFT's) and
-  `alignment_vs_trl.py` (GRPO and DPO steps beside TRL's) once per round and read their figures.
+- lora, grpo, dpo: run `finetune_methods.py` (orchard's LoRA beside PEFT's, eager and both
+  compiled, with peak memory) and `alignment_vs_trl.py` (DPO steps beside TRL's, eager and both
+  compiled; GRPO steps, eager and with orchard's compiled decoding) once per round and read their
+  figures (steps/s: the inverse of the median step time).
 """
 
 from __future__ import annotations
@@ -176,11 +178,33 @@ ROWS = {
                  ("generation, batch 1, both compiled", "generate-1-orchard-compiled",
                   "generate-1-transformers-compiled")],
 }
+def finetune_figures(stdout: str) -> dict:
+    """finetune_methods.py's table: (tokens/s, peak RSS MiB) of orchard's LoRA and PEFT's."""
+    table = {line.split()[0]: line.split() for line in stdout.splitlines() if line.split()}
+    return {side: (float(table[method][3].replace(",", "")), float(table[method][4].replace(",", "")))
+            for side, method in (("orchard", "lora"), ("peer", "peft-lora"))}
+
+
+def alignment_figures(what: str):
+    """alignment_vs_trl.py's line `what`: steps/s of orchard and TRL (the inverse of its median seconds)."""
+    def read(stdout: str) -> dict:
+        line = next(line for line in stdout.splitlines() if line.startswith(what))
+        orchard, trl = (float(value) for value in line.split()[-3:-1])
+        return {"orchard": (1 / orchard, None), "peer": (1 / trl, None)}
+    return read
+
+
+LORA = ["finetune_methods.py", "--methods", "lora", "peft-lora"]
+ALIGNMENT = ["alignment_vs_trl.py", "--grpo-steps", "10", "--dpo-steps", "20", "--warmup", "3"]
 SCRIPT_ROWS = {
-    # row: [(label, script and its arguments, orchard's line, peer's line)]: tokens/s in column 3, peak MiB in 4
-    "lora": [("LoRA r=8 training, eager", ["finetune_methods.py", "--methods", "lora", "peft-lora"], "lora", "peft-lora"),
-             ("LoRA r=8 training, both compiled", ["finetune_methods.py", "--methods", "lora", "peft-lora", "--compile",
-                                                   "--steps", "12"], "lora", "peft-lora")],
+    # row: [(label, script and its arguments, reader of its output: {side: (figure, peak MiB or None)})]
+    "lora": [("LoRA r=8 training, tokens/s, eager", LORA, finetune_figures),
+             ("LoRA r=8 training, both compiled", [*LORA, "--compile", "--steps", "12"], finetune_figures)],
+    "dpo": [("DPO steps/s (8 pairs), eager", [*ALIGNMENT, "--only", "dpo"], alignment_figures("DPO step")),
+            ("DPO steps/s, both compiled", [*ALIGNMENT, "--only", "dpo", "--compile"], alignment_figures("DPO step"))],
+    "grpo": [("GRPO steps/s (16 completions), eager", [*ALIGNMENT, "--only", "grpo"], alignment_figures("GRPO step")),
+             ("GRPO steps/s, compiled decoding", [*ALIGNMENT, "--only", "grpo", "--compile-decoding"],
+              alignment_figures("GRPO step"))],
 }
 
 
@@ -194,7 +218,8 @@ def run(worker: str) -> dict:
 
 
 def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):>9,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+    digits = 2 if statistics.median(values) < 100 else 0
+    return f"{statistics.median(values):>9,.{digits}f} ({min(values):,.{digits}f}-{max(values):,.{digits}f})"
 
 
 def main() -> None:
@@ -213,7 +238,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
           f"median (min-max) of {args.rounds} processes each, orchard and peer alternating")
-    print(f"{'':<38}{'peer tokens/s':>26}{'orchard tokens/s':>26}{'ratio':>8}")
+    print(f"{'tokens/s unless said':<38}{'peer':>26}{'orchard':>26}{'ratio':>8}")
     for row in args.rows:
         for label, ours, theirs in ROWS.get(row, []):
             results = {ours: [], theirs: []}
@@ -231,18 +256,19 @@ def main() -> None:
                 same = results[ours][0]["tokens"] == results[theirs][0]["tokens"]
                 extra = f"  tokens {'identical' if same else 'DIFFER'}"
             print(f"{label:<38}{spread(b):>26}{spread(a):>26}{statistics.median(ratios):>7.2f}x{extra}", flush=True)
-        for label, command, ours, theirs in SCRIPT_ROWS.get(row, []):
-            a, b, memory_a, memory_b = [], [], [], []
+        for label, command, read in SCRIPT_ROWS.get(row, []):
+            figures = []
             for _ in range(args.rounds):
                 out = subprocess.run([sys.executable, str(HERE / command[0]), *command[1:]], capture_output=True,
                                      text=True)
-                table = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line.split()}
-                for values, memory, method in ((a, memory_a, ours), (b, memory_b, theirs)):
-                    values.append(float(table[method][3].replace(",", "")))
-                    memory.append(float(table[method][4].replace(",", "")))
+                figures.append(read(out.stdout))
+            a, b = ([f[side][0] for f in figures] for side in ("orchard", "peer"))
             ratios = [x / y for x, y in zip(a, b)]
-            print(f"{label:<38}{spread(b):>26}{spread(a):>26}{statistics.median(ratios):>7.2f}x  peak RSS MiB "
-                  f"{statistics.median(memory_b):,.0f} -> {statistics.median(memory_a):,.0f}", flush=True)
+            memory = ""
+            if figures[0]["orchard"][1] is not None:
+                memory = f"  peak RSS MiB {statistics.median(f['peer'][1] for f in figures):,.0f} -> " \
+                         f"{statistics.median(f['orchard'][1] for f in figures):,.0f}"
+            print(f"{label:<38}{spread(b):>26}{spread(a):>26}{statistics.median(ratios):>7.2f}x{memory}", flush=True)
 
 
 if __name__ == "__main__":
