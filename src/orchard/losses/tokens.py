@@ -33,15 +33,16 @@ def _rows_per_chunk(weight: torch.Tensor) -> int:
 
 
 def _target_rows(labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The indices of the rows with a target and their targets, followed by enough filler rows (row
-    0, target 0, to be ignored) to fill the last chunk of `step` rows (at most all the rows), and how
-    many are real. The buffers of every batch then take one of a few sizes, which the CPU's
-    allocator reuses: a size that changes with each batch's count of targets fragments glibc's heap
-    (an SFT run's memory grew ~60 MiB a step, benchmarks/finetune_methods.py). The filler costs at
-    most one chunk of logits."""
+    """The indices of the rows with a target and their targets, followed by filler rows (row 0,
+    target 0, to be ignored) up to a multiple of an eighth of a chunk of `step` rows (at most all the
+    rows), and how many are real. The buffers of every batch then take one of a few sizes, which the
+    CPU's allocator reuses: a size that changes with each batch's count of targets fragments glibc's
+    heap (a compiled LoRA run grew ~60 MiB a step, benchmarks/finetune_methods.py). The filler costs
+    at most an eighth of a chunk of logits."""
     rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     count = len(rows)
-    filler = min(-(-count // step) * step, len(labels)) - count
+    quantum = max(1, step // 8)
+    filler = min(-(-count // quantum) * quantum, len(labels)) - count
     rows = torch.cat([rows, rows.new_zeros(filler)])
     targets = labels[rows]
     targets[count:] = 0
@@ -96,6 +97,11 @@ def linear_token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1), dtype)
 
 
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature in fp32; untouched (no pass over them) at temperature 1."""
+    return logits if temperature == 1.0 else logits.float() / temperature
+
+
 class _LinearLogProbs(torch.autograd.Function):
     """Per-token log-probabilities of softmax(hidden @ weight.T / temperature) without the (N, V)
     logits: a chunk of rows at a time, forward and again in backward (which needs the gradient of
@@ -108,8 +114,9 @@ class _LinearLogProbs(torch.autograd.Function):
         h, w = hidden[rows].to(dtype), weight.to(dtype)
         values = torch.empty(len(rows), dtype=torch.float32, device=hidden.device)
         for start in range(0, len(rows), step):
-            logits = (h[start:start + step] @ w.T).float() / temperature
-            values[start:start + step] = logits.log_softmax(-1).gather(1, y[start:start + step, None]).squeeze(1)
+            logits = _scaled(h[start:start + step] @ w.T, temperature)
+            log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+            values[start:start + step] = log_probs.gather(1, y[start:start + step, None]).squeeze(1)
         out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
         out[rows[:count]] = values[:count]
         ctx.save_for_backward(hidden, weight, rows, y)
@@ -128,10 +135,13 @@ class _LinearLogProbs(torch.autograd.Function):
         step = _rows_per_chunk(weight)
         for start in range(0, len(rows), step):
             chunk, target, scale = h[start:start + step], y[start:start + step], g[start:start + step]
-            # d log p(target) / d logits = (one-hot - softmax) / temperature, times each token's gradient.
-            grad_logits = torch.softmax((chunk @ w.T).float() / temperature, dim=-1).neg_()
-            grad_logits[torch.arange(len(target), device=target.device), target] += 1.0
-            grad_logits = (grad_logits * (scale / temperature)[:, None]).to(dtype)
+            # d log p(target) / d logits = (one-hot - softmax) / temperature, times each token's gradient:
+            # one pass reads the logits and writes the softmax, one scales it in place, one casts it.
+            grad_logits = torch.softmax(_scaled(chunk @ w.T, temperature), dim=-1, dtype=torch.float32)
+            scale = scale / temperature
+            grad_logits.mul_(-scale[:, None])
+            grad_logits[torch.arange(len(target), device=target.device), target] += scale
+            grad_logits = grad_logits.to(dtype)
             grad_h[start:start + step] = grad_logits @ w
             grad_w += (grad_logits.T @ chunk).float()
         grad_hidden = torch.zeros_like(hidden)
