@@ -4,7 +4,7 @@ penalty, eos, the token budget, stop strings and the position limit."""
 import pytest
 import torch
 
-from orchard.model import CausalLM, ModelConfig
+from orchard.model import CausalLM, ModelConfig, generation
 from orchard.model.generation import (SamplingConfig, apply_repetition_penalty, filter_top_k_top_p, generate,
                                       generate_text)
 from orchard.tokenizer import Tokenizer
@@ -57,6 +57,25 @@ def test_compiled_decoding_gives_the_same_tokens(model):
         assert generate(model, PROMPTS, compiled, eos_id=NO_EOS, pad_id=PAD) == expected
     assert generate(model, PROMPTS[:1], greedy(compile=True), eos_id=NO_EOS, pad_id=PAD) == \
         generate(model, PROMPTS[:1], greedy(), eos_id=NO_EOS, pad_id=PAD)
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="packed weights are MKL's")
+def test_packed_weights_decode_the_same_tokens(model, monkeypatch):
+    """fp32 decoding of several rows on the CPU multiplies by weights packed once per call
+    (`_packed_linears`): the same logits bit for bit, the same tokens (greedy and sampled, padded
+    prompts), and the layers' own forward back afterwards."""
+    prompts = [PROMPTS[i % 3] + [i + 1] for i in range(16)]
+    assert generation._packs_weights(model, 16) and not generation._packs_weights(model, 1)
+    step = torch.tensor([[p[-1]] for p in prompts])
+    with torch.no_grad():
+        plain = model(step).logits
+        with generation._packed_linears(model, 16):
+            assert torch.equal(model(step).logits, plain)
+    assert not any("forward" in module.__dict__ for module in model.modules())
+    configs = (greedy(), SamplingConfig(max_new_tokens=20, temperature=1.0, seed=3))
+    packed = [generate(model, prompts, config, eos_id=NO_EOS, pad_id=PAD) for config in configs]
+    monkeypatch.setattr(generation, "_packs_weights", lambda model, rows: False)
+    assert packed == [generate(model, prompts, config, eos_id=NO_EOS, pad_id=PAD) for config in configs]
 
 
 def test_greedy_matches_step_by_step_argmax(model):

@@ -9,12 +9,15 @@ gives the same tokens either way (tested), which is how the cache is checked.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .transformer import CausalLM, causal_mask
 
@@ -95,6 +98,39 @@ def next_tokens(logits: torch.Tensor, config: SamplingConfig,
     # Scaled by each row's total, which rounding leaves a little off 1.
     tokens = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)[:, 0]
     return tokens.clamp_(max=logits.size(-1) - 1)
+
+
+def _packs_weights(model: CausalLM, rows: int) -> bool:
+    """Whether decoding `rows` rows a step multiplies by packed weights (`_packed_linears`): fp32 on a
+    CPU with MKL, two rows or more (for one row MKL takes another kernel, whose results differ)."""
+    weight = model.lm_head.weight
+    return (rows >= 2 and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and torch.backends.mkl.is_available() and not torch.is_autocast_enabled("cpu"))
+
+
+def _packed_linear(linear: nn.Linear, packed: torch.Tensor, rows: int, x: torch.Tensor) -> torch.Tensor:
+    if x.numel() != rows * x.size(-1):  # the prompts' pass: more rows than a decoding step's
+        return F.linear(x, linear.weight, linear.bias)
+    return torch.ops.mkl._mkl_linear(x, packed, linear.weight, linear.bias, rows)
+
+
+@contextlib.contextmanager
+def _packed_linears(model: CausalLM, rows: int) -> Iterator[None]:
+    """While decoding, every plain fp32 linear layer of `model` multiplies a step's `rows` rows by its
+    weight packed once for them (MKL's sgemm_pack), which sgemm otherwise redoes at every call: at
+    batch 16 the 13.8M benchmark model's matmuls alone take 2.8 instead of 4.9 ms a step, and its
+    greedy decoding runs ~13% faster, with the same results bit for bit (tested). The packed copies
+    cost the weights' size again, for the call."""
+    linears = [m for m in model.modules()
+               if type(m) is nn.Linear and m.weight.dtype == torch.float32 and "forward" not in m.__dict__]
+    for linear in linears:
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), rows)
+        linear.forward = functools.partial(_packed_linear, linear, packed, rows)
+    try:
+        yield
+    finally:
+        for linear in linears:
+            del linear.forward
 
 
 STATIC_CACHE_MIN_SLOTS = 64
@@ -200,6 +236,20 @@ def generate(model: CausalLM, prompts: list[list[int]], config: SamplingConfig, 
         seen.scatter_(1, input_ids, attention_mask.bool())
 
     decoder = _Decoder(model, attention_mask, config.max_new_tokens, config.compile) if use_cache else None
+    # Not compiled: inductor takes a packed weight only as a constant of the graph.
+    packs = use_cache and not config.compile and _packs_weights(model, batch_size)
+    packed = _packed_linears(model, batch_size) if packs else None
+    with packed or contextlib.nullcontext():
+        return _decode(model, decoder, input_ids, attention_mask, config, generator, end_ids, pad_id,
+                       seen if penalised else None, is_finished, on_tokens, keep_end_token)
+
+
+def _decode(model: CausalLM, decoder: _Decoder | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            config: SamplingConfig, generator, end_ids: set[int], pad_id: int, seen: torch.Tensor | None,
+            is_finished, on_tokens, keep_end_token: bool) -> list[list[int]]:
+    """`generate`'s loop: a token per row and step until every row has ended or the budget is spent."""
+    batch_size, device = input_ids.size(0), input_ids.device
+    penalised = seen is not None
     outputs: list[list[int]] = [[] for _ in range(batch_size)]
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     tokens = input_ids[:, -1]  # (B,) each step's new tokens
