@@ -325,10 +325,14 @@ class Trainer:
     def _compiled(self, model: torch.nn.Module) -> torch.nn.Module:
         """`model` (as the loop runs it) with its training step compiled (train.compile): wholly,
         loss included, for batches of one shape; else block by block (regional compilation, as
-        torchtitan's), which a new length does not recompile. `fit` turns the blocks' off again."""
-        self.compiled_at = self.state.step
+        torchtitan's), which a new length does not recompile, except under FSDP2, which stays eager.
+        `fit` turns the blocks' off again."""
         if getattr(self.method, "fixed_shapes", False):
+            self.compiled_at = self.state.step
             return torch.compile(model)
+        if self.sharded:  # FSDP2's hooks run around each block: not traced here (torchtitan compiles before sharding)
+            return model
+        self.compiled_at = self.state.step
         self.model.compiled_blocks = True
         return model
 
@@ -675,8 +679,9 @@ class Trainer:
             attempt_step_seconds += now - started
             if self._compile_pays(progress, attempt_step_seconds, step + 1 - (resumed_from or 0)):
                 model = self._compiled(model)
-                progress_display.message(f"step {self.state.step}: compiling the model (train.compile=auto: "
-                                         f"training has minutes left)")
+                if self.compiled_at is not None:
+                    progress_display.message(f"step {self.state.step}: compiling the model (train.compile=auto: "
+                                             f"training has minutes left)")
             progress_display.update(self.state.step, min(progress, 1.0), self.state.elapsed, loss, tokens_per_second)
 
             finished = progress >= 1.0
