@@ -142,3 +142,20 @@ def test_distillation_with_the_teacher_on_another_device(tmp_path, corpus, monke
         assert main([*common, f"teacher_device={where}", f"out={tmp_path / where}"]) == 0
     a, b = losses(tmp_path / "auto"), losses(tmp_path / "cpu")
     assert len(a) == 4 and max(abs(x - y) for x, y in zip(a, b)) < 1e-3
+
+
+def test_compiled_decoding_on_the_gpu_gives_eager_tokens():
+    """Compiled decoding on CUDA (a static cache and the step as one CUDA graph) gives the tokens of
+    eager decoding on CUDA, fp32 greedy, padded prompts, on a first and a second (replaying) call."""
+    from orchard.model import CausalLM, ModelConfig
+    from orchard.model.generation import SamplingConfig, generate
+
+    model = CausalLM(ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    model.reset_parameters(seed=0)
+    model = model.cuda().eval()
+    prompts = [[5, 17, 33, 8, 91, 40, 12], [60], [3, 77, 21]]
+    eager = generate(model, prompts, SamplingConfig(max_new_tokens=24, temperature=0.0), eos_id=-1, pad_id=2)
+    compiled = SamplingConfig(max_new_tokens=24, temperature=0.0, compile=True)
+    assert generate(model, prompts, compiled, eos_id=-1, pad_id=2) == eager
+    assert generate(model, prompts, compiled, eos_id=-1, pad_id=2) == eager

@@ -144,8 +144,12 @@ def _decode_step(model: CausalLM, tokens: torch.Tensor, position_ids: torch.Tens
 
 
 @functools.cache
-def _compiled_decode_step() -> Callable:
-    return torch.compile(_decode_step, dynamic=False, options={"cpp_wrapper": True})
+def _compiled_decode_step(device_type: str) -> Callable:
+    """On the CPU the C++ wrapper calls the step's kernels with no Python between them; on CUDA the
+    step replays as one CUDA graph (the static cache's buffers are marked static, so the graph
+    writes into them rather than into copies)."""
+    options = {"triton.cudagraphs": True} if device_type == "cuda" else {"cpp_wrapper": True}
+    return torch.compile(_decode_step, dynamic=False, options=options)
 
 
 class _Decoder:
@@ -191,8 +195,8 @@ class _Decoder:
             return self.model(tokens[:, None], attention_mask=mask, cache=self.cache, logits_to_keep=1).logits[:, -1]
         self.cache.positions = torch.full((1,), self.slot, device=tokens.device)
         self.visible[:, self.slot] = True
-        logits = _compiled_decode_step()(self.model, tokens[:, None], self.next_position, self.visible[:, None, None, :],
-                                         self.cache)
+        step = _compiled_decode_step(tokens.device.type)
+        logits = step(self.model, tokens[:, None], self.next_position, self.visible[:, None, None, :], self.cache)
         self.slot += 1
         self.next_position = self.next_position + 1
         return logits

@@ -147,6 +147,11 @@ class StaticKVCache:
         shape = (batch_size, config.num_key_value_heads, max_length, config.resolved_head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        if torch.device(device).type == "cuda":
+            # A CUDA graph of the decoding step then writes into these buffers, not into copies of them
+            # (as transformers' StaticCache does).
+            for buffer in (*self.keys, *self.values):
+                torch._dynamo.mark_static_address(buffer)
         self.positions = torch.zeros(1, dtype=torch.long, device=device)
         self.max_length = max_length
 
