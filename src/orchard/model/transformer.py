@@ -292,9 +292,10 @@ def _run_block(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: tor
 
 @functools.cache
 def _compiled_block() -> Callable:
-    """`_run_block` compiled: one compilation serves every block (their weights are its inputs), and
-    a second one, for any length, once a batch of another shape arrives."""
-    return torch.compile(_run_block)
+    """`_run_block` compiled: one compilation serves every block (their weights are its inputs) and
+    every batch shape (compiled for symbolic shapes from the start, as fast here as for one shape,
+    which would compile twice: for the first shape, then for any)."""
+    return torch.compile(_run_block, dynamic=True)
 
 
 def causal_mask(attention_mask: torch.Tensor | None, position_ids: torch.Tensor, past_length: int,
