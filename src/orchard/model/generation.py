@@ -242,53 +242,42 @@ def generate(model: CausalLM, prompts: list[list[int]], config: SamplingConfig, 
     decoder = _Decoder(model, attention_mask, config.max_new_tokens, config.compile) if use_cache else None
     # Not compiled: inductor takes a packed weight only as a constant of the graph.
     packs = use_cache and not config.compile and _packs_weights(model, batch_size)
-    packed = _packed_linears(model, batch_size) if packs else None
-    with packed or contextlib.nullcontext():
-        return _decode(model, decoder, input_ids, attention_mask, config, generator, end_ids, pad_id,
-                       seen if penalised else None, is_finished, on_tokens, keep_end_token)
-
-
-def _decode(model: CausalLM, decoder: _Decoder | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            config: SamplingConfig, generator, end_ids: set[int], pad_id: int, seen: torch.Tensor | None,
-            is_finished, on_tokens, keep_end_token: bool) -> list[list[int]]:
-    """`generate`'s loop: a token per row and step until every row has ended or the budget is spent."""
-    batch_size, device = input_ids.size(0), input_ids.device
-    penalised = seen is not None
-    outputs: list[list[int]] = [[] for _ in range(batch_size)]
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    tokens = input_ids[:, -1]  # (B,) each step's new tokens
-    for new in range(config.max_new_tokens):
-        if decoder is None:
-            mask = None if bool(attention_mask.all()) else attention_mask  # causal attention needs none
-            logits = model(input_ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
-        elif new == 0:
-            logits = decoder.prefill(input_ids)
-        else:
-            logits = decoder.step(tokens)
-        if penalised:
-            logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
-        tokens = next_tokens(logits, config, generator)
-        tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
-        if on_tokens is not None:
-            on_tokens(tokens)
-        for row, token in enumerate(tokens.tolist()):
-            if finished[row]:
-                continue
-            if token in end_ids:
-                finished[row] = True
-                if keep_end_token:
-                    outputs[row].append(token)
-                continue
-            outputs[row].append(token)
-            if is_finished is not None and is_finished(row, outputs[row]):
-                finished[row] = True
-        if bool(finished.all()):
-            break
-        if penalised:
-            seen[torch.arange(batch_size, device=device), tokens] = True
-        if decoder is None:
-            input_ids = torch.cat([input_ids, tokens[:, None]], dim=1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(tokens[:, None])], dim=1)
+    with _packed_linears(model, batch_size) if packs else contextlib.nullcontext():
+        outputs: list[list[int]] = [[] for _ in range(batch_size)]
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        tokens = input_ids[:, -1]  # (B,) each step's new tokens
+        for new in range(config.max_new_tokens):
+            if decoder is None:
+                mask = None if bool(attention_mask.all()) else attention_mask  # causal attention needs none
+                logits = model(input_ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+            elif new == 0:
+                logits = decoder.prefill(input_ids)
+            else:
+                logits = decoder.step(tokens)
+            if penalised:
+                logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+            tokens = next_tokens(logits, config, generator)
+            tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
+            if on_tokens is not None:
+                on_tokens(tokens)
+            for row, token in enumerate(tokens.tolist()):
+                if finished[row]:
+                    continue
+                if token in end_ids:
+                    finished[row] = True
+                    if keep_end_token:
+                        outputs[row].append(token)
+                    continue
+                outputs[row].append(token)
+                if is_finished is not None and is_finished(row, outputs[row]):
+                    finished[row] = True
+            if bool(finished.all()):
+                break
+            if penalised:
+                seen[torch.arange(batch_size, device=device), tokens] = True
+            if decoder is None:
+                input_ids = torch.cat([input_ids, tokens[:, None]], dim=1)
+                attention_mask = torch.cat([attention_mask, torch.ones_like(tokens[:, None])], dim=1)
     return outputs
 
 
