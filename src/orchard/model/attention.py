@@ -1,7 +1,7 @@
 """The attention kernels the model chooses between, by device, precision and shape.
 
-Attention over a fresh sequence (training, prefill), causal or under a boolean mask (padding,
-packed documents), takes SDPA, except where a plain matmul kernel is faster: on the CPU, in bf16,
+Attention over a fresh sequence (training, prefill), causal or under a mask (padding, packed
+documents; boolean, or additive as `kernel_mask` makes it on the CPU), takes SDPA, except where a plain matmul kernel is faster: on the CPU, in bf16,
 with gradients, for rows of at most MATMUL_ATTENTION_MAX_LENGTH tokens compiled, and of at most
 MATMUL_ATTENTION_MAX_LENGTH_EAGER eagerly. There PyTorch's CPU flash-attention backward is slow:
 B=8, 6 heads, T=256, D=64, causal, forward and backward, 15 ms against 7 ms for `_MatmulAttention`
@@ -93,6 +93,15 @@ def additive_mask(mask: torch.Tensor) -> torch.Tensor:
     builds the bias from booleans is ~1.6x slower than one that adds it (B=8, 8 heads, T=256:
     8.8 against 5.4 ms)."""
     return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def kernel_mask(mask: torch.Tensor | BlockMask | None) -> torch.Tensor | BlockMask | None:
+    """The mask of a forward pass as `attention` takes it fastest in every layer: on the CPU, for up
+    to MATMUL_ATTENTION_MAX_LENGTH keys, a dense mask as its additive bias (`additive_mask`, made
+    once for all layers); otherwise as given."""
+    if isinstance(mask, torch.Tensor) and mask.device.type == "cpu" and mask.size(-1) <= MATMUL_ATTENTION_MAX_LENGTH:
+        return additive_mask(mask) if mask.dtype == torch.bool else mask
+    return mask
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -26,8 +26,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..losses.tokens import linear_token_cross_entropy, linear_token_log_probs, token_cross_entropy, token_log_probs
-from .attention import (MATMUL_ATTENTION_MAX_LENGTH, BlockMask, additive_mask, attention, document_block_mask,
-                        document_mask, packed_attention, uses_flex)
+from .attention import (BlockMask, attention, document_block_mask, document_mask, kernel_mask, packed_attention,
+                        uses_flex)
 from .config import ModelConfig
 
 
@@ -393,9 +393,7 @@ class CausalLM(nn.Module):
             mask = causal_mask(attention_mask, position_ids, past, past + T)
         else:
             mask = None  # causal over the new tokens; one new token sees every key (see Attention)
-        if (isinstance(mask, torch.Tensor) and mask.device.type == "cpu"
-                and mask.size(-1) <= MATMUL_ATTENTION_MAX_LENGTH):
-            mask = additive_mask(mask)  # once, rather than in every layer (see additive_mask)
+        mask = kernel_mask(mask)
 
         stack = self.model
         x = stack.embed_tokens(input_ids)                                           # (B, T, d)

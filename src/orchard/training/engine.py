@@ -330,7 +330,12 @@ class Trainer:
         if getattr(self.method, "fixed_shapes", False):
             self.compiled_at = self.state.step
             return torch.compile(model)
-        if self.sharded:  # FSDP2's hooks run around each block: not traced here (torchtitan compiles before sharding)
+        if self.sharded:
+            # FSDP2's hooks run around each block, which this does not trace (torchtitan compiles
+            # before sharding): the run stays eager, and says so when compiling was asked for.
+            if self.config.compile is True and self.dist.rank == 0:
+                print("train.compile=true: this method's blocks stay eager under train.parallel=fsdp",
+                      file=sys.stderr)
             return model
         self.compiled_at = self.state.step
         self.model.compiled_blocks = True
