@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -193,6 +194,51 @@ def chat(args) -> None:
             continue
         print()
         messages.append({"role": "assistant", "content": reply.strip()})
+
+
+def serve(args) -> None:
+    try:
+        import uvicorn
+
+        from ..serve.api import ServedModels, create_app
+        from ..serve.engine import Engine
+    except ImportError as error:
+        raise OrchardError(f"orchard serve needs the serve extra ({error.name} is missing): "
+                           f"pip install 'orchard-lm[serve]'") from None
+    from ..checkpoint import attach_adapter_checkpoint, load_checkpoint
+    from ..training.runtime import Runtime
+
+    for name, value in (("--max-batch-size", args.max_batch_size), ("--max-queue", args.max_queue),
+                        ("--max-model-len", args.max_model_len or 1)):
+        if value < 1:
+            raise OrchardError(f"{name} must be at least 1, got {value}")
+    runtime = Runtime.for_inference(args.device, args.precision)
+    checkpoint = load_checkpoint(args.checkpoint, device=runtime.device, dtype=runtime.inference_dtype)
+    adapters = []
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise OrchardError(f"--adapter {spec!r}: expected NAME=PATH")
+        attach_adapter_checkpoint(checkpoint.model, checkpoint.path, path, name)
+        adapters.append(name)
+    checkpoint.model.to(runtime.device)
+    base = args.model_name or checkpoint.path.name
+    if base in adapters:
+        raise OrchardError(f"--adapter {base}: the base model is already called {base!r} (see --model-name)")
+    engine = Engine(checkpoint.model, checkpoint.tokenizer, args.max_batch_size, args.max_queue, args.max_model_len,
+                    autocast=runtime.autocast)
+    models = ServedModels(base, adapters, chat_end_ids(checkpoint.path, checkpoint.tokenizer))
+    app = create_app(engine, models, api_key=args.api_key or os.environ.get("ORCHARD_API_KEY") or None,
+                     request_timeout=args.request_timeout)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=60)
+    server = uvicorn.Server(config)
+    print(f"orchard: serving {base}{' with ' + ', '.join(adapters) if adapters else ''} on "
+          f"http://{args.host}:{args.port} (chat page at /, API at /v1)", file=sys.stderr, flush=True)
+    # uvicorn drains on SIGTERM and Ctrl-C, then raises the signal again for the handler found before
+    # it: a drained server exits with status 0, not killed by the signal.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, lambda *_: sys.exit(0))
+    server.run()
 
 
 def evaluate(args) -> None:

@@ -111,6 +111,29 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     _add_sampling_arguments(chat)
 
+    serve = commands.add_parser(
+        "serve", help="an OpenAI-compatible server and a chat page",
+        description="Serve a checkpoint (and LoRA adapters trained on it) over OpenAI's HTTP API: "
+                    "/v1/chat/completions, /v1/completions, /v1/models, with streaming; /health, /metrics "
+                    "(Prometheus) and a chat page at /. Requests decode together (continuous batching); "
+                    "SIGTERM or Ctrl-C lets running requests finish, then exits.")
+    serve.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                       help="an adapter checkpoint trained on this base, served as model NAME (repeatable)")
+    serve.add_argument("--model-name", default=None, help="the base's model id (default: the checkpoint folder's name)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--api-key", default=None,
+                       help="require this bearer key on /v1 routes (default: $ORCHARD_API_KEY, else none)")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="sequences decoding at once (default 32)")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="sequences waiting for a slot before requests get 429 (default 256)")
+    serve.add_argument("--max-model-len", type=int, default=None,
+                       help="prompt plus reply, in tokens (default: the model's context length)")
+    serve.add_argument("--request-timeout", type=float, default=600.0,
+                       help="seconds a request may decode before it ends with finish_reason length (default 600)")
+    _add_runtime_arguments(serve)
+
     evaluate = commands.add_parser("eval", help="loss, perplexity and bits per byte on a corpus",
                                    description="Evaluate a checkpoint on text: loss and perplexity per token, "
                                                "and bits per byte, which compares models with different "
@@ -247,7 +270,7 @@ def _dispatch(args) -> int | None:
         return commands.train(args, COMMANDS[args.command])
     handler = {
         "quickstart": commands.quickstart, "tokenizer": commands.tokenizer_train,
-        "generate": commands.generate, "chat": commands.chat, "eval": commands.evaluate, "info": commands.info,
+        "generate": commands.generate, "chat": commands.chat, "serve": commands.serve, "eval": commands.evaluate, "info": commands.info,
         "export": commands.export, "quantize": commands.quantize, "grow": commands.grow,
     }[args.command]
     return handler(args)

@@ -197,6 +197,9 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)                                       # (B, H|K, T, D)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if getattr(cache, "attends", False):
+            # A cache that attends itself (the server's, whose rows have lengths of their own).
+            return self.o_proj(cache.attend(self.layer_index, q, k, v).transpose(1, 2).reshape(B, T, -1))
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)                                   # (B, K, S, D)
         if isinstance(mask, BlockMask):  # packed documents through FlexAttention (model/attention.py)

@@ -160,15 +160,19 @@ class LoraAdapters(nn.ModuleDict):
         return result
 
     def _routed(self, linear: nn.Linear, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """Each adapter's share computed over the whole batch and kept in its own rows: a row's result
+        then does not depend on how many rows share its adapter (a matmul's rounding depends on its
+        row count), which a server needs to give each request the text it gives alone."""
         if x.shape[0] != len(self.routing):
             raise OrchardError(f"adapter_routing names {len(self.routing)} sequences, "
                                f"but the batch has {x.shape[0]}")
-        result = output.clone()
+        result = output
         for name in dict.fromkeys(self.routing):
             if name is None or name not in self:
                 continue
-            rows = torch.tensor([i for i, n in enumerate(self.routing) if n == name], device=x.device)
-            result[rows] = self[name].added_to(output[rows], x[rows], output[rows], linear)
+            rows = torch.tensor([n == name for n in self.routing], device=x.device)
+            rows = rows.view(-1, *[1] * (output.dim() - 1))
+            result = torch.where(rows, self[name].added_to(output, x, output, linear), result)
         return result
 
 

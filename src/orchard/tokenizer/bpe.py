@@ -16,6 +16,7 @@ rendered chats agree with it; the differences are listed on `Tokenizer.load`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -64,6 +65,7 @@ _SPLIT_PATTERN = (
 _NO_MAX_LENGTH = int(1e30)
 
 
+@functools.cache
 def _byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: the printable character that stands for each byte."""
     byte_values = (
@@ -385,24 +387,26 @@ class Tokenizer:
         return self._backend.token_to_id(token)
 
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (a byte-level token may be part of a UTF-8 character; a
+        special or other added token is its UTF-8 text), as OpenAI's log-probs report them."""
+        token = self._backend.id_to_token(token_id)
+        if token is None:  # a gap in a checkpoint's ids
+            return b""
+        byte_of = _byte_decoder()
+        # Mirrors the ByteLevel decoder: a token made of byte characters is those bytes.
+        if all(c in byte_of for c in token):
+            return bytes(byte_of[c] for c in token)
+        return token.encode("utf-8")
+
     def token_byte_lengths(self) -> np.ndarray:
         """Bytes each token decodes to (special tokens: 0), so a span's byte count is
         ``lengths[ids].sum()`` -- exact bits-per-byte without decoding."""
-        byte_of = _byte_decoder()
         special = {i for i, t in self._backend.get_added_tokens_decoder().items() if t.special}
         lengths = np.zeros(self.vocab_size, dtype=np.int32)
         for i in range(self.vocab_size):
-            if i in special:
-                continue
-            token = self._backend.id_to_token(i)
-            if token is None:  # a gap in a checkpoint's ids
-                continue
-            # Mirrors the ByteLevel decoder: a token made of byte characters is those bytes;
-            # anything else (a non-special added token) is its UTF-8 text.
-            if all(c in byte_of for c in token):
-                lengths[i] = len(token)
-            else:
-                lengths[i] = len(token.encode("utf-8"))
+            if i not in special:
+                lengths[i] = len(self.token_bytes(i))
         return lengths
 
     def fingerprint(self) -> str:

@@ -1,0 +1,481 @@
+"""OpenAI's HTTP API over the engine (FastAPI), the chat page, health and Prometheus metrics.
+
+Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (streamed as server-sent
+events when `stream` is true), GET /health, GET /metrics, and GET / for the chat page (static files
+in `static/`). Every error is OpenAI's body, {"error": {"message", "type", "param", "code"}}, with a
+4xx status (5xx only for the server's own failures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import OrchardError
+from .engine import Delta, Engine, QueueFull, Sampling, Sequence
+
+STATIC = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 4 * 2 ** 20
+"""Request bodies above this are refused (413) before they are read whole."""
+MAX_STOP_STRINGS = 4
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|dict|list\[.*\]|function-.*|[A-Z]\w*)$")
+MAX_TOP_LOGPROBS = 20
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   kind: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+# --- request bodies --------------------------------------------------------------------------------
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOP_STRINGS or not all(stops):
+            raise ValueError(f"stop takes up to {MAX_STOP_STRINGS} non-empty strings")
+        return stops
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, value):
+        if value != 0:
+            raise ValueError("is not supported by this server (only 0)")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, value):
+        if value:
+            raise ValueError("is not supported by this server")
+        return value
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")  # tool_calls, tool_call_id, name: passed to the template
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+
+class ChatBody(_Body):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[dict] | None = None
+
+
+class CompletionBody(_Body):
+    prompt: str | Annotated[list[str], Field(min_length=1)]
+    max_tokens: int = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+
+
+# --- the app ----------------------------------------------------------------------------------------
+
+@dataclass
+class ServedModels:
+    """Model ids: the base's, and each adapter's (its name)."""
+    base: str
+    adapters: list[str]
+    chat_end_ids: list[int]
+
+    def adapter_of(self, model_id: str) -> str | None:
+        if model_id == self.base:
+            return None
+        if model_id in self.adapters:
+            return model_id
+        raise ApiError(404, f"The model `{model_id}` does not exist (served: "
+                            f"{', '.join([self.base, *self.adapters])})", "model", "model_not_found")
+
+
+def create_app(engine: Engine, models: ServedModels, api_key: str | None = None,
+               request_timeout: float | None = None, drain_seconds: float = 30.0) -> FastAPI:
+    """The server's ASGI app; the engine starts with it and stops, drained, with it."""
+    registry = CollectorRegistry()
+    requests_total = Counter("orchard_requests", "HTTP requests answered", ["route", "status"], registry=registry)
+    first_token = Histogram("orchard_time_to_first_token_seconds", "From a sequence's arrival to its first token",
+                            registry=registry, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+    registry.register(_EngineCollector(engine))
+    engine.on_first_token = first_token.observe
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.stop, drain_seconds)
+
+    app = FastAPI(title="orchard", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(_BodyLimit)
+
+    @app.middleware("http")
+    async def count_and_authorize(request: Request, call_next):
+        path = request.url.path
+        if api_key is not None and path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                response = error_response(401, "Incorrect API key provided", code="invalid_api_key")
+                requests_total.labels(path, "401").inc()
+                return response
+        response = await call_next(request)
+        route = path if path in ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics", "/") \
+            else "other"
+        requests_total.labels(route, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError):
+        return error_response(error.status, error.message, error.param, error.code, error.kind, error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, error: RequestValidationError):
+        first = error.errors()[0]
+        location = []
+        for part in first.get("loc", ())[1:]:  # after "body"
+            if isinstance(part, str) and _UNION_BRANCH.match(part):  # pydantic names the type tried, not a key
+                break
+            location.append(str(part))
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"The request body is not valid JSON: {first.get('msg')}", None, "invalid_json")
+        param = ".".join(location) or None
+        message = first.get("msg", "invalid value").removeprefix("Value error, ")
+        return error_response(400, f"{param or 'body'}: {message}", param, "invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return error_response(error.status_code, str(error.detail), kind=kind)
+
+    @app.get("/v1/models")
+    async def list_models():
+        created = int(time.time())
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "orchard",
+                                             "parent": None if name == models.base else models.base}
+                                            for name in [models.base, *models.adapters]]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody, request: Request):
+        adapter = models.adapter_of(body.model)
+        messages = [_template_message(m, i) for i, m in enumerate(body.messages)]
+        try:
+            prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=body.tools)
+        except OrchardError as error:
+            raise ApiError(400, str(error), "messages") from None
+        prompt_ids = engine.tokenizer.encode(prompt, add_bos=False)  # the template writes any BOS itself
+        end_ids = frozenset([engine.tokenizer.eos_id, *models.chat_end_ids])
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        budget = body.max_completion_tokens or body.max_tokens
+        run = _Run(engine, body, [prompt_ids], adapter, end_ids, budget, top, request_timeout)
+        if body.stream:
+            return _sse(run.stream_chat(request, _include_usage(body)))
+        return await run.chat(request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request):
+        adapter = models.adapter_of(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        encoded = [engine.tokenizer.encode(p, add_bos=getattr(engine.tokenizer, "adds_bos_by_default", False))
+                   or [engine.tokenizer.bos_id if engine.tokenizer.bos_id is not None else engine.tokenizer.eos_id]
+                   for p in prompts]
+        run = _Run(engine, body, encoded, adapter, frozenset([engine.tokenizer.eos_id]), body.max_tokens,
+                   body.logprobs, request_timeout, prompts if body.echo else None)
+        if body.stream:
+            return _sse(run.stream_completion(request, _include_usage(body)))
+        return await run.completion(request)
+
+    @app.get("/health")
+    async def health():
+        if not engine.thread.is_alive():
+            return error_response(503, "the engine is not running", kind="server_error")
+        return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting),
+                "free_slots": len(engine.free_slots), "max_batch_size": engine.max_batch_size,
+                "failed_steps": engine.failures}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/")
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _template_message(message: Message, index: int) -> dict:
+    content = message.content
+    if isinstance(content, list):
+        content = "".join(part.text for part in content)
+    extra = {k: v for k, v in (message.model_extra or {}).items() if v is not None}
+    return {"role": message.role, "content": content if content is not None else "", **extra}
+
+
+def _include_usage(body: _Body) -> bool:
+    return bool((body.stream_options or {}).get("include_usage"))
+
+
+def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    async def lines():
+        async for event in events:
+            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class _Run:
+    """One request's sequences (n per prompt) in the engine, and their answer in OpenAI's shapes."""
+
+    def __init__(self, engine: Engine, body: _Body, prompts: list[list[int]], adapter: str | None,
+                 end_ids: frozenset[int], max_tokens: int | None, top_logprobs: int | None,
+                 request_timeout: float | None, echo: list[str] | None = None):
+        self.engine, self.body, self.echo = engine, body, echo
+        limit = engine.max_model_len
+        if body.n * len(prompts) > engine.max_batch_size:
+            raise ApiError(400, f"n x prompts = {body.n * len(prompts)}; this server runs at most "
+                                f"{engine.max_batch_size} sequences at once", "n")
+        for ids in prompts:
+            room = limit - len(ids)
+            if room < 1:
+                raise ApiError(400, f"This model's maximum context length is {limit} tokens; the prompt has "
+                                    f"{len(ids)}", "messages" if echo is None else "prompt", "context_length_exceeded")
+            if max_tokens is not None and max_tokens > room:
+                raise ApiError(400, f"This model's maximum context length is {limit} tokens: {len(ids)} in the "
+                                    f"prompt leave {room} for max_tokens, not {max_tokens}", "max_tokens",
+                               "context_length_exceeded")
+        self.prompt_tokens = sum(len(ids) for ids in prompts)
+        self.id = f"{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.loop = asyncio.get_running_loop()
+        self.deltas: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
+        deadline = time.monotonic() + request_timeout if request_timeout else None
+        self.sequences = []
+        for ids in prompts:
+            for sample in range(body.n):
+                seed = None if body.seed is None else body.seed + sample
+                sampling = Sampling(max_tokens=max_tokens or limit - len(ids), temperature=body.temperature,
+                                    top_p=body.top_p, seed=seed, stop=body.stop or [], top_logprobs=top_logprobs)
+                index = len(self.sequences)
+                self.sequences.append(Sequence(ids, sampling, end_ids, self._receiver(index), adapter, deadline))
+        try:
+            engine.submit(self.sequences)
+        except QueueFull as error:
+            raise ApiError(429, f"The server is busy ({error}); retry shortly", None, "queue_full",
+                           kind="rate_limit_error", headers={"Retry-After": "1"}) from None
+
+    def _receiver(self, index: int):
+        def receive(delta: Delta) -> None:
+            try:
+                self.loop.call_soon_threadsafe(self.deltas.put_nowait, (index, delta))
+            except RuntimeError:  # the event loop closed (shutdown); nobody is listening
+                pass
+        return receive
+
+    def cancel(self) -> None:
+        for sequence in self.sequences:
+            sequence.cancelled = True
+
+    async def deltas_until_done(self, request: Request) -> AsyncIterator[tuple[int, Delta]]:
+        """Every delta of every sequence until all have ended; cancels them if the client leaves."""
+        open_sequences = len(self.sequences)
+        try:
+            while open_sequences:
+                try:
+                    index, delta = await asyncio.wait_for(self.deltas.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if delta.finish_reason == "error":
+                    raise ApiError(500, "the engine failed; see the server's log", kind="server_error")
+                if delta.finish_reason is not None:
+                    open_sequences -= 1
+                yield index, delta
+        finally:
+            self.cancel()  # no-op for ended sequences; frees the slots of the others
+
+    def usage(self) -> dict:
+        completion = sum(len(s.tokens) for s in self.sequences)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+    # --- chat ---
+
+    async def chat(self, request: Request) -> dict:
+        texts = [""] * len(self.sequences)
+        logprobs: list[list[dict]] = [[] for _ in self.sequences]
+        reasons: list[str | None] = [None] * len(self.sequences)
+        async for index, delta in self.deltas_until_done(request):
+            texts[index] += delta.text
+            logprobs[index] += delta.logprobs
+            reasons[index] = delta.finish_reason or reasons[index]
+        wanted = self.sequences[0].sampling.top_logprobs is not None
+        return {"id": f"chatcmpl-{self.id}", "object": "chat.completion", "created": self.created,
+                "model": self.body.model, "system_fingerprint": None,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                             "logprobs": {"content": logprobs[i]} if wanted else None, "finish_reason": reasons[i]}
+                            for i in range(len(self.sequences))],
+                "usage": self.usage()}
+
+    async def stream_chat(self, request: Request, include_usage: bool) -> AsyncIterator[dict]:
+        def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+            event = {"id": f"chatcmpl-{self.id}", "object": "chat.completion.chunk", "created": self.created,
+                     "model": self.body.model, "system_fingerprint": None, "choices": choices}
+            if include_usage:
+                event["usage"] = usage
+            return event
+
+        wanted = self.sequences[0].sampling.top_logprobs is not None
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                     for i in range(len(self.sequences))])
+        async for index, delta in self.deltas_until_done(request):
+            content = {"content": delta.text} if delta.text else {}
+            yield chunk([{"index": index, "delta": content, "logprobs": {"content": delta.logprobs} if wanted else None,
+                          "finish_reason": delta.finish_reason}])
+        if include_usage:
+            yield chunk([], self.usage())
+
+    # --- completions ---
+
+    def _completion_logprobs(self, entries: list[dict], offset: int) -> dict:
+        tokens = [e["token"] for e in entries]
+        offsets, position = [], offset
+        for token in tokens:
+            offsets.append(position)
+            position += len(token)
+        return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                "text_offset": offsets}
+
+    def _prefix(self, index: int) -> str:
+        return self.echo[index // self.body.n] if self.echo is not None else ""
+
+    async def completion(self, request: Request) -> dict:
+        texts = [self._prefix(i) for i in range(len(self.sequences))]
+        logprobs: list[list[dict]] = [[] for _ in self.sequences]
+        reasons: list[str | None] = [None] * len(self.sequences)
+        async for index, delta in self.deltas_until_done(request):
+            texts[index] += delta.text
+            logprobs[index] += delta.logprobs
+            reasons[index] = delta.finish_reason or reasons[index]
+        wanted = self.sequences[0].sampling.top_logprobs is not None
+        return {"id": f"cmpl-{self.id}", "object": "text_completion", "created": self.created, "model": self.body.model,
+                "choices": [{"index": i, "text": texts[i], "finish_reason": reasons[i],
+                             "logprobs": self._completion_logprobs(logprobs[i], len(self._prefix(i))) if wanted else None}
+                            for i in range(len(self.sequences))],
+                "usage": self.usage()}
+
+    async def stream_completion(self, request: Request, include_usage: bool) -> AsyncIterator[dict]:
+        def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+            event = {"id": f"cmpl-{self.id}", "object": "text_completion", "created": self.created,
+                     "model": self.body.model, "choices": choices}
+            if include_usage:
+                event["usage"] = usage
+            return event
+
+        wanted = self.sequences[0].sampling.top_logprobs is not None
+        written = [len(self._prefix(i)) for i in range(len(self.sequences))]
+        if self.echo is not None:
+            yield chunk([{"index": i, "text": self._prefix(i), "logprobs": None, "finish_reason": None}
+                         for i in range(len(self.sequences))])
+        async for index, delta in self.deltas_until_done(request):
+            logprobs = self._completion_logprobs(delta.logprobs, written[index]) if wanted else None
+            written[index] += len(delta.text)
+            yield chunk([{"index": index, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason}])
+        if include_usage:
+            yield chunk([], self.usage())
+
+
+class _EngineCollector:
+    """The engine's live figures at each scrape: tokens generated, tokens/s over the last 10 s,
+    sequences waiting and running."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        engine, now = self.engine, time.monotonic()
+        recent = [(t, n) for t, n in list(engine.recent_tokens) if now - t <= 10.0]
+        window = max(now - recent[0][0], 1.0) if recent else 1.0
+        yield CounterMetricFamily("orchard_generated_tokens", "Tokens generated",
+                                  value=engine.stats["tokens_generated"])
+        yield GaugeMetricFamily("orchard_tokens_per_second", "Tokens generated per second over the last 10 s",
+                                value=sum(n for _, n in recent) / window)
+        yield GaugeMetricFamily("orchard_queue_length", "Sequences waiting for a slot", value=len(engine.waiting))
+        yield GaugeMetricFamily("orchard_running_batch_size", "Sequences decoding", value=len(engine.running))
+
+
+class _BodyLimit:
+    """Refuses (413) a request body over MAX_BODY_BYTES, by its Content-Length or as it arrives."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return await error_response(413, f"request body over {MAX_BODY_BYTES} bytes")(scope, receive, send)
+        received = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:
+                raise StarletteHTTPException(413, f"request body over {MAX_BODY_BYTES} bytes")
+            return message
+
+        return await self.app(scope, limited, send)

@@ -1,0 +1,325 @@
+"""The serving engine: one thread owns the model and decodes every running sequence together
+(continuous batching).
+
+A sequence joins between two decoding steps: its prompt is run alone (prefill) into a free slot of
+the KV cache, and from the next step on it decodes with the others. It leaves when it ends (an end
+token, a stop string, its token budget), when its client goes away (`cancel`) or at its deadline;
+its slot is free at once for the next waiting sequence.
+
+Each request gets the text it would get alone, whatever else is in the batch (greedy, fp32;
+tested): a matmul's rounding depends on its row count, so every decoding step runs the same number
+of rows (`max_batch_size`, the empty ones padding), adapters are applied over all rows and kept in
+their own (`adapter_routing`), and each row attends over its own keys only (`SlotCache.attend`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..model import CausalLM
+from ..model.generation import SamplingConfig, next_tokens
+from ..peft.lora import adapter_routing
+
+
+class SlotCache:
+    """Keys and values of up to `slots` sequences, each in its own slot of `capacity` positions and
+    with its own length. The model hands it each layer's new keys and values (`attends`): it writes
+    them at each row's length and attends that row's queries over that row's keys alone, so a row
+    computes the same numbers in any batch. `rows` says which slot each row of the next forward
+    pass is (None: a padding row, whose output is zero)."""
+
+    attends = True
+    length = 0  # the model's notion of a shared past; the engine passes positions itself
+
+    def __init__(self, model: CausalLM, slots: int, capacity: int):
+        config, weight = model.config, model.lm_head.weight
+        shape = (slots, config.num_key_value_heads, capacity, config.resolved_head_dim)
+        self.keys = [torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+                     for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.lengths = [0] * slots
+        self.rows: list[int | None] = []
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, D) attention output of the rows' queries over their slots' keys."""
+        out = torch.zeros_like(q)
+        T = q.size(2)
+        for row, slot in enumerate(self.rows):
+            if slot is None:
+                continue
+            start = self.lengths[slot]
+            self.keys[layer][slot, :, start:start + T] = k[row]
+            self.values[layer][slot, :, start:start + T] = v[row]
+            keys = self.keys[layer][slot:slot + 1, :, :start + T]
+            values = self.values[layer][slot:slot + 1, :, :start + T]
+            # A prompt (T > 1, from position 0) is causal; one new token sees every key.
+            out[row:row + 1] = F.scaled_dot_product_attention(q[row:row + 1], keys, values, is_causal=T > 1,
+                                                              enable_gqa=keys.size(1) != q.size(1))
+        return out
+
+    def advance(self, tokens: int) -> None:
+        for slot in self.rows:
+            if slot is not None:
+                self.lengths[slot] += tokens
+
+
+@dataclass
+class Sampling:
+    """One sequence's sampling settings."""
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    top_logprobs: int | None = None
+    """None: no log-probs; else the log-prob of each chosen token and of this many alternatives."""
+
+
+@dataclass
+class Delta:
+    """What a sequence produced since its last delta: new text, the log-probs of its new tokens
+    (when asked), and finally why it ended ("stop" or "length")."""
+    text: str
+    logprobs: list[dict]
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    sampling: Sampling
+    end_ids: frozenset[int]
+    on_delta: Callable[[Delta], None]
+    """Called on the engine's thread; must not block."""
+    adapter: str | None = None
+    deadline: float | None = None
+    """time.monotonic() after which the sequence ends ("length")."""
+    cancelled: bool = False
+    """Set by the caller (its client left): the engine drops the sequence at its next step."""
+    submitted_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    tokens: list[int] = field(default_factory=list)
+    slot: int | None = None
+    emitted_chars: int = 0
+    generator: torch.Generator | None = None
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Engine:
+    """Owns `model` on one thread (`start`); `submit` queues sequences for it from any thread.
+    `autocast` makes the context each forward pass runs in (a runtime's bf16 autocast)."""
+
+    def __init__(self, model: CausalLM, tokenizer, max_batch_size: int = 32, max_queue: int = 256,
+                 max_model_len: int | None = None, autocast: Callable = contextlib.nullcontext):
+        self.model, self.tokenizer, self.autocast = model.eval(), tokenizer, autocast
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.max_model_len = min(max_model_len or model.config.max_position_embeddings,
+                                 model.config.max_position_embeddings)
+        self.cache = SlotCache(model, max_batch_size, self.max_model_len)
+        self.adapted = any(hasattr(m, "lora") for m in model.modules())
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.free_slots = list(range(max_batch_size))
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="orchard-engine", daemon=True)
+        self.stats = dict(tokens_generated=0, steps=0, busy_seconds=0.0)
+        self.recent_tokens: deque[tuple[float, int]] = deque(maxlen=4096)
+        """(time, tokens) of each step and prefill: tokens/s over a recent window (metrics)."""
+        self.on_first_token: Callable[[float], None] | None = None
+        """Called with each sequence's time to first token, in seconds (metrics)."""
+        self.failures = 0
+        """Steps that raised (their sequences ended with finish_reason \"error\")."""
+
+    # --- the callers' side -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, sequences: list[Sequence]) -> None:
+        """Queue `sequences` (all or none: QueueFull when the queue lacks room for them)."""
+        with self.wake:
+            if len(self.waiting) + len(sequences) > self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} sequences are waiting (at most {self.max_queue})")
+            self.waiting.extend(sequences)
+            self.wake.notify()
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stop(self, drain_seconds: float = 0.0) -> None:
+        """Stop the thread, after letting queued and running sequences finish for up to
+        `drain_seconds`."""
+        deadline = time.monotonic() + drain_seconds
+        while self.busy() and time.monotonic() < deadline and self.thread.is_alive():
+            time.sleep(0.02)
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    # --- the engine's thread ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.wake:
+                while not self.stopping and not self.waiting and not self.running:
+                    self.wake.wait()
+                if self.stopping:
+                    return
+            started = time.monotonic()
+            try:
+                self._drop_finished()
+                self._admit()
+                if self.running:
+                    self._decode_step()
+            except Exception:  # a bug: fail the sequences it touched, log it, serve the next ones
+                traceback.print_exc()
+                self.failures += 1
+                for sequence in list(self.running):
+                    self._release(sequence)
+                    sequence.on_delta(Delta("", [], finish_reason="error"))
+            self.stats["busy_seconds"] += time.monotonic() - started
+
+    def _drop_finished(self) -> None:
+        now = time.monotonic()
+        for sequence in list(self.running):
+            if sequence.cancelled:
+                self._release(sequence)
+            elif sequence.deadline is not None and now > sequence.deadline:
+                self._finish(sequence, "length")
+
+    def _admit(self) -> None:
+        """Prefill waiting sequences into free slots, one at a time, each alone."""
+        while self.free_slots:
+            with self.wake:
+                if not self.waiting:
+                    return
+                sequence = self.waiting.popleft()
+            if sequence.cancelled:
+                continue
+            sequence.slot = self.free_slots.pop(0)
+            self.cache.lengths[sequence.slot] = 0
+            sequence.generator = torch.Generator(device=self.model.lm_head.weight.device)
+            if sequence.sampling.seed is None:
+                sequence.generator.seed()
+            else:
+                sequence.generator.manual_seed(sequence.sampling.seed)
+            self.running.append(sequence)
+            ids = torch.tensor([sequence.prompt_ids], device=self.model.lm_head.weight.device)
+            logits = self._forward(ids, [sequence])
+            self._take(sequence, logits[0])
+            sequence.first_token_at = time.monotonic()
+            if self.on_first_token is not None:
+                self.on_first_token(sequence.first_token_at - sequence.submitted_at)
+
+    def _decode_step(self) -> None:
+        """One new token for every running sequence, in a batch of `max_batch_size` rows."""
+        device = self.model.lm_head.weight.device
+        rows = list(self.running)
+        tokens = torch.zeros(self.max_batch_size, 1, dtype=torch.long, device=device)
+        tokens[:len(rows), 0] = torch.tensor([s.tokens[-1] for s in rows], device=device)
+        logits = self._forward(tokens, rows)
+        for row, sequence in enumerate(rows):
+            self._take(sequence, logits[row])
+        self.stats["steps"] += 1
+
+    @torch.no_grad()
+    def _forward(self, ids: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
+        """(B, V) next-token logits of each row of `ids` (B, T); rows past `sequences` pad."""
+        B, T = ids.shape
+        padding = B - len(sequences)
+        self.cache.rows = [s.slot for s in sequences] + [None] * padding
+        starts = [self.cache.lengths[s.slot] for s in sequences] + [0] * padding
+        positions = torch.tensor(starts, device=ids.device)[:, None] + torch.arange(T, device=ids.device)
+        routing = (adapter_routing(self.model, [s.adapter for s in sequences] + [None] * padding)
+                   if self.adapted else contextlib.nullcontext())
+        with routing, self.autocast():  # autocast is per thread: entered here, on the engine's
+            out = self.model(ids, position_ids=positions, cache=self.cache, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    def _take(self, sequence: Sequence, logits: torch.Tensor) -> None:
+        """Choose the sequence's next token from its (V,) logits, and tell its caller."""
+        sampling = sequence.sampling
+        if sampling.temperature == 0:
+            token = int(logits.argmax())
+        else:
+            config = SamplingConfig(temperature=sampling.temperature, top_p=sampling.top_p)
+            token = int(next_tokens(logits[None], config, sequence.generator)[0])
+        logprobs = [] if sampling.top_logprobs is None else [self._logprobs(logits, token, sampling.top_logprobs)]
+        self.stats["tokens_generated"] += 1
+        self.recent_tokens.append((time.monotonic(), 1))
+        if token in sequence.end_ids:
+            self._finish(sequence, "stop", logprobs)
+            return
+        sequence.tokens.append(token)
+        text = self.tokenizer.decode(sequence.tokens)
+        stop_at = _first_stop(text, sampling.stop, sequence.emitted_chars)
+        if stop_at is not None:
+            self._finish(sequence, "stop", logprobs, text[:stop_at])
+            return
+        full = (len(sequence.tokens) >= sampling.max_tokens
+                or len(sequence.prompt_ids) + len(sequence.tokens) >= self.max_model_len)
+        if full:
+            self._finish(sequence, "length", logprobs, text)
+            return
+        # Hold back what may be the start of a stop string, or of a character cut between tokens.
+        held = max((len(s) - 1 for s in sampling.stop), default=0)
+        ready = len(text) - held
+        while ready > sequence.emitted_chars and text[ready - 1] == "\ufffd":
+            ready -= 1
+        new_text = text[sequence.emitted_chars:ready] if ready > sequence.emitted_chars else ""
+        sequence.emitted_chars += len(new_text)
+        if new_text or logprobs:
+            sequence.on_delta(Delta(new_text, logprobs, completion_tokens=len(sequence.tokens)))
+
+    def _logprobs(self, logits: torch.Tensor, token: int, top: int) -> dict:
+        """OpenAI's log-prob entry of the chosen token: the model's own distribution (before
+        temperature and top-p), with the `top` most likely tokens."""
+        log_probs = logits.log_softmax(-1)
+        entry = self._token_entry(token, float(log_probs[token]))
+        values, ids = log_probs.topk(top) if top else (torch.empty(0), torch.empty(0, dtype=torch.long))
+        entry["top_logprobs"] = [self._token_entry(int(i), float(v)) for v, i in zip(values, ids)]
+        return entry
+
+    def _token_entry(self, token: int, logprob: float) -> dict:
+        raw = self.tokenizer.token_bytes(token)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": max(logprob, -9999.0),
+                "bytes": list(raw)}
+
+    def _finish(self, sequence: Sequence, reason: str, logprobs: list[dict] | None = None,
+                text: str | None = None) -> None:
+        if text is None:
+            text = self.tokenizer.decode(sequence.tokens)
+        rest = text[sequence.emitted_chars:]
+        sequence.emitted_chars = len(text)
+        self._release(sequence)
+        sequence.on_delta(Delta(rest, logprobs or [], finish_reason=reason, completion_tokens=len(sequence.tokens)))
+
+    def _release(self, sequence: Sequence) -> None:
+        if sequence in self.running:
+            self.running.remove(sequence)
+            self.cache.lengths[sequence.slot] = 0
+            self.free_slots.append(sequence.slot)
+            self.free_slots.sort()
+            sequence.slot = None
+
+
+def _first_stop(text: str, stops: list[str], emitted: int) -> int | None:
+    """Where the first stop string starts in `text`, looking from just before what is emitted."""
+    found = [i for stop in stops if (i := text.find(stop, max(0, emitted - len(stop) + 1))) >= 0]
+    return min(found) if found else None

@@ -1,0 +1,308 @@
+"""`orchard serve`: a real server process on a free local port, spoken to with OpenAI's own client
+(and raw HTTP for what a client would never send). The model is the tiny chat checkpoint of
+conftest, with two LoRA adapters of random weights, so that base and adapters answer differently."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from orchard.checkpoint import load_checkpoint, save_checkpoint
+from orchard.lineage.record import parent_entry
+from orchard.peft.lora import LoraConfig, add_lora
+
+MAX_BATCH = 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`orchard serve ARGS` in its own process, up once /health answers."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "orchard.cli.main", "serve", *args, "--port", str(self.port)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 60
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.process.stderr.read()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not start in 60 s")
+            time.sleep(0.1)
+
+    def client(self, api_key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60)
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health", timeout=5).json()
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=30)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+
+
+@pytest.fixture(scope="module")
+def served(chat_base, tmp_path_factory):
+    """The chat base with adapters `a` and `b`, served with up to 32 sequences at once."""
+    root = tmp_path_factory.mktemp("serve")
+    adapters = []
+    for index, name in enumerate(["a", "b"]):
+        checkpoint = load_checkpoint(chat_base.dir)
+        add_lora(checkpoint.model, LoraConfig(r=4), seed=index)
+        generator = torch.Generator().manual_seed(10 + index)
+        with torch.no_grad():
+            for key, parameter in checkpoint.model.named_parameters():
+                if ".lora." in key and key.endswith(".B"):
+                    parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator))
+        save_checkpoint(root / name, checkpoint.model, checkpoint.tokenizer,
+                        record={"stage": "test-lora", "parent": parent_entry(chat_base.dir)})
+        adapters += ["--adapter", f"{name}={root / name}"]
+    server = Server(str(chat_base.dir), *adapters, "--max-batch-size", str(MAX_BATCH), "--max-queue", "64",
+                    "--model-name", "base")
+    yield server
+    assert server.stop() == 0
+
+
+def chat(client, model="base", content="What does Tom have?", **settings):
+    settings = {"temperature": 0, "max_tokens": 12, **settings}
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], **settings)
+
+
+def test_models_chat_and_stream(served):
+    client = served.client()
+    assert [m.id for m in client.models.list().data] == ["base", "a", "b"]
+    reply = chat(client)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 5
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    # Streamed: the same text in chunks, a first chunk with the role, usage at the end when asked.
+    chunks = list(chat(client, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    # Adapters by name answer differently from the base and from each other.
+    texts = {name: chat(client, name, max_tokens=20).choices[0].message.content for name in ("base", "a", "b")}
+    assert len(set(texts.values())) == 3, texts
+
+
+def test_n_seed_stop_and_logprobs(served):
+    client = served.client()
+    sampled = chat(client, temperature=1.0, n=3, seed=11, max_tokens=16)
+    again = chat(client, temperature=1.0, n=3, seed=11, max_tokens=16)
+    texts = [c.message.content for c in sampled.choices]
+    assert len(texts) == 3 and texts == [c.message.content for c in again.choices]
+    assert len(set(texts)) > 1  # each choice samples on its own
+    # stop: cut before the stop string, finish_reason "stop"
+    greedy = chat(client, "a", max_tokens=30).choices[0].message.content
+    at = next(i for i in range(3, len(greedy) - 2) if greedy.find(greedy[i:i + 2]) == i)
+    cut = chat(client, "a", max_tokens=30, stop=[greedy[at:at + 2], "never seen"]).choices[0]
+    assert cut.finish_reason == "stop" and cut.message.content == greedy[:at]
+    # logprobs: the greedy token is the most likely one, and its log-prob is the top one's
+    reply = chat(client, logprobs=True, top_logprobs=3, max_tokens=6).choices[0]
+    entries = reply.logprobs.content
+    assert len(entries) == 6 or reply.finish_reason == "stop"
+    for entry in entries:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].logprob == entry.logprob
+        assert entry.logprob >= entry.top_logprobs[1].logprob
+    assert "".join(bytes(e.bytes).decode("utf-8", "replace") for e in entries).startswith(reply.message.content[:3])
+
+
+def test_completions(served):
+    client = served.client()
+    done = client.completions.create(model="a", prompt="Tom has", max_tokens=8, temperature=0, logprobs=2)
+    choice = done.choices[0]
+    assert choice.finish_reason in ("stop", "length") and done.usage.completion_tokens <= 8
+    assert len(choice.logprobs.tokens) == done.usage.completion_tokens
+    assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
+    echoed = client.completions.create(model="a", prompt="Tom has", max_tokens=8, temperature=0, echo=True)
+    assert echoed.choices[0].text == "Tom has" + choice.text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="a", prompt="Tom has", max_tokens=8, temperature=0, stream=True) if c.choices)
+    assert streamed == choice.text
+
+
+def test_concurrent_greedy_requests_give_each_the_text_it_gets_alone(served):
+    """32 requests at once (base and both adapters, prompts and budgets of different lengths)."""
+    client = served.client()
+    requests = [dict(model=["base", "a", "b"][i % 3], content="Tom " + "and Ann " * (i % 5) + f"have {i} cats.",
+                     max_tokens=4 + 3 * (i % 9)) for i in range(32)]
+
+    def ask(request):
+        return chat(client, request["model"], request["content"], max_tokens=request["max_tokens"]).choices[0].message.content
+
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(ask, requests))
+    alone = [ask(request) for request in requests]
+    assert together == alone
+    assert len(set(together)) > 10
+
+
+MALFORMED = [
+    ("not json", None),
+    ("[1, 2]", None),
+    ({}, "model"),
+    ({"model": "base"}, "messages"),
+    ({"model": "base", "messages": []}, "messages"),
+    ({"model": "base", "messages": "hello"}, "messages"),
+    ({"model": "base", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"model": "base", "messages": [{"content": "hi"}]}, "messages.0.role"),
+    ({"model": "base", "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, "model"),
+    ({"model": 7, "messages": [{"role": "user", "content": "hi"}]}, "model"),
+    ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, "max_tokens"),
+    ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+    ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 9}, "max_tokens"),
+    ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, "max_tokens"),
+    ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}, "temperature"),
+    ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
+    ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
+    ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "n": 1000}, "n"),
+    ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "stop": [""]}, "stop"),
+    ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "stop": 3}, "stop"),
+    ({"model": "base", "messages": [{"role": "user", "content": "hi " * 2000}]}, "messages"),
+    ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 50, "logprobs": True},
+     "top_logprobs"),
+    ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 1.0}, "presence_penalty"),
+    ({"model": "base", "prompt": ""}, "messages"),  # a completions body at the chat route
+]
+
+
+def test_malformed_requests_get_openai_errors_and_the_server_goes_on(served):
+    for body, param in MALFORMED:
+        content = body if isinstance(body, str) else json.dumps(body)
+        response = httpx.post(f"{served.url}/v1/chat/completions", content=content,
+                              headers={"Content-Type": "application/json"}, timeout=30)
+        assert 400 <= response.status_code < 500, (body, response.status_code, response.text)
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], body
+        if param is not None:
+            assert error["param"] == param, (body, error)
+    for body, status in [({"model": "base", "prompt": "hi", "logprobs": 9}, 400), ({"model": "base"}, 400),
+                         ({"model": "base", "prompt": []}, 400), ({"model": "zzz", "prompt": "hi"}, 404)]:
+        response = httpx.post(f"{served.url}/v1/completions", json=body, timeout=30)
+        assert response.status_code == status and "error" in response.json(), (body, response.text)
+    assert httpx.get(f"{served.url}/v1/nothing").json()["error"]["type"] == "not_found_error"
+    assert httpx.get(f"{served.url}/static/../../../../etc/passwd").status_code == 404
+    huge = httpx.post(f"{served.url}/v1/chat/completions", content=b"x" * (5 * 2 ** 20),
+                      headers={"Content-Type": "application/json"}, timeout=30)
+    assert huge.status_code == 413 and "error" in huge.json()
+    assert served.health()["status"] == "ok"
+    assert chat(served.client()).choices[0].message.content is not None
+
+
+def test_clients_that_leave_mid_stream_free_their_slots(served):
+    client = served.client()
+    chat(client, max_tokens=4)  # warm
+    before = served.rss_mib()
+    body = {"model": "base", "messages": [{"role": "user", "content": "Tell me about Tom."}], "max_tokens": 400,
+            "temperature": 1.0, "stream": True}
+
+    def leave_early(_):
+        with httpx.stream("POST", f"{served.url}/v1/chat/completions", json=body, timeout=30) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
+                    return True  # a token arrived: hang up
+        return False
+
+    with ThreadPoolExecutor(10) as pool:
+        assert sum(pool.map(leave_early, range(50))) >= 45
+    deadline = time.monotonic() + 20
+    while (health := served.health())["running"] or health["waiting"]:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.1)
+    assert health["free_slots"] == MAX_BATCH
+    assert served.rss_mib() - before < 60
+    metrics = httpx.get(f"{served.url}/metrics").text
+    for name in ("orchard_requests_total", "orchard_generated_tokens_total", "orchard_tokens_per_second",
+                 "orchard_queue_length", "orchard_running_batch_size", "orchard_time_to_first_token_seconds_bucket"):
+        assert name in metrics, name
+    assert 'orchard_running_batch_size 0.0' in metrics
+
+
+def test_a_full_queue_answers_429(chat_base):
+    """In process, with the engine not running: the queue fills and stays full."""
+    from fastapi.testclient import TestClient
+
+    from orchard.serve.api import ServedModels, create_app
+    from orchard.serve.engine import Engine, Sampling, Sequence
+
+    checkpoint = load_checkpoint(chat_base.dir)
+    engine = Engine(checkpoint.model, checkpoint.tokenizer, max_batch_size=2, max_queue=3)
+    app = create_app(engine, ServedModels("base", [], []))
+    client = TestClient(app)  # not entered: no lifespan, so the engine's thread never takes the queue
+    engine.submit([Sequence([1, 2], Sampling(max_tokens=4), frozenset(), lambda delta: None)] * 2)
+    response = client.post("/v1/chat/completions", json={"model": "base", "n": 2,
+                                                         "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 429 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_api_key_and_quantized_checkpoint(chat_base, tmp_path):
+    from orchard.checkpoint.quantize import quantize_checkpoint
+
+    quantized = quantize_checkpoint(chat_base.dir, tmp_path / "int8", bits=8).path
+    server = Server(str(quantized), env={"ORCHARD_API_KEY": "sesame"})
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            server.client("wrong").models.list()
+        assert httpx.get(f"{server.url}/v1/models").status_code == 401
+        client = server.client("sesame")
+        (model,) = [m.id for m in client.models.list().data]
+        assert model == "int8"
+        assert chat(client, model).choices[0].message.content is not None
+        assert httpx.get(f"{server.url}/health").status_code == 200  # not behind the key
+    finally:
+        assert server.stop() == 0
+
+
+def test_sigterm_lets_running_requests_finish(chat_base):
+    server = Server(str(chat_base.dir), "--model-name", "base")
+    results = []
+    request = threading.Thread(target=lambda: results.append(
+        chat(server.client(), max_tokens=300, temperature=1.0).choices[0].finish_reason))
+    request.start()
+    while not server.health()["running"]:
+        time.sleep(0.01)
+    assert server.stop() == 0
+    request.join()
+    assert results and results[0] in ("stop", "length")
