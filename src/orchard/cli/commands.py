@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 from ..errors import OrchardError
@@ -229,16 +231,28 @@ def serve(args) -> None:
                     autocast=runtime.autocast)
     models = ServedModels(base, adapters, chat_end_ids(checkpoint.path, checkpoint.tokenizer))
     app = create_app(engine, models, api_key=args.api_key or os.environ.get("ORCHARD_API_KEY") or None,
-                     request_timeout=args.request_timeout)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=60)
-    server = uvicorn.Server(config)
+                     request_timeout=args.request_timeout, start_engine=False)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=60))
+    # HTTP on a thread, the model on the main thread (see `Engine.run`). SIGTERM and Ctrl-C tell
+    # uvicorn to stop taking connections and let the open ones finish; its shutdown then stops the
+    # engine once the queue has drained, `run` returns, and the command exits with status 0.
+    http = threading.Thread(target=server.run, name="orchard-http")
+
+    def shut_down(*_):
+        server.should_exit = True
+
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, shut_down)
+    http.start()
+    while not server.started:
+        if not http.is_alive():
+            raise OrchardError(f"could not serve on {args.host}:{args.port} (see the message above)")
+        time.sleep(0.05)
     print(f"orchard: serving {base}{' with ' + ', '.join(adapters) if adapters else ''} on "
           f"http://{args.host}:{args.port} (chat page at /, API at /v1)", file=sys.stderr, flush=True)
-    # uvicorn drains on SIGTERM and Ctrl-C, then raises the signal again for the handler found before
-    # it: a drained server exits with status 0, not killed by the signal.
-    for stop_signal in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop_signal, lambda *_: sys.exit(0))
-    server.run()
+    engine.run()
+    http.join()
 
 
 def evaluate(args) -> None:

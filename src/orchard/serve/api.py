@@ -12,6 +12,7 @@ import asyncio
 import json
 import re
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -139,18 +140,22 @@ class ServedModels:
 
 
 def create_app(engine: Engine, models: ServedModels, api_key: str | None = None,
-               request_timeout: float | None = None, drain_seconds: float = 30.0) -> FastAPI:
-    """The server's ASGI app; the engine starts with it and stops, drained, with it."""
+               request_timeout: float | None = None, drain_seconds: float = 30.0,
+               start_engine: bool = True) -> FastAPI:
+    """The server's ASGI app. The engine stops, drained, when the app shuts down; it starts on a
+    thread of its own with the app, unless `start_engine` is false (the caller runs it)."""
     registry = CollectorRegistry()
     requests_total = Counter("orchard_requests", "HTTP requests answered", ["route", "status"], registry=registry)
     first_token = Histogram("orchard_time_to_first_token_seconds", "From a sequence's arrival to its first token",
                             registry=registry, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
     registry.register(_EngineCollector(engine))
     engine.on_first_token = first_token.observe
+    outbox = _Outbox()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
+        if start_engine:
+            engine.start()
         yield
         await asyncio.to_thread(engine.stop, drain_seconds)
 
@@ -216,9 +221,9 @@ def create_app(engine: Engine, models: ServedModels, api_key: str | None = None,
         if body.top_logprobs and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         budget = body.max_completion_tokens or body.max_tokens
-        run = _Run(engine, body, [prompt_ids], adapter, end_ids, budget, top, request_timeout)
+        run = _Run(engine, body, [prompt_ids], adapter, end_ids, budget, top, request_timeout, outbox)
         if body.stream:
-            return _sse(run.stream_chat(request, _include_usage(body)))
+            return _sse(run.stream_chat(_include_usage(body)))
         return await run.chat(request)
 
     @app.post("/v1/completions")
@@ -229,14 +234,14 @@ def create_app(engine: Engine, models: ServedModels, api_key: str | None = None,
                    or [engine.tokenizer.bos_id if engine.tokenizer.bos_id is not None else engine.tokenizer.eos_id]
                    for p in prompts]
         run = _Run(engine, body, encoded, adapter, frozenset([engine.tokenizer.eos_id]), body.max_tokens,
-                   body.logprobs, request_timeout, prompts if body.echo else None)
+                   body.logprobs, request_timeout, outbox, prompts if body.echo else None)
         if body.stream:
-            return _sse(run.stream_completion(request, _include_usage(body)))
+            return _sse(run.stream_completion(_include_usage(body)))
         return await run.completion(request)
 
     @app.get("/health")
     async def health():
-        if not engine.thread.is_alive():
+        if not engine.alive:
             return error_response(503, "the engine is not running", kind="server_error")
         return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting),
                 "free_slots": len(engine.free_slots), "max_batch_size": engine.max_batch_size,
@@ -279,7 +284,7 @@ class _Run:
 
     def __init__(self, engine: Engine, body: _Body, prompts: list[list[int]], adapter: str | None,
                  end_ids: frozenset[int], max_tokens: int | None, top_logprobs: int | None,
-                 request_timeout: float | None, echo: list[str] | None = None):
+                 request_timeout: float | None, outbox: _Outbox, echo: list[str] | None = None):
         self.engine, self.body, self.echo = engine, body, echo
         limit = engine.max_model_len
         if body.n * len(prompts) > engine.max_batch_size:
@@ -297,8 +302,9 @@ class _Run:
         self.prompt_tokens = sum(len(ids) for ids in prompts)
         self.id = f"{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
-        self.loop = asyncio.get_running_loop()
-        self.deltas: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
+        self.outbox = outbox
+        outbox.loop = asyncio.get_running_loop()  # the server's one loop
+        self.deltas: asyncio.Queue[tuple[int, Delta] | None] = asyncio.Queue()
         deadline = time.monotonic() + request_timeout if request_timeout else None
         self.sequences = []
         for ids in prompts:
@@ -316,34 +322,61 @@ class _Run:
 
     def _receiver(self, index: int):
         def receive(delta: Delta) -> None:
-            try:
-                self.loop.call_soon_threadsafe(self.deltas.put_nowait, (index, delta))
-            except RuntimeError:  # the event loop closed (shutdown); nobody is listening
-                pass
+            self.outbox.put(self.deltas, (index, delta))
         return receive
 
     def cancel(self) -> None:
         for sequence in self.sequences:
             sequence.cancelled = True
 
-    async def deltas_until_done(self, request: Request) -> AsyncIterator[tuple[int, Delta]]:
-        """Every delta of every sequence until all have ended; cancels them if the client leaves."""
+    async def updates(self) -> AsyncIterator[dict[int, Delta]]:
+        """What arrived since the last update, merged into one delta per sequence, until every
+        sequence has ended (or the client has left: `watch`); then cancels what still runs. Under load
+        several tokens arrive together and go out as one chunk."""
         open_sequences = len(self.sequences)
         try:
             while open_sequences:
-                try:
-                    index, delta = await asyncio.wait_for(self.deltas.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
+                items = [await self.deltas.get()]
+                while not self.deltas.empty():
+                    items.append(self.deltas.get_nowait())
+                merged: dict[int, Delta] = {}
+                for item in items:
+                    if item is None:  # the client left
                         return
-                    continue
-                if delta.finish_reason == "error":
-                    raise ApiError(500, "the engine failed; see the server's log", kind="server_error")
-                if delta.finish_reason is not None:
-                    open_sequences -= 1
-                yield index, delta
+                    index, delta = item
+                    if delta.finish_reason == "error":
+                        raise ApiError(500, "the engine failed; see the server's log", kind="server_error")
+                    open_sequences -= delta.finish_reason is not None
+                    if index in merged:
+                        earlier = merged[index]
+                        delta = Delta(earlier.text + delta.text, earlier.logprobs + delta.logprobs,
+                                      delta.finish_reason, delta.completion_tokens)
+                    merged[index] = delta
+                yield merged
         finally:
             self.cancel()  # no-op for ended sequences; frees the slots of the others
+
+    async def watch(self, request: Request) -> None:
+        """Ends `updates` when the client of a non-streamed request goes away (a stream's client
+        leaving cancels the stream itself)."""
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.5)
+        self.deltas.put_nowait(None)
+
+    async def collect(self, request: Request) -> tuple[list[str], list[list[dict]], list[str | None]]:
+        """Each sequence's whole text, log-probs and finish reason."""
+        texts, logprobs = ["" for _ in self.sequences], [[] for _ in self.sequences]
+        reasons: list[str | None] = [None for _ in self.sequences]
+        watcher = asyncio.create_task(self.watch(request))
+        try:
+            async for merged in self.updates():
+                for index, delta in merged.items():
+                    texts[index] += delta.text
+                    logprobs[index] += delta.logprobs
+                    reasons[index] = delta.finish_reason or reasons[index]
+        finally:
+            watcher.cancel()
+        return texts, logprobs, reasons
 
     def usage(self) -> dict:
         completion = sum(len(s.tokens) for s in self.sequences)
@@ -353,13 +386,7 @@ class _Run:
     # --- chat ---
 
     async def chat(self, request: Request) -> dict:
-        texts = [""] * len(self.sequences)
-        logprobs: list[list[dict]] = [[] for _ in self.sequences]
-        reasons: list[str | None] = [None] * len(self.sequences)
-        async for index, delta in self.deltas_until_done(request):
-            texts[index] += delta.text
-            logprobs[index] += delta.logprobs
-            reasons[index] = delta.finish_reason or reasons[index]
+        texts, logprobs, reasons = await self.collect(request)
         wanted = self.sequences[0].sampling.top_logprobs is not None
         return {"id": f"chatcmpl-{self.id}", "object": "chat.completion", "created": self.created,
                 "model": self.body.model, "system_fingerprint": None,
@@ -368,7 +395,7 @@ class _Run:
                             for i in range(len(self.sequences))],
                 "usage": self.usage()}
 
-    async def stream_chat(self, request: Request, include_usage: bool) -> AsyncIterator[dict]:
+    async def stream_chat(self, include_usage: bool) -> AsyncIterator[dict]:
         def chunk(choices: list[dict], usage: dict | None = None) -> dict:
             event = {"id": f"chatcmpl-{self.id}", "object": "chat.completion.chunk", "created": self.created,
                      "model": self.body.model, "system_fingerprint": None, "choices": choices}
@@ -379,10 +406,10 @@ class _Run:
         wanted = self.sequences[0].sampling.top_logprobs is not None
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                      for i in range(len(self.sequences))])
-        async for index, delta in self.deltas_until_done(request):
-            content = {"content": delta.text} if delta.text else {}
-            yield chunk([{"index": index, "delta": content, "logprobs": {"content": delta.logprobs} if wanted else None,
-                          "finish_reason": delta.finish_reason}])
+        async for merged in self.updates():
+            yield chunk([{"index": index, "delta": {"content": delta.text} if delta.text else {},
+                          "logprobs": {"content": delta.logprobs} if wanted else None,
+                          "finish_reason": delta.finish_reason} for index, delta in merged.items()])
         if include_usage:
             yield chunk([], self.usage())
 
@@ -402,13 +429,8 @@ class _Run:
         return self.echo[index // self.body.n] if self.echo is not None else ""
 
     async def completion(self, request: Request) -> dict:
-        texts = [self._prefix(i) for i in range(len(self.sequences))]
-        logprobs: list[list[dict]] = [[] for _ in self.sequences]
-        reasons: list[str | None] = [None] * len(self.sequences)
-        async for index, delta in self.deltas_until_done(request):
-            texts[index] += delta.text
-            logprobs[index] += delta.logprobs
-            reasons[index] = delta.finish_reason or reasons[index]
+        texts, logprobs, reasons = await self.collect(request)
+        texts = [self._prefix(i) + text for i, text in enumerate(texts)]
         wanted = self.sequences[0].sampling.top_logprobs is not None
         return {"id": f"cmpl-{self.id}", "object": "text_completion", "created": self.created, "model": self.body.model,
                 "choices": [{"index": i, "text": texts[i], "finish_reason": reasons[i],
@@ -416,7 +438,7 @@ class _Run:
                             for i in range(len(self.sequences))],
                 "usage": self.usage()}
 
-    async def stream_completion(self, request: Request, include_usage: bool) -> AsyncIterator[dict]:
+    async def stream_completion(self, include_usage: bool) -> AsyncIterator[dict]:
         def chunk(choices: list[dict], usage: dict | None = None) -> dict:
             event = {"id": f"cmpl-{self.id}", "object": "text_completion", "created": self.created,
                      "model": self.body.model, "choices": choices}
@@ -429,12 +451,42 @@ class _Run:
         if self.echo is not None:
             yield chunk([{"index": i, "text": self._prefix(i), "logprobs": None, "finish_reason": None}
                          for i in range(len(self.sequences))])
-        async for index, delta in self.deltas_until_done(request):
-            logprobs = self._completion_logprobs(delta.logprobs, written[index]) if wanted else None
-            written[index] += len(delta.text)
-            yield chunk([{"index": index, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason}])
+        async for merged in self.updates():
+            choices = []
+            for index, delta in merged.items():
+                logprobs = self._completion_logprobs(delta.logprobs, written[index]) if wanted else None
+                written[index] += len(delta.text)
+                choices.append({"index": index, "text": delta.text, "logprobs": logprobs,
+                                "finish_reason": delta.finish_reason})
+            yield chunk(choices)
         if include_usage:
             yield chunk([], self.usage())
+
+
+class _Outbox:
+    """Hands the engine thread's deltas to the requests' queues on the event loop: one wake-up of
+    the loop for everything that arrived meanwhile, not one per token."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.items: list[tuple[asyncio.Queue, Any]] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def put(self, target: asyncio.Queue, item: Any) -> None:
+        with self.lock:
+            self.items.append((target, item))
+            if len(self.items) > 1:  # a delivery is already on its way
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the event loop closed (shutdown): nobody is listening
+            pass
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for target, item in items:
+            target.put_nowait(item)
 
 
 class _EngineCollector:

@@ -1,0 +1,169 @@
+"""`orchard serve` under load: output tokens/s, and p50/p95 time to first token (TTFT) and
+inter-token latency (ITL), at concurrency 1, 8 and 32, beside a baseline that serves the same
+requests one at a time with transformers' `generate` on the same weights.
+
+    python benchmarks/serve.py                              # the quickstart's architecture, random weights
+    python benchmarks/serve.py --checkpoint runs/quickstart/sft --requests 64
+
+Without --checkpoint the model is the quickstart's (4 blocks of 256, vocabulary 2,048, 4 query and
+2 key/value heads) with random weights and a tokenizer trained on the built-in conversations, so
+that it runs without a quickstart first; with a trained checkpoint replies end at their end token.
+Every request is a chat turn from the built-in held-out conversations, greedy, at most
+--max-tokens tokens; the server streams (TTFT and ITL are read off the stream's chunks). The
+baseline runs each request's chat prompt through `LlamaForCausalLM.generate` (greedy, the same
+end tokens and budget) one after another; its TTFT is the time to its first token
+(`max_new_tokens=1`) measured apart. Both are fp32 and give the same tokens, so tokens/s compare
+like for like (the script checks the replies are identical).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def build_checkpoint(directory: Path) -> Path:
+    from orchard.checkpoint import save_checkpoint
+    from orchard.cli.quickstart import quickstart_config
+    from orchard.data.synthetic import World, instruction_conversations
+    from orchard.model import CausalLM, ModelConfig
+    from orchard.tokenizer import Tokenizer
+
+    texts = [m["content"] for c in instruction_conversations(World(), "train") for m in c["messages"]]
+    tokenizer = Tokenizer.train(iter(texts), vocab_size=2048)
+    config = quickstart_config(directory, 1.0).model
+    model = CausalLM(ModelConfig(**{**config.__dict__, "vocab_size": tokenizer.vocab_size}))
+    model.reset_parameters(seed=0)
+    return save_checkpoint(directory / "quickstart-architecture", model, tokenizer, record={"stage": "benchmark"})
+
+
+def workload(count: int) -> list[list[dict]]:
+    from orchard.data.synthetic import World, instruction_conversations
+
+    conversations = instruction_conversations(World(), "held_out")
+    return [[m for m in c["messages"] if m["role"] != "assistant"][:1] for c in conversations[:count]]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+def serve_round(url: str, model: str, requests: list[list[dict]], concurrency: int, max_tokens: int) -> dict:
+    """Every request streamed, `concurrency` at a time, from one asyncio client (light on the CPU the
+    server shares)."""
+    async def one(client, limit, messages):
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        async with limit:
+            started = time.perf_counter()
+            arrivals, text, tokens = [], "", 0
+            async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    for choice in chunk["choices"]:
+                        if choice["delta"].get("content"):
+                            arrivals.append(time.perf_counter())
+                            text += choice["delta"]["content"]
+        gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+        return {"ttft": arrivals[0] - started if arrivals else float("nan"), "gaps": gaps, "tokens": tokens, "text": text}
+
+    async def all_requests():
+        limit = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
+            return await asyncio.gather(*(one(client, limit, messages) for messages in requests))
+
+    started = time.perf_counter()
+    results = asyncio.run(all_requests())
+    seconds = time.perf_counter() - started
+    return {"tokens_per_s": sum(r["tokens"] for r in results) / seconds,
+            "ttft": [r["ttft"] for r in results], "itl": [g for r in results for g in r["gaps"]],
+            "texts": [r["text"] for r in results], "tokens": sum(r["tokens"] for r in results)}
+
+
+def baseline(checkpoint: Path, requests: list[list[dict]], max_tokens: int) -> dict:
+    """transformers' generate, one request after another, on the same weights."""
+    from transformers import LlamaForCausalLM
+
+    from orchard.cli.commands import chat_end_ids
+    from orchard.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(checkpoint)
+    model = LlamaForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32).eval()
+    end = sorted({tokenizer.eos_id, *chat_end_ids(checkpoint, tokenizer)})
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(m, add_generation_prompt=True)) for m in requests]
+    texts, tokens, ttfts = [], 0, []
+    with torch.no_grad():
+        model.generate(torch.tensor([prompts[0]]), max_new_tokens=4, do_sample=False, pad_token_id=end[0])  # warm-up
+        started = time.perf_counter()
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=max_tokens, do_sample=False, eos_token_id=end, pad_token_id=end[0])
+            new = out[0, len(ids):].tolist()
+            new = new[:next((i for i, t in enumerate(new) if t in end), len(new))]
+            tokens += len(new)
+            texts.append(tokenizer.decode(new))
+        seconds = time.perf_counter() - started
+        for ids in prompts:
+            first = time.perf_counter()
+            model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                           max_new_tokens=1, do_sample=False, pad_token_id=end[0])
+            ttfts.append(time.perf_counter() - first)
+    return {"tokens_per_s": tokens / seconds, "ttft": ttfts, "itl": [seconds / max(tokens, 1)], "texts": texts,
+            "tokens": tokens}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=None, help="an orchard checkpoint (default: the quickstart architecture)")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    args = parser.parse_args()
+    from test_serve import Server
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(args.checkpoint) if args.checkpoint else build_checkpoint(Path(tmp))
+        requests = workload(args.requests)
+        server = Server(str(checkpoint), "--model-name", "bench", "--max-batch-size", str(max(args.concurrency)))
+        try:
+            serve_round(server.url, "bench", requests[:4], 4, 8)  # warm-up
+            rounds = {c: serve_round(server.url, "bench", requests, c, args.max_tokens) for c in args.concurrency}
+        finally:
+            server.stop()
+        base = baseline(checkpoint, requests, args.max_tokens)
+    print(f"{len(requests)} chat requests, greedy, at most {args.max_tokens} new tokens each; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'':<34} {'tokens/s':>9} {'x base':>7} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'ITL p95':>8}")
+
+    def row(name, r, ratio=True):
+        ms = lambda v: f"{1000 * v:.0f} ms"  # noqa: E731
+        print(f"{name:<34} {r['tokens_per_s']:>9,.0f} {r['tokens_per_s'] / base['tokens_per_s'] if ratio else 1:>6.2f}x "
+              f"{ms(statistics.median(r['ttft'])):>9} {ms(percentile(r['ttft'], .95)):>9} "
+              f"{ms(statistics.median(r['itl'])):>8} {ms(percentile(r['itl'], .95)):>8}")
+
+    row("transformers generate, one by one", base, ratio=False)
+    for c, r in rounds.items():
+        row(f"orchard serve, concurrency {c}", r)
+    same = all(r["texts"] == base["texts"] for r in rounds.values())
+    print(f"replies identical to the baseline's: {same} ({base['tokens']} tokens)")
+
+
+if __name__ == "__main__":
+    main()
