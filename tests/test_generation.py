@@ -62,19 +62,19 @@ def test_compiled_decoding_gives_the_same_tokens(model):
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="packed weights are MKL's")
 def test_packed_weights_decode_the_same_tokens(model, monkeypatch):
     """fp32 decoding of several rows on the CPU multiplies by weights packed once per call
-    (`_packed_linears`): the same logits bit for bit, the same tokens (greedy and sampled, padded
+    (`packed_linears`): the same logits bit for bit, the same tokens (greedy and sampled, padded
     prompts), and the layers' own forward back afterwards."""
     prompts = [PROMPTS[i % 3] + [i + 1] for i in range(16)]
-    assert generation._packs_weights(model, 16) and not generation._packs_weights(model, 1)
+    assert generation.packs_weights(model, 16) and not generation.packs_weights(model, 1)
     step = torch.tensor([[p[-1]] for p in prompts])
     with torch.no_grad():
         plain = model(step).logits
-        with generation._packed_linears(model, 16):
+        with generation.packed_linears(model, 16):
             assert torch.equal(model(step).logits, plain)
     assert not any("forward" in module.__dict__ for module in model.modules())
     configs = (greedy(), SamplingConfig(max_new_tokens=20, temperature=1.0, seed=3))
     packed = [generate(model, prompts, config, eos_id=NO_EOS, pad_id=PAD) for config in configs]
-    monkeypatch.setattr(generation, "_packs_weights", lambda model, rows: False)
+    monkeypatch.setattr(generation, "packs_weights", lambda model, rows: False)
     assert packed == [generate(model, prompts, config, eos_id=NO_EOS, pad_id=PAD) for config in configs]
 
 

@@ -100,8 +100,8 @@ def next_tokens(logits: torch.Tensor, config: SamplingConfig,
     return tokens.clamp_(max=logits.size(-1) - 1)
 
 
-def _packs_weights(model: CausalLM, rows: int) -> bool:
-    """Whether decoding `rows` rows a step multiplies by packed weights (`_packed_linears`): fp32 on a
+def packs_weights(model: CausalLM, rows: int) -> bool:
+    """Whether decoding `rows` rows a step multiplies by packed weights (`packed_linears`): fp32 on a
     CPU with MKL, two rows or more (for one row MKL takes another kernel, whose results differ)."""
     weight = model.lm_head.weight
     return (rows >= 2 and weight.device.type == "cpu" and weight.dtype == torch.float32
@@ -115,7 +115,7 @@ def _packed_linear(linear: nn.Linear, packed: torch.Tensor, rows: int, x: torch.
 
 
 @contextlib.contextmanager
-def _packed_linears(model: CausalLM, rows: int) -> Iterator[None]:
+def packed_linears(model: CausalLM, rows: int) -> Iterator[None]:
     """While decoding, every plain fp32 linear layer of `model` multiplies a step's `rows` rows by its
     weight packed once for them (MKL's sgemm_pack), which sgemm otherwise redoes at every call: at
     batch 16 the 13.8M benchmark model's matmuls alone take 2.8 instead of 4.9 ms a step, and its
@@ -241,8 +241,8 @@ def generate(model: CausalLM, prompts: list[list[int]], config: SamplingConfig, 
 
     decoder = _Decoder(model, attention_mask, config.max_new_tokens, config.compile) if use_cache else None
     # Not compiled: inductor takes a packed weight only as a constant of the graph.
-    packs = use_cache and not config.compile and _packs_weights(model, batch_size)
-    with _packed_linears(model, batch_size) if packs else contextlib.nullcontext():
+    packs = use_cache and not config.compile and packs_weights(model, batch_size)
+    with packed_linears(model, batch_size) if packs else contextlib.nullcontext():
         outputs: list[list[int]] = [[] for _ in range(batch_size)]
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
         tokens = input_ids[:, -1]  # (B,) each step's new tokens

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import CausalLM
-from ..model.generation import SamplingConfig, next_tokens
+from ..model.generation import SamplingConfig, next_tokens, packed_linears, packs_weights
 from ..peft.lora import adapter_routing
 
 
@@ -34,7 +34,7 @@ class SlotCache:
     """Keys and values of up to `slots` sequences, each in its own slot of `capacity` positions and
     with its own length. The model hands it each layer's new keys and values (`attends`): it writes
     them at each row's length and attends that row's queries over that row's keys alone, so a row
-    computes the same numbers in any batch. `rows` says which slot each row of the next forward
+    computes the same numbers in any batch. `begin` says which slot each row of the next forward
     pass is (None: a padding row, whose output is zero)."""
 
     attends = True
@@ -47,24 +47,35 @@ class SlotCache:
                      for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.lengths = [0] * slots
-        self.rows: list[int | None] = []
+        self.begin([], weight.device)
+
+    def begin(self, rows: list[int | None], device: torch.device) -> None:
+        """The slots of the next forward pass's rows (real ones first, then padding: None)."""
+        self.rows = rows
+        self.real = [slot for slot in rows if slot is not None]
+        self.slot_index = torch.tensor(self.real, device=device)
+        self.position_index = torch.tensor([self.lengths[slot] for slot in self.real], device=device)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(B, H, T, D) attention output of the rows' queries over their slots' keys."""
-        T = q.size(2)
+        T, real = q.size(2), len(self.real)
         keys, values = self.keys[layer], self.values[layer]
-        outputs = []
-        for row, slot in enumerate(self.rows):
-            if slot is None:  # padding rows come last
-                outputs.append(q.new_zeros(q.size(0) - row, *q.shape[1:]))
-                break
-            start = self.lengths[slot]
-            keys[slot, :, start:start + T] = k[row]
-            values[slot, :, start:start + T] = v[row]
-            # A prompt (T > 1, from position 0) is causal; one new token sees every key.
-            outputs.append(F.scaled_dot_product_attention(
-                q[row:row + 1], keys[slot:slot + 1, :, :start + T], values[slot:slot + 1, :, :start + T],
-                is_causal=T > 1, enable_gqa=keys.size(1) != q.size(1)))
+        if T == 1:  # a decoding step: every row's new key and value in one write
+            keys[self.slot_index, :, self.position_index] = k[:real, :, 0]
+            values[self.slot_index, :, self.position_index] = v[:real, :, 0]
+        else:  # a prompt, from position 0
+            for row, slot in enumerate(self.real):
+                keys[slot, :, :T] = k[row]
+                values[slot, :, :T] = v[row]
+        queries, gqa = q.split(1), keys.size(1) != q.size(1)
+        # One row at a time, over exactly its own keys: its numbers do not depend on the other rows.
+        # A prompt (T > 1) is causal; one new token sees every key.
+        outputs = [F.scaled_dot_product_attention(queries[row], keys[slot, :, :self.lengths[slot] + T][None],
+                                                  values[slot, :, :self.lengths[slot] + T][None],
+                                                  is_causal=T > 1, enable_gqa=gqa)
+                   for row, slot in enumerate(self.real)]
+        if real < q.size(0):
+            outputs.append(q.new_zeros(q.size(0) - real, *q.shape[1:]))
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     def advance(self, tokens: int) -> None:
@@ -160,8 +171,11 @@ class Engine:
         step, where on another thread each op waits for the pool to wake (a batch-32 step of the
         quickstart model: 8 ms on the main thread, 21 ms on another)."""
         self.alive = True
+        # Every decoding step multiplies max_batch_size rows: weights packed once for that count.
+        packs = packs_weights(self.model, self.max_batch_size)
         try:
-            self._loop()
+            with packed_linears(self.model, self.max_batch_size) if packs else contextlib.nullcontext():
+                self._loop()
         finally:
             self.alive = False
 
@@ -259,7 +273,7 @@ class Engine:
         """(B, V) next-token logits of each row of `ids` (B, T); rows past `sequences` pad."""
         B, T = ids.shape
         padding = B - len(sequences)
-        self.cache.rows = [s.slot for s in sequences] + [None] * padding
+        self.cache.begin([s.slot for s in sequences] + [None] * padding, ids.device)
         starts = [self.cache.lengths[s.slot] for s in sequences] + [0] * padding
         positions = torch.tensor(starts, device=ids.device)[:, None] + torch.arange(T, device=ids.device)
         routing = (adapter_routing(self.model, [s.adapter for s in sequences] + [None] * padding)
