@@ -108,24 +108,30 @@ def packs_weights(model: CausalLM, rows: int) -> bool:
             and torch.backends.mkl.is_available() and not torch.is_autocast_enabled("cpu"))
 
 
-def _packed_linear(linear: nn.Linear, packed: torch.Tensor, rows: int, x: torch.Tensor) -> torch.Tensor:
-    if x.numel() != rows * x.size(-1):  # the prompts' pass: more rows than a decoding step's
+def _packed_linear(linear: nn.Linear, packed: torch.Tensor, rows: int, any_rows: bool,
+                   x: torch.Tensor) -> torch.Tensor:
+    count = x.numel() // x.size(-1)
+    if count != rows and not any_rows:  # the prompts' pass: more rows than a decoding step's
         return F.linear(x, linear.weight, linear.bias)
-    return torch.ops.mkl._mkl_linear(x, packed, linear.weight, linear.bias, rows)
+    return torch.ops.mkl._mkl_linear(x, packed, linear.weight, linear.bias, count)
 
 
 @contextlib.contextmanager
-def packed_linears(model: CausalLM, rows: int) -> Iterator[None]:
+def packed_linears(model: CausalLM, rows: int, any_rows: bool = False) -> Iterator[None]:
     """While decoding, every plain fp32 linear layer of `model` multiplies a step's `rows` rows by its
     weight packed once for them (MKL's sgemm_pack), which sgemm otherwise redoes at every call: at
     batch 16 the 13.8M benchmark model's matmuls alone take 2.8 instead of 4.9 ms a step, and its
     greedy decoding runs ~13% faster, with the same results bit for bit (tested). The packed copies
-    cost the weights' size again, for the call."""
+    cost the weights' size again, for the call.
+
+    `any_rows`: every call multiplies by the packed weights, whatever its row count. A row's result
+    then does not depend on how many rows there are, from two up (plain sgemm's changes at 16 rows;
+    tested for the server, whose batches grow and shrink)."""
     linears = [m for m in model.modules()
                if type(m) is nn.Linear and m.weight.dtype == torch.float32 and "forward" not in m.__dict__]
     for linear in linears:
         packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), rows)
-        linear.forward = functools.partial(_packed_linear, linear, packed, rows)
+        linear.forward = functools.partial(_packed_linear, linear, packed, rows, any_rows)
     try:
         yield
     finally:

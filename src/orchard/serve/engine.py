@@ -7,9 +7,10 @@ token, a stop string, its token budget), when its client goes away (`cancel`) or
 its slot is free at once for the next waiting sequence.
 
 Each request gets the text it would get alone, whatever else is in the batch (greedy, fp32;
-tested): a matmul's rounding depends on its row count, so every decoding step runs the same number
-of rows (`max_batch_size`, the empty ones padding), adapters are applied over all rows and kept in
-their own (`adapter_routing`), and each row attends over its own keys only (`SlotCache.attend`).
+tested): a matmul's rounding may depend on its row count, so a decoding step runs at least as many
+rows as make it stop depending on it (`Engine.min_rows`, empty rows padding), adapters are applied
+over all rows and kept in their own (`adapter_routing`), and each row attends over its own keys
+only (`SlotCache.attend`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..model import CausalLM
 from ..model.generation import SamplingConfig, next_tokens, packed_linears, packs_weights
@@ -142,6 +144,13 @@ class Engine:
                                  model.config.max_position_embeddings)
         self.cache = SlotCache(model, max_batch_size, self.max_model_len)
         self.adapted = any(hasattr(m, "lora") for m in model.modules())
+        # A matmul's rounding may depend on its row count, so a decoding step runs at least
+        # `min_rows` rows (the missing ones padding), from where a row's numbers stop depending on
+        # the count: 2 when every matmul is a plain fp32 linear layer with MKL's packed weights
+        # (`packed_linears(any_rows=True)`), else 16 (plain sgemm; adapters, quantized layers).
+        plain = all(type(m) is nn.Linear for m in model.modules() if "Linear" in type(m).__name__)
+        packable = packs_weights(model, max_batch_size) and not torch.is_autocast_enabled("cpu")
+        self.min_rows = 2 if plain and packable and not self.adapted else min(16, max_batch_size)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free_slots = list(range(max_batch_size))
@@ -171,10 +180,9 @@ class Engine:
         step, where on another thread each op waits for the pool to wake (a batch-32 step of the
         quickstart model: 8 ms on the main thread, 21 ms on another)."""
         self.alive = True
-        # Every decoding step multiplies max_batch_size rows: weights packed once for that count.
-        packs = packs_weights(self.model, self.max_batch_size)
+        packs = self.min_rows == 2
         try:
-            with packed_linears(self.model, self.max_batch_size) if packs else contextlib.nullcontext():
+            with packed_linears(self.model, self.max_batch_size, any_rows=True) if packs else contextlib.nullcontext():
                 self._loop()
         finally:
             self.alive = False
@@ -258,10 +266,10 @@ class Engine:
                 self.on_first_token(sequence.first_token_at - sequence.submitted_at)
 
     def _decode_step(self) -> None:
-        """One new token for every running sequence, in a batch of `max_batch_size` rows."""
+        """One new token for every running sequence, in a batch of at least `min_rows` rows."""
         device = self.model.lm_head.weight.device
         rows = list(self.running)
-        tokens = torch.zeros(self.max_batch_size, 1, dtype=torch.long, device=device)
+        tokens = torch.zeros(max(self.min_rows, len(rows)), 1, dtype=torch.long, device=device)
         tokens[:len(rows), 0] = torch.tensor([s.tokens[-1] for s in rows], device=device)
         logits = self._forward(tokens, rows)
         for row, sequence in enumerate(rows):
