@@ -151,6 +151,7 @@ def create_app(engine: Engine, models: ServedModels, api_key: str | None = None,
     registry.register(_EngineCollector(engine))
     engine.on_first_token = first_token.observe
     outbox = _Outbox()
+    engine.after_step = outbox.flush
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -464,8 +465,10 @@ class _Run:
 
 
 class _Outbox:
-    """Hands the engine thread's deltas to the requests' queues on the event loop: one wake-up of
-    the loop for everything that arrived meanwhile, not one per token."""
+    """Hands the engine thread's deltas to the requests' queues on the event loop, all of a step's at
+    once (`flush`, the engine's `after_step`): one wake-up of the loop per step, not one per token.
+    Each wake-up costs the engine more than its system call: it waits for the GIL while the loop
+    runs."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -475,16 +478,19 @@ class _Outbox:
     def put(self, target: asyncio.Queue, item: Any) -> None:
         with self.lock:
             self.items.append((target, item))
-            if len(self.items) > 1:  # a delivery is already on its way
+
+    def flush(self) -> None:
+        with self.lock:
+            if not self.items:
                 return
+            items, self.items = self.items, []
         try:
-            self.loop.call_soon_threadsafe(self._deliver)
+            self.loop.call_soon_threadsafe(self._deliver, items)
         except RuntimeError:  # the event loop closed (shutdown): nobody is listening
             pass
 
-    def _deliver(self) -> None:
-        with self.lock:
-            items, self.items = self.items, []
+    @staticmethod
+    def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
         for target, item in items:
             target.put_nowait(item)
 

@@ -162,6 +162,9 @@ class Engine:
         self.stats = dict(tokens_generated=0, steps=0, busy_seconds=0.0)
         self.recent_tokens: deque[tuple[float, int]] = deque(maxlen=4096)
         """(time, tokens) of each step and prefill: tokens/s over a recent window (metrics)."""
+        self.after_step: Callable[[], None] | None = None
+        """Called on the engine's thread after each step, once its sequences have had their deltas
+        (the server wakes its event loop once per step, not once per token)."""
         self.on_first_token: Callable[[float], None] | None = None
         """Called with each sequence's time to first token, in seconds (metrics)."""
         self.failures = 0
@@ -231,6 +234,8 @@ class Engine:
                 for sequence in list(self.running):
                     self._release(sequence)
                     sequence.on_delta(Delta("", [], finish_reason="error"))
+            if self.after_step is not None:
+                self.after_step()
             self.stats["busy_seconds"] += time.monotonic() - started
 
     def _drop_finished(self) -> None:
