@@ -342,6 +342,7 @@ def test_quickstart_writes_a_report_with_metrics_plot_and_samples(tmp_path):
     assert "## Growing a model" in text and (tmp_path / "qs" / "grow" / "train" / "final" / "config.json").is_file()
     difference = float(re.search(r"largest logit difference[^|]*\| ([0-9.e+-]+)", text).group(1))
     assert difference < 1e-4  # the grown model computes the parent's function
+    assert "## Serving" in text and f"orchard serve {tmp_path / 'qs' / 'pretrain'} --adapter chat-lora=" in text
 
 
 def test_inference_loads_bf16_weights_only_on_a_gpu_in_bf16():

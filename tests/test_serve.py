@@ -306,3 +306,69 @@ def test_sigterm_lets_running_requests_finish(chat_base):
     assert server.stop() == 0
     request.join()
     assert results and results[0] in ("stop", "length")
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "images" / "chat-page.png"
+
+
+@pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+                    reason="needs Debian's chromium and chromium-driver (make test installs them where apt can)")
+def test_chat_page_in_a_real_browser(served, tmp_path):
+    """Headless Chromium opens the page, sends a message, sees the reply stream in, switches to an
+    adapter, asks again, and saves a screenshot (into docs/images with ORCHARD_UPDATE_SCREENSHOT=1,
+    the README's)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1000,760", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        browser.get(served.url + "/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: len(Select(b.find_element(By.ID, "model")).options) == 3)
+        assert browser.title == "orchard chat"
+
+        def ask(text: str) -> str:
+            # Every change of the newest reply's text, as the page makes it: a streamed reply grows in steps.
+            browser.execute_script("""
+                window.replyLengths = [];
+                new MutationObserver(() => {
+                  const replies = document.querySelectorAll('.assistant .text');
+                  if (replies.length) window.replyLengths.push(replies[replies.length - 1].textContent.length);
+                }).observe(document.getElementById('conversation'),
+                           {childList: true, subtree: true, characterData: true});""")
+            browser.find_element(By.ID, "message").send_keys(text)
+            browser.find_element(By.ID, "send").click()
+            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".assistant .text")
+                       and b.find_element(By.ID, "send").is_enabled())  # the reply has ended
+            growth = sorted(set(browser.execute_script("return window.replyLengths")))
+            assert len(growth) >= 3, (growth, browser.find_element(By.ID, "status").text)  # streamed in, piece by piece
+            return browser.execute_script(
+                "const r = document.querySelectorAll('.assistant .text'); return r[r.length - 1].textContent")
+
+        browser.find_element(By.ID, "max-tokens").clear()
+        browser.find_element(By.ID, "max-tokens").send_keys("60")
+        browser.find_element(By.ID, "temperature").clear()
+        browser.find_element(By.ID, "temperature").send_keys("0")
+        first = ask("What does Tom have?")
+        Select(browser.find_element(By.ID, "model")).select_by_value("a")
+        second = ask("And Ann?")
+        assert first and second
+        assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".message .who")] == ["you", "base", "you", "a"]
+        assert browser.find_element(By.ID, "status").get_attribute("class") != "error"
+        shot = tmp_path / "chat-page.png"
+        browser.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+        if os.environ.get("ORCHARD_UPDATE_SCREENSHOT"):
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            SCREENSHOT.write_bytes(shot.read_bytes())
+    finally:
+        browser.quit()

@@ -23,10 +23,13 @@ def _duration(text: str):
 
 
 def quickstart(args) -> None:
-    from .quickstart import run_quickstart
+    from .quickstart import run_quickstart, serve_commands
 
     report = run_quickstart(Path(args.out), max_time=_duration(args.max_time))
     print(f"report: {report}")
+    print("serve the models (then open http://127.0.0.1:8000):")
+    for command in serve_commands(Path(args.out)):
+        print(f"  {command}")
 
 
 def tokenizer_train(args) -> None:
@@ -198,6 +201,14 @@ def chat(args) -> None:
         messages.append({"role": "assistant", "content": reply.strip()})
 
 
+def model_id(checkpoint_dir: Path) -> str:
+    """A checkpoint's name as a server calls it: its folder's, or its run's for a run's `final`."""
+    if checkpoint_dir.name == "final" or checkpoint_dir.name.startswith("step-"):
+        run = checkpoint_dir.parent.name
+        return run if checkpoint_dir.name == "final" else f"{run}-{checkpoint_dir.name}"
+    return checkpoint_dir.name
+
+
 def serve(args) -> None:
     try:
         import uvicorn
@@ -224,7 +235,7 @@ def serve(args) -> None:
         attach_adapter_checkpoint(checkpoint.model, checkpoint.path, path, name)
         adapters.append(name)
     checkpoint.model.to(runtime.device)
-    base = args.model_name or checkpoint.path.name
+    base = args.model_name or model_id(checkpoint.path)
     if base in adapters:
         raise OrchardError(f"--adapter {base}: the base model is already called {base!r} (see --model-name)")
     engine = Engine(checkpoint.model, checkpoint.tokenizer, args.max_batch_size, args.max_queue, args.max_model_len,

@@ -183,7 +183,17 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
             except OrchardError as error:  # the gguf package is optional
                 rows.append([f"GGUF {dtype} (llama.cpp)", f"skipped: {error}", ""])
         report.table(["format", "path", "weights"], rows)
+
+        report.heading("Serving")
+        report.text("An OpenAI-compatible server with a chat page at http://127.0.0.1:8000 (see the README's "
+                    "Serving section):\n\n```bash\n" + "\n".join(serve_commands(out)) + "\n```")
         return report.write()
+
+
+def serve_commands(out: Path) -> list[str]:
+    """`orchard serve` for the quickstart's models: the fine-tuned chat model, and the pretrained base
+    with its LoRA chat adapter side by side (the adapter is a model id of its own)."""
+    return [f"orchard serve {out / 'sft'}", f"orchard serve {out / 'pretrain'} --adapter chat-lora={out / 'lora'}"]
 
 
 ALIGNMENT_STAGES = {
