@@ -277,6 +277,40 @@ def test_a_full_queue_answers_429(chat_base):
     assert response.json()["error"]["type"] == "rate_limit_error"
 
 
+def test_engine_ends_sequences_at_their_deadline_and_drops_cancelled_ones(chat_base):
+    from orchard.serve.engine import Engine, Sampling, Sequence
+
+    checkpoint = load_checkpoint(chat_base.dir)
+    engine = Engine(checkpoint.model, checkpoint.tokenizer, max_batch_size=4, max_queue=8)
+    deltas: dict[str, list] = {"late": [], "long": [], "timed": []}
+    prompt = checkpoint.tokenizer.encode("Tom has")
+
+    def sequence(name, max_tokens, deadline=None):
+        return Sequence(prompt, Sampling(max_tokens=max_tokens, temperature=1.0, seed=0), frozenset(),
+                        deltas[name].append, deadline=deadline)
+
+    engine.start()
+    try:
+        late, long = sequence("late", 50, deadline=time.monotonic() - 1), sequence("long", 400)
+        engine.submit([late, long])
+        deadline = time.monotonic() + 20
+        while not deltas["long"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        long.cancelled = True  # its client left
+        timed = sequence("timed", 400, deadline=time.monotonic() + 0.05)
+        engine.submit([timed])
+        while engine.busy():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert [(d.text, d.finish_reason) for d in deltas["late"]] == [("", "length")]  # ended before its prompt ran
+    assert not any(d.finish_reason for d in deltas["long"]) and long.slot is None
+    assert deltas["timed"][-1].finish_reason == "length" and len(timed.tokens) < 400
+    assert sorted(engine.free_slots) == [0, 1, 2, 3] and engine.cache.lengths == [0, 0, 0, 0]
+
+
 def test_api_key_and_quantized_checkpoint(chat_base, tmp_path):
     from orchard.checkpoint.quantize import quantize_checkpoint
 
@@ -316,8 +350,25 @@ SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "images" / "chat-pag
                     reason="needs Debian's chromium and chromium-driver (make test installs them where apt can)")
 def test_chat_page_in_a_real_browser(served, tmp_path):
     """Headless Chromium opens the page, sends a message, sees the reply stream in, switches to an
-    adapter, asks again, and saves a screenshot (into docs/images with ORCHARD_UPDATE_SCREENSHOT=1,
-    the README's)."""
+    adapter, asks again, and saves a screenshot. With ORCHARD_SCREENSHOT_FROM=<a quickstart's
+    folder> it does the same on that quickstart's pretrained base and LoRA chat adapter and writes
+    the README's screenshot (docs/images/chat-page.png)."""
+    drive_chat_page(served.url, tmp_path, ["What does Tom have?", "And Ann?"])
+    quickstart = os.environ.get("ORCHARD_SCREENSHOT_FROM")
+    if quickstart:
+        server = Server(f"{quickstart}/pretrain", "--adapter", f"chat-lora={quickstart}/lora")
+        try:
+            shot = drive_chat_page(server.url, tmp_path, ["Where does Hugo Wood live?", "Where does Hugo Wood live?"],
+                                   system="You answer briefly.")
+        finally:
+            server.stop()
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        SCREENSHOT.write_bytes(shot.read_bytes())
+
+
+def drive_chat_page(url: str, tmp_path: Path, questions: list[str], system: str | None = None) -> Path:
+    """Ask the first question of the first model in the picker and the second of the second, each
+    reply checked to stream in; returns the page's screenshot."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -331,9 +382,10 @@ def test_chat_page_in_a_real_browser(served, tmp_path):
         options.add_argument(flag)
     browser = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
-        browser.get(served.url + "/")
+        browser.get(url + "/")
         wait = WebDriverWait(browser, 30)
-        wait.until(lambda b: len(Select(b.find_element(By.ID, "model")).options) == 3)
+        wait.until(lambda b: len(Select(b.find_element(By.ID, "model")).options) >= 2)
+        models = [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "model")).options]
         assert browser.title == "orchard chat"
 
         def ask(text: str) -> str:
@@ -350,25 +402,26 @@ def test_chat_page_in_a_real_browser(served, tmp_path):
             wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".assistant .text")
                        and b.find_element(By.ID, "send").is_enabled())  # the reply has ended
             growth = sorted(set(browser.execute_script("return window.replyLengths")))
-            assert len(growth) >= 3, (growth, browser.find_element(By.ID, "status").text)  # streamed in, piece by piece
+            assert len(growth) >= 3, (growth, browser.find_element(By.ID, "status").text)  # streamed, piece by piece
             return browser.execute_script(
                 "const r = document.querySelectorAll('.assistant .text'); return r[r.length - 1].textContent")
 
-        browser.find_element(By.ID, "max-tokens").clear()
-        browser.find_element(By.ID, "max-tokens").send_keys("60")
-        browser.find_element(By.ID, "temperature").clear()
-        browser.find_element(By.ID, "temperature").send_keys("0")
-        first = ask("What does Tom have?")
-        Select(browser.find_element(By.ID, "model")).select_by_value("a")
-        second = ask("And Ann?")
-        assert first and second
-        assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".message .who")] == ["you", "base", "you", "a"]
+        if system:
+            browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
+            browser.find_element(By.ID, "system").send_keys(system)
+        for field, value in (("max-tokens", "60"), ("temperature", "0")):
+            browser.find_element(By.ID, field).clear()
+            browser.find_element(By.ID, field).send_keys(value)
+        replies = [ask(questions[0])]
+        Select(browser.find_element(By.ID, "model")).select_by_value(models[1])
+        replies.append(ask(questions[1]))
+        assert all(replies)
+        assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".message .who")] == \
+            ["you", models[0], "you", models[1]]
         assert browser.find_element(By.ID, "status").get_attribute("class") != "error"
         shot = tmp_path / "chat-page.png"
         browser.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
-        if os.environ.get("ORCHARD_UPDATE_SCREENSHOT"):
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            SCREENSHOT.write_bytes(shot.read_bytes())
+        return shot
     finally:
         browser.quit()

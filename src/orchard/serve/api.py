@@ -163,20 +163,7 @@ def create_app(engine: Engine, models: ServedModels, api_key: str | None = None,
     app = FastAPI(title="orchard", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(_BodyLimit)
 
-    @app.middleware("http")
-    async def count_and_authorize(request: Request, call_next):
-        path = request.url.path
-        if api_key is not None and path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                response = error_response(401, "Incorrect API key provided", code="invalid_api_key")
-                requests_total.labels(path, "401").inc()
-                return response
-        response = await call_next(request)
-        route = path if path in ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics", "/") \
-            else "other"
-        requests_total.labels(route, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_Gate, api_key=api_key, requests_total=requests_total)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
@@ -512,6 +499,42 @@ class _EngineCollector:
                                 value=sum(n for _, n in recent) / window)
         yield GaugeMetricFamily("orchard_queue_length", "Sequences waiting for a slot", value=len(engine.waiting))
         yield GaugeMetricFamily("orchard_running_batch_size", "Sequences decoding", value=len(engine.running))
+
+
+ROUTES = frozenset({"/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics", "/"})
+
+
+class _Gate:
+    """The API key on /v1 routes, and the count of answered requests by route and status. Plain ASGI
+    rather than FastAPI's "http" middleware, which would pass every chunk of a stream through a
+    queue of its own."""
+
+    def __init__(self, app, api_key: str | None, requests_total: Counter):
+        self.app, self.api_key, self.requests_total = app, api_key, requests_total
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = path if path in ROUTES else "other"
+        if self.api_key is not None and path.startswith("/v1"):
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                self.requests_total.labels(route, "401").inc()
+                return await error_response(401, "Incorrect API key provided", code="invalid_api_key")(
+                    scope, receive, send)
+        status = 500
+
+        async def counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        finally:
+            self.requests_total.labels(route, str(status)).inc()
 
 
 class _BodyLimit:

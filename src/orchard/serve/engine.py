@@ -32,6 +32,11 @@ from ..model.generation import SamplingConfig, next_tokens, packed_linears, pack
 from ..peft.lora import adapter_routing
 
 
+PREFILL_TOKENS_PER_STEP = 512
+"""Prompt tokens run between two decoding steps: a burst of new requests joins over a few steps
+instead of stalling the running ones for all of its prompts."""
+
+
 class SlotCache:
     """Keys and values of up to `slots` sequences, each in its own slot of `capacity` positions and
     with its own length. The model hands it each layer's new keys and values (`attends`): it writes
@@ -247,14 +252,20 @@ class Engine:
                 self._finish(sequence, "length")
 
     def _admit(self) -> None:
-        """Prefill waiting sequences into free slots, one at a time, each alone."""
-        while self.free_slots:
+        """Prefill waiting sequences into free slots, one at a time, each alone, until this step's
+        PREFILL_TOKENS_PER_STEP are spent (at least one sequence a step, while there is a slot)."""
+        budget = PREFILL_TOKENS_PER_STEP
+        while self.free_slots and budget > 0:
             with self.wake:
                 if not self.waiting:
                     return
                 sequence = self.waiting.popleft()
             if sequence.cancelled:
                 continue
+            if sequence.deadline is not None and time.monotonic() > sequence.deadline:
+                sequence.on_delta(Delta("", [], finish_reason="length"))
+                continue
+            budget -= len(sequence.prompt_ids)
             sequence.slot = self.free_slots.pop(0)
             self.cache.lengths[sequence.slot] = 0
             sequence.generator = torch.Generator(device=self.model.lm_head.weight.device)
