@@ -70,6 +70,8 @@ class _Body(BaseModel):
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: dict | None = None
+    ignore_eos: bool = False
+    """vLLM's extension: decode past the end tokens, to the token budget (benchmarks of fixed lengths)."""
 
     @field_validator("stop")
     @classmethod
@@ -204,7 +206,7 @@ def create_app(engine: Engine, models: ServedModels, api_key: str | None = None,
         except OrchardError as error:
             raise ApiError(400, str(error), "messages") from None
         prompt_ids = engine.tokenizer.encode(prompt, add_bos=False)  # the template writes any BOS itself
-        end_ids = frozenset([engine.tokenizer.eos_id, *models.chat_end_ids])
+        end_ids = frozenset() if body.ignore_eos else frozenset([engine.tokenizer.eos_id, *models.chat_end_ids])
         top = (body.top_logprobs or 0) if body.logprobs else None
         if body.top_logprobs and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
@@ -221,7 +223,8 @@ def create_app(engine: Engine, models: ServedModels, api_key: str | None = None,
         encoded = [engine.tokenizer.encode(p, add_bos=getattr(engine.tokenizer, "adds_bos_by_default", False))
                    or [engine.tokenizer.bos_id if engine.tokenizer.bos_id is not None else engine.tokenizer.eos_id]
                    for p in prompts]
-        run = _Run(engine, body, encoded, adapter, frozenset([engine.tokenizer.eos_id]), body.max_tokens,
+        end_ids = frozenset() if body.ignore_eos else frozenset([engine.tokenizer.eos_id])
+        run = _Run(engine, body, encoded, adapter, end_ids, body.max_tokens,
                    body.logprobs, request_timeout, outbox, prompts if body.echo else None)
         if body.stream:
             return _sse(run.stream_completion(_include_usage(body)))
