@@ -277,6 +277,53 @@ def test_a_full_queue_answers_429(chat_base):
     assert response.json()["error"]["type"] == "rate_limit_error"
 
 
+def test_engine_gives_each_sequence_its_text_alone_with_prompts_run_together(chat_base):
+    """Without adapters every matmul has packed weights, so prompts arriving together run in one
+    pass and decoding steps run only the rows there are: still each sequence's tokens, greedy or
+    seeded, are those it gets alone (the served test above covers adapters)."""
+    from orchard.serve.engine import Engine, Sampling, Sequence
+
+    checkpoint = load_checkpoint(chat_base.dir)
+    engine = Engine(checkpoint.model, checkpoint.tokenizer, max_batch_size=16, max_queue=64)
+    assert engine.batched_prefill == torch.backends.mkl.is_available()
+    prompts = [checkpoint.tokenizer.encode("Tom " + "and Ann " * (i % 6) + f"have {i} cats.")[: 1 + 7 * i]
+               for i in range(24)]
+    finished: dict[int, list[int]] = {}
+    done = threading.Event()
+
+    def sequences(indices):
+        made = []
+        for i in indices:
+            sampling = Sampling(max_tokens=3 + 5 * (i % 7), temperature=0.0 if i % 3 else 0.9, seed=i)
+
+            def on_delta(delta, i=i):
+                if delta.finish_reason:
+                    finished[i] = list(made_by_index[i].tokens)
+                    if len(finished) == len(made_by_index):
+                        done.set()
+            made.append(Sequence(prompts[i], sampling, frozenset(), on_delta))
+        return made
+
+    engine.start()
+    try:
+        made_by_index = dict(enumerate(sequences(range(24))))
+        engine.submit(list(made_by_index.values()))
+        assert done.wait(60)
+        together = dict(finished)
+        alone = {}
+        for i in range(24):
+            finished.clear()
+            done.clear()
+            made_by_index = {i: sequences([i])[0]}
+            engine.submit(list(made_by_index.values()))
+            assert done.wait(60)
+            alone[i] = finished[i]
+    finally:
+        engine.stop()
+    assert together == alone
+    assert len({tuple(t) for t in together.values()}) > 12
+
+
 def test_engine_ends_sequences_at_their_deadline_and_drops_cancelled_ones(chat_base):
     from orchard.serve.engine import Engine, Sampling, Sequence
 

@@ -56,39 +56,45 @@ class SlotCache:
         self.lengths = [0] * slots
         self.begin([], weight.device)
 
-    def begin(self, rows: list[int | None], device: torch.device) -> None:
-        """The slots of the next forward pass's rows (real ones first, then padding: None)."""
+    def begin(self, rows: list[int | None], device: torch.device, prompts: list[int] | None = None) -> None:
+        """The slots of the next forward pass's rows (real ones first, then padding: None); for a
+        pass over prompts, each real row's prompt length (its tokens are the last of the row: the
+        prompts are left-padded to the longest)."""
         self.rows = rows
         self.real = [slot for slot in rows if slot is not None]
+        self.prompts = prompts
         self.slot_index = torch.tensor(self.real, device=device)
         self.position_index = torch.tensor([self.lengths[slot] for slot in self.real], device=device)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """(B, H, T, D) attention output of the rows' queries over their slots' keys."""
+        """(B, H, T, D) attention output of the rows' queries over their slots' keys (zero at
+        padding)."""
         T, real = q.size(2), len(self.real)
         keys, values = self.keys[layer], self.values[layer]
-        if T == 1:  # a decoding step: every row's new key and value in one write
+        gqa = keys.size(1) != q.size(1)
+        if self.prompts is None:  # a decoding step (T = 1): every row's new key and value in one write
             keys[self.slot_index, :, self.position_index] = k[:real, :, 0]
             values[self.slot_index, :, self.position_index] = v[:real, :, 0]
-        else:  # a prompt, from position 0
-            for row, slot in enumerate(self.real):
-                keys[slot, :, :T] = k[row]
-                values[slot, :, :T] = v[row]
-        queries, gqa = q.split(1), keys.size(1) != q.size(1)
-        # One row at a time, over exactly its own keys: its numbers do not depend on the other rows.
-        # A prompt (T > 1) is causal; one new token sees every key.
-        outputs = [F.scaled_dot_product_attention(queries[row], keys[slot, :, :self.lengths[slot] + T][None],
-                                                  values[slot, :, :self.lengths[slot] + T][None],
-                                                  is_causal=T > 1, enable_gqa=gqa)
-                   for row, slot in enumerate(self.real)]
+            queries = q.split(1)
+            # One row at a time, over exactly its own keys: its numbers do not depend on the other rows.
+            outputs = [F.scaled_dot_product_attention(queries[row], keys[slot, :, :self.lengths[slot] + 1][None],
+                                                      values[slot, :, :self.lengths[slot] + 1][None], enable_gqa=gqa)
+                       for row, slot in enumerate(self.real)]
+        else:  # prompts, from position 0, causal
+            outputs = []
+            for row, (slot, length) in enumerate(zip(self.real, self.prompts)):
+                keys[slot, :, :length] = k[row, :, T - length:]
+                values[slot, :, :length] = v[row, :, T - length:]
+                out = F.scaled_dot_product_attention(q[row:row + 1, :, T - length:], keys[slot, :, :length][None],
+                                                     values[slot, :, :length][None], is_causal=True, enable_gqa=gqa)
+                outputs.append(F.pad(out, (0, 0, T - length, 0)))
         if real < q.size(0):
             outputs.append(q.new_zeros(q.size(0) - real, *q.shape[1:]))
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     def advance(self, tokens: int) -> None:
-        for slot in self.rows:
-            if slot is not None:
-                self.lengths[slot] += tokens
+        for row, slot in enumerate(self.real):
+            self.lengths[slot] += tokens if self.prompts is None else self.prompts[row]
 
 
 @dataclass
@@ -156,6 +162,9 @@ class Engine:
         plain = all(type(m) is nn.Linear for m in model.modules() if "Linear" in type(m).__name__)
         packable = packs_weights(model, max_batch_size) and not torch.is_autocast_enabled("cpu")
         self.min_rows = 2 if plain and packable and not self.adapted else min(16, max_batch_size)
+        # Prompts run together only where every matmul has packed weights: a prompt alone is then
+        # computed as in company (plain sgemm's rounding would change with the rows' count).
+        self.batched_prefill = self.min_rows == 2
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free_slots = list(range(max_batch_size))
@@ -252,13 +261,14 @@ class Engine:
                 self._finish(sequence, "length")
 
     def _admit(self) -> None:
-        """Prefill waiting sequences into free slots, one at a time, each alone, until this step's
-        PREFILL_TOKENS_PER_STEP are spent (at least one sequence a step, while there is a slot)."""
-        budget = PREFILL_TOKENS_PER_STEP
+        """Prefill waiting sequences into free slots until this step's PREFILL_TOKENS_PER_STEP are
+        spent (at least one sequence a step, while there is a slot): together, in one pass, where
+        every matmul's rows are independent of their count (`batched_prefill`), else one by one."""
+        budget, group = PREFILL_TOKENS_PER_STEP, []
         while self.free_slots and budget > 0:
             with self.wake:
                 if not self.waiting:
-                    return
+                    break
                 sequence = self.waiting.popleft()
             if sequence.cancelled:
                 continue
@@ -274,12 +284,30 @@ class Engine:
             else:
                 sequence.generator.manual_seed(sequence.sampling.seed)
             self.running.append(sequence)
-            ids = torch.tensor([sequence.prompt_ids], device=self.model.lm_head.weight.device)
-            logits = self._forward(ids, [sequence])
-            self._take(sequence, logits[0])
-            sequence.first_token_at = time.monotonic()
+            group.append(sequence)
+            if not self.batched_prefill:
+                self._prefill(group)
+                group = []
+        if group:
+            self._prefill(group)
+
+    def _prefill(self, group: list[Sequence]) -> None:
+        """Run the prompts of `group`, left-padded to the longest (at least `min_rows` rows when
+        batched), and take each one's first token."""
+        device = self.model.lm_head.weight.device
+        lengths = [len(s.prompt_ids) for s in group]
+        T = max(lengths)
+        ids = torch.zeros(max(len(group), self.min_rows if self.batched_prefill else 1), T, dtype=torch.long,
+                          device=device)
+        for row, sequence in enumerate(group):
+            ids[row, T - lengths[row]:] = torch.tensor(sequence.prompt_ids, device=device)
+        logits = self._forward(ids, group, lengths)
+        now = time.monotonic()
+        for row, sequence in enumerate(group):
+            sequence.first_token_at = now
+            self._take(sequence, logits[row])
             if self.on_first_token is not None:
-                self.on_first_token(sequence.first_token_at - sequence.submitted_at)
+                self.on_first_token(now - sequence.submitted_at)
 
     def _decode_step(self) -> None:
         """One new token for every running sequence, in a batch of at least `min_rows` rows."""
@@ -293,13 +321,18 @@ class Engine:
         self.stats["steps"] += 1
 
     @torch.no_grad()
-    def _forward(self, ids: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
-        """(B, V) next-token logits of each row of `ids` (B, T); rows past `sequences` pad."""
+    def _forward(self, ids: torch.Tensor, sequences: list[Sequence], prompts: list[int] | None = None) -> torch.Tensor:
+        """(B, V) next-token logits of each row of `ids` (B, T); rows past `sequences` pad. A
+        decoding step gives each row one token; a prompt pass (`prompts`: each one's length) gives
+        each row its prompt, left-padded."""
         B, T = ids.shape
         padding = B - len(sequences)
-        self.cache.begin([s.slot for s in sequences] + [None] * padding, ids.device)
-        starts = [self.cache.lengths[s.slot] for s in sequences] + [0] * padding
-        positions = torch.tensor(starts, device=ids.device)[:, None] + torch.arange(T, device=ids.device)
+        self.cache.begin([s.slot for s in sequences] + [None] * padding, ids.device, prompts)
+        if prompts is None:
+            starts = [self.cache.lengths[s.slot] for s in sequences] + [0] * padding
+        else:  # the padding before a prompt counts from negative positions, clamped to 0
+            starts = [length - T for length in prompts] + [0] * padding
+        positions = (torch.tensor(starts, device=ids.device)[:, None] + torch.arange(T, device=ids.device)).clamp(min=0)
         routing = (adapter_routing(self.model, [s.adapter for s in sequences] + [None] * padding)
                    if self.adapted else contextlib.nullcontext())
         with routing, self.autocast():  # autocast is per thread: entered here, on the engine's
