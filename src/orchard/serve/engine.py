@@ -1,8 +1,9 @@
 """The serving engine: one thread owns the model and decodes every running sequence together
 (continuous batching).
 
-A sequence joins between two decoding steps: its prompt is run alone (prefill) into a free slot of
-the KV cache, and from the next step on it decodes with the others. It leaves when it ends (an end
+A sequence joins between two decoding steps: its prompt is run (prefill; with the others that
+arrived meanwhile, where that cannot change its numbers) into a free slot of the KV cache, and from
+the next step on it decodes with the others. It leaves when it ends (an end
 token, a stop string, its token budget), when its client goes away (`cancel`) or at its deadline;
 its slot is free at once for the next waiting sequence.
 
