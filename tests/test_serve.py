@@ -358,6 +358,35 @@ def test_engine_ends_sequences_at_their_deadline_and_drops_cancelled_ones(chat_b
     assert sorted(engine.free_slots) == [0, 1, 2, 3] and engine.cache.lengths == [0, 0, 0, 0]
 
 
+def test_a_failing_step_ends_its_sequences_and_the_engine_goes_on(chat_base, capsys):
+    from orchard.serve.engine import Engine, Sampling, Sequence
+
+    checkpoint = load_checkpoint(chat_base.dir)
+    engine = Engine(checkpoint.model, checkpoint.tokenizer, max_batch_size=4, max_queue=8)
+    decode, calls = engine._decode_step, []
+
+    def fails_once():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        decode()
+
+    engine._decode_step = fails_once
+    reasons = []
+    engine.start()
+    try:
+        for _ in range(2):
+            done = threading.Event()
+            engine.submit([Sequence([5, 6, 7], Sampling(max_tokens=5, temperature=0), frozenset(),
+                                    lambda d: (reasons.append(d.finish_reason), d.finish_reason and done.set()))])
+            assert done.wait(30)
+    finally:
+        engine.stop()
+    assert [r for r in reasons if r] == ["error", "length"] and engine.failures == 1
+    assert "RuntimeError: injected" in capsys.readouterr().err
+    assert sorted(engine.free_slots) == [0, 1, 2, 3]
+
+
 def test_api_key_and_quantized_checkpoint(chat_base, tmp_path):
     from orchard.checkpoint.quantize import quantize_checkpoint
 

@@ -494,12 +494,12 @@ class _EngineCollector:
 
     def collect(self):
         engine, now = self.engine, time.monotonic()
-        recent = [(t, n) for t, n in list(engine.recent_tokens) if now - t <= 10.0]
-        window = max(now - recent[0][0], 1.0) if recent else 1.0
+        recent = [t for t in list(engine.token_times) if now - t <= 10.0]
+        window = max(now - recent[0], 1.0) if recent else 1.0
         yield CounterMetricFamily("orchard_generated_tokens", "Tokens generated",
-                                  value=engine.stats["tokens_generated"])
+                                  value=engine.tokens_generated)
         yield GaugeMetricFamily("orchard_tokens_per_second", "Tokens generated per second over the last 10 s",
-                                value=sum(n for _, n in recent) / window)
+                                value=len(recent) / window)
         yield GaugeMetricFamily("orchard_queue_length", "Sequences waiting for a slot", value=len(engine.waiting))
         yield GaugeMetricFamily("orchard_running_batch_size", "Sequences decoding", value=len(engine.running))
 

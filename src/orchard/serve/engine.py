@@ -141,7 +141,7 @@ class Sequence:
 
 
 class QueueFull(Exception):
-    pass
+    """`submit` found no room in the queue for the sequences (the server answers 429)."""
 
 
 class Engine:
@@ -161,7 +161,8 @@ class Engine:
         # the count: 2 when every matmul is a plain fp32 linear layer with MKL's packed weights
         # (`packed_linears(any_rows=True)`), else 16 (plain sgemm; adapters, quantized layers).
         plain = all(type(m) is nn.Linear for m in model.modules() if "Linear" in type(m).__name__)
-        packable = packs_weights(model, max_batch_size) and not torch.is_autocast_enabled("cpu")
+        with autocast():  # as the forward passes will run (no packing under bf16 autocast)
+            packable = packs_weights(model, max_batch_size)
         self.min_rows = 2 if plain and packable and not self.adapted else min(16, max_batch_size)
         # Prompts run together only where every matmul has packed weights: a prompt alone is then
         # computed as in company (plain sgemm's rounding would change with the rows' count).
@@ -174,9 +175,9 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.alive = False
         """True while the engine's loop runs (`start` or `run`)."""
-        self.stats = dict(tokens_generated=0, steps=0, busy_seconds=0.0)
-        self.recent_tokens: deque[tuple[float, int]] = deque(maxlen=4096)
-        """(time, tokens) of each step and prefill: tokens/s over a recent window (metrics)."""
+        self.tokens_generated = 0
+        self.token_times: deque[float] = deque(maxlen=16384)
+        """When each of the latest tokens was generated: tokens/s over a recent window (metrics)."""
         self.after_step: Callable[[], None] | None = None
         """Called on the engine's thread after each step, once its sequences have had their deltas
         (the server wakes its event loop once per step, not once per token)."""
@@ -237,7 +238,6 @@ class Engine:
                     self.wake.wait()
                 if self.stopping:
                     return
-            started = time.monotonic()
             try:
                 self._drop_finished()
                 self._admit()
@@ -251,7 +251,6 @@ class Engine:
                     sequence.on_delta(Delta("", [], finish_reason="error"))
             if self.after_step is not None:
                 self.after_step()
-            self.stats["busy_seconds"] += time.monotonic() - started
 
     def _drop_finished(self) -> None:
         now = time.monotonic()
@@ -319,7 +318,6 @@ class Engine:
         logits = self._forward(tokens, rows)
         for row, sequence in enumerate(rows):
             self._take(sequence, logits[row])
-        self.stats["steps"] += 1
 
     @torch.no_grad()
     def _forward(self, ids: torch.Tensor, sequences: list[Sequence], prompts: list[int] | None = None) -> torch.Tensor:
@@ -349,8 +347,8 @@ class Engine:
             config = SamplingConfig(temperature=sampling.temperature, top_p=sampling.top_p)
             token = int(next_tokens(logits[None], config, sequence.generator)[0])
         logprobs = [] if sampling.top_logprobs is None else [self._logprobs(logits, token, sampling.top_logprobs)]
-        self.stats["tokens_generated"] += 1
-        self.recent_tokens.append((time.monotonic(), 1))
+        self.tokens_generated += 1
+        self.token_times.append(time.monotonic())
         if token in sequence.end_ids:
             self._finish(sequence, "stop", logprobs)
             return
