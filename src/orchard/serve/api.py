@@ -200,7 +200,7 @@ def create_app(engine: Engine, models: ServedModels, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request):
         adapter = models.adapter_of(body.model)
-        messages = [_template_message(m, i) for i, m in enumerate(body.messages)]
+        messages = [_template_message(m) for m in body.messages]
         try:
             prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=body.tools)
         except OrchardError as error:
@@ -250,7 +250,8 @@ def create_app(engine: Engine, models: ServedModels, api_key: str | None = None,
     return app
 
 
-def _template_message(message: Message, index: int) -> dict:
+def _template_message(message: Message) -> dict:
+    """A message as chat templates take it: text parts joined, extra keys (tool_calls, ...) kept."""
     content = message.content
     if isinstance(content, list):
         content = "".join(part.text for part in content)

@@ -59,8 +59,7 @@ class SlotCache:
 
     def begin(self, rows: list[int | None], device: torch.device, prompts: list[int] | None = None) -> None:
         """The slots of the next forward pass's rows (real ones first, then padding: None); for a
-        pass over prompts, each real row's prompt length (its tokens are the last of the row: the
-        prompts are left-padded to the longest)."""
+        pass over prompts, the slot and length of each prompt, laid end to end in one row."""
         self.rows = rows
         self.real = [slot for slot in rows if slot is not None]
         self.prompts = prompts
@@ -68,7 +67,7 @@ class SlotCache:
         self.position_index = torch.tensor([self.lengths[slot] for slot in self.real], device=device)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """(B, H, T, D) attention output of the rows' queries over their slots' keys (zero at
+        """(B, H, T, D) attention output of the queries over their own slot's keys (zero at
         padding)."""
         T, real = q.size(2), len(self.real)
         keys, values = self.keys[layer], self.values[layer]
@@ -81,14 +80,18 @@ class SlotCache:
             outputs = [F.scaled_dot_product_attention(queries[row], keys[slot, :, :self.lengths[slot] + 1][None],
                                                       values[slot, :, :self.lengths[slot] + 1][None], enable_gqa=gqa)
                        for row, slot in enumerate(self.real)]
-        else:  # prompts, from position 0, causal
-            outputs = []
-            for row, (slot, length) in enumerate(zip(self.real, self.prompts)):
-                keys[slot, :, :length] = k[row, :, T - length:]
-                values[slot, :, :length] = v[row, :, T - length:]
-                out = F.scaled_dot_product_attention(q[row:row + 1, :, T - length:], keys[slot, :, :length][None],
-                                                     values[slot, :, :length][None], is_causal=True, enable_gqa=gqa)
-                outputs.append(F.pad(out, (0, 0, T - length, 0)))
+        else:  # prompts laid end to end in one row, each from position 0, causal
+            outputs, start = [], 0
+            for slot, length in zip(self.real, self.prompts):
+                keys[slot, :, :length] = k[0, :, start:start + length]
+                values[slot, :, :length] = v[0, :, start:start + length]
+                outputs.append(F.scaled_dot_product_attention(
+                    q[:, :, start:start + length], keys[slot, :, :length][None], values[slot, :, :length][None],
+                    is_causal=True, enable_gqa=gqa))
+                start += length
+            if start < T:  # padding after the prompts
+                outputs.append(q.new_zeros(1, q.size(1), T - start, q.size(3)))
+            return torch.cat(outputs, dim=2)
         if real < q.size(0):
             outputs.append(q.new_zeros(q.size(0) - real, *q.shape[1:]))
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
@@ -291,17 +294,24 @@ class Engine:
         if group:
             self._prefill(group)
 
+    @torch.no_grad()
     def _prefill(self, group: list[Sequence]) -> None:
-        """Run the prompts of `group`, left-padded to the longest (at least `min_rows` rows when
-        batched), and take each one's first token."""
+        """Run the prompts of `group` laid end to end in one row (no padding between them to compute;
+        at least `min_rows` tokens and output rows when batched), and take each one's first token."""
         device = self.model.lm_head.weight.device
         lengths = [len(s.prompt_ids) for s in group]
-        T = max(lengths)
-        ids = torch.zeros(max(len(group), self.min_rows if self.batched_prefill else 1), T, dtype=torch.long,
-                          device=device)
-        for row, sequence in enumerate(group):
-            ids[row, T - lengths[row]:] = torch.tensor(sequence.prompt_ids, device=device)
-        logits = self._forward(ids, group, lengths)
+        minimum = self.min_rows if self.batched_prefill else 1
+        ids = [token for s in group for token in s.prompt_ids]
+        ids = torch.tensor([ids + [0] * (minimum - len(ids))], device=device)
+        positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+        positions = torch.cat([positions, positions.new_zeros(ids.size(1) - len(positions))])[None]
+        ends = torch.tensor(lengths, device=device).cumsum(0) - 1
+        ends = torch.cat([ends, ends.new_zeros(max(0, minimum - len(ends)))])  # padding rows of the head
+        self.cache.begin([s.slot for s in group], device, lengths)
+        with self._routing(group), self.autocast():
+            hidden = self.model(ids, position_ids=positions, cache=self.cache, compute_logits=False,
+                                output_hidden_states=True).hidden_states[-1][0]
+            logits = self.model.lm_head(hidden[ends]).float()
         now = time.monotonic()
         for row, sequence in enumerate(group):
             sequence.first_token_at = now
@@ -320,23 +330,22 @@ class Engine:
             self._take(sequence, logits[row])
 
     @torch.no_grad()
-    def _forward(self, ids: torch.Tensor, sequences: list[Sequence], prompts: list[int] | None = None) -> torch.Tensor:
-        """(B, V) next-token logits of each row of `ids` (B, T); rows past `sequences` pad. A
-        decoding step gives each row one token; a prompt pass (`prompts`: each one's length) gives
-        each row its prompt, left-padded."""
-        B, T = ids.shape
-        padding = B - len(sequences)
-        self.cache.begin([s.slot for s in sequences] + [None] * padding, ids.device, prompts)
-        if prompts is None:
-            starts = [self.cache.lengths[s.slot] for s in sequences] + [0] * padding
-        else:  # the padding before a prompt counts from negative positions, clamped to 0
-            starts = [length - T for length in prompts] + [0] * padding
-        positions = (torch.tensor(starts, device=ids.device)[:, None] + torch.arange(T, device=ids.device)).clamp(min=0)
-        routing = (adapter_routing(self.model, [s.adapter for s in sequences] + [None] * padding)
-                   if self.adapted else contextlib.nullcontext())
-        with routing, self.autocast():  # autocast is per thread: entered here, on the engine's
+    def _forward(self, ids: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
+        """(B, V) next-token logits after one more token per row, `ids` (B, 1); rows past
+        `sequences` pad."""
+        padding = ids.size(0) - len(sequences)
+        self.cache.begin([s.slot for s in sequences] + [None] * padding, ids.device)
+        starts = [self.cache.lengths[s.slot] for s in sequences] + [0] * padding
+        positions = torch.tensor(starts, device=ids.device)[:, None]
+        with self._routing(sequences, padding), self.autocast():  # autocast is per thread: entered here
             out = self.model(ids, position_ids=positions, cache=self.cache, logits_to_keep=1)
         return out.logits[:, -1].float()
+
+    def _routing(self, sequences: list[Sequence], padding: int = 0):
+        """Each row's adapter (none for padding rows), where the model has adapters."""
+        if not self.adapted:
+            return contextlib.nullcontext()
+        return adapter_routing(self.model, [s.adapter for s in sequences] + [None] * padding)
 
     def _take(self, sequence: Sequence, logits: torch.Tensor) -> None:
         """Choose the sequence's next token from its (V,) logits, and tell its caller."""
