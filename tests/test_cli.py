@@ -325,7 +325,7 @@ def test_quickstart_writes_a_report_with_metrics_plot_and_samples(tmp_path):
     from orchard.cli.quickstart import run_quickstart
 
     report = run_quickstart(tmp_path / "qs", max_time=2.0, sft_steps=3, eval_items=16, distill_steps=3,
-                            continual_steps=2, continual_items=4, grow_steps=2)
+                            continual_steps=2, continual_items=4, grow_steps=2, align_steps=2)
     text = report.read_text(encoding="utf-8")
     assert "validation loss before training" in text and "validation bits per byte" in text
     assert "fact recall (English)" in text and "arithmetic (Chinese)" in text

@@ -71,7 +71,7 @@ def quickstart_config(out: Path, max_time: float) -> pretrain.PretrainConfig:
 
 def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eval_items: int = 200,
                    distill_steps: int = 200, continual_steps: int = 60, continual_items: int = 50,
-                   grow_steps: int = 60) -> Path:
+                   grow_steps: int = 60, align_steps: int | None = None) -> Path:
     # Claimed as a run directory: a folder of the user's is refused, and one quickstart runs at a time.
     with open_run(out, "quickstart"):
         report = Report("orchard quickstart", out)
@@ -160,7 +160,7 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
 
         # 4. Alignment, from the full SFT model
         print("[4/9] aligning the fine-tuned model: reward model, DPO, GRPO", file=sys.stderr)
-        align(out, report, runs["full SFT"], held_out)
+        align(out, report, runs["full SFT"], held_out, align_steps, eval_items)
 
         # 5, 6. Distillation and quantization
         distill_and_quantize(out, report, result.final_dir, distill_steps)
@@ -206,18 +206,23 @@ ALIGNMENT_STAGES = {
             {"training reward accuracy": "rewards/accuracies", "held-out reward accuracy": "val_accuracy",
              "held-out likelihood accuracy": "val_likelihood_accuracy"}),
     "grpo": (grpo.run, grpo.GRPOConfig, ["train.max_steps=30", "train.lr=2e-5", "train.batch_size=4", "num_generations=8",
-                    "max_new_tokens=32", "train.eval_every=10", "train.save_every=10", "data.eval_prompts=200"],
+                    "max_new_tokens=32", "train.eval_every=10", "train.save_every=10"],
              "val_reward/exact_match", "held-out exact match (greedy)",
              {"mean reward of the sampled replies": "reward", "held-out exact match": "val_reward/exact_match"}),
 }
 
 
-def align(out: Path, report: Report, sft_dir: Path, held_out: list) -> None:
-    """The alignment stages from the SFT checkpoint, with one table row and one plot each."""
+def align(out: Path, report: Report, sft_dir: Path, held_out: list, steps: int | None = None,
+          eval_prompts: int = 200) -> None:
+    """The alignment stages from the SFT checkpoint, with one table row and one plot each; `steps`
+    replaces each stage's own number of steps (a quick run), `eval_prompts` is GRPO's held-out
+    evaluation."""
     rows, images = [], []
     for stage, (run, config_cls, overrides, metric, description, curves) in ALIGNMENT_STAGES.items():
+        quick = [f"train.max_steps={steps}", f"train.eval_every={steps}", f"train.save_every={steps}"] if steps else []
+        evaluation = [f"data.eval_prompts={eval_prompts}"] if stage == "grpo" else []
         config = load_config(config_cls, None, [f"init={sft_dir}", f"out={out / stage}", "train.log_every=1",
-                                                *overrides])
+                                                *overrides, *quick, *evaluation])
         result = run(config)
         rows_ = read_metrics(Path(config.out) / "metrics.jsonl")
         before = next((r[metric] for r in rows_ if metric in r), float("nan"))
