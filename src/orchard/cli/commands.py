@@ -225,6 +225,8 @@ def serve(args) -> None:
                         ("--max-model-len", args.max_model_len or 1)):
         if value < 1:
             raise OrchardError(f"{name} must be at least 1, got {value}")
+    if not args.request_timeout > 0:
+        raise OrchardError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout}")
     runtime = Runtime.for_inference(args.device, args.precision)
     checkpoint = load_checkpoint(args.checkpoint, device=runtime.device, dtype=runtime.inference_dtype)
     adapters = []

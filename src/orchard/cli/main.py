@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("checkpoint", help=CHECKPOINT_HELP)
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                        help="an adapter checkpoint trained on this base, served as model NAME (repeatable)")
-    serve.add_argument("--model-name", default=None, help="the base's model id (default: the checkpoint folder's name)")
+    serve.add_argument("--model-name", default=None, help="the base's model id (default: the checkpoint folder's name, or the run's for a run directory)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--api-key", default=None,
@@ -270,8 +270,8 @@ def _dispatch(args) -> int | None:
         return commands.train(args, COMMANDS[args.command])
     handler = {
         "quickstart": commands.quickstart, "tokenizer": commands.tokenizer_train,
-        "generate": commands.generate, "chat": commands.chat, "serve": commands.serve, "eval": commands.evaluate, "info": commands.info,
-        "export": commands.export, "quantize": commands.quantize, "grow": commands.grow,
+        "generate": commands.generate, "chat": commands.chat, "serve": commands.serve, "eval": commands.evaluate,
+        "info": commands.info, "export": commands.export, "quantize": commands.quantize, "grow": commands.grow,
     }[args.command]
     return handler(args)
 

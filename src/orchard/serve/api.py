@@ -277,7 +277,8 @@ class _Run:
     def __init__(self, engine: Engine, body: _Body, prompts: list[list[int]], adapter: str | None,
                  end_ids: frozenset[int], max_tokens: int | None, top_logprobs: int | None,
                  request_timeout: float | None, outbox: _Outbox, echo: list[str] | None = None):
-        self.engine, self.body, self.echo = engine, body, echo
+        self.body, self.echo = body, echo
+        self.wants_logprobs = top_logprobs is not None
         limit = engine.max_model_len
         if body.n * len(prompts) > engine.max_batch_size:
             raise ApiError(400, f"n x prompts = {body.n * len(prompts)}; this server runs at most "
@@ -379,11 +380,10 @@ class _Run:
 
     async def chat(self, request: Request) -> dict:
         texts, logprobs, reasons = await self.collect(request)
-        wanted = self.sequences[0].sampling.top_logprobs is not None
         return {"id": f"chatcmpl-{self.id}", "object": "chat.completion", "created": self.created,
                 "model": self.body.model, "system_fingerprint": None,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                             "logprobs": {"content": logprobs[i]} if wanted else None, "finish_reason": reasons[i]}
+                             "logprobs": {"content": logprobs[i]} if self.wants_logprobs else None, "finish_reason": reasons[i]}
                             for i in range(len(self.sequences))],
                 "usage": self.usage()}
 
@@ -395,12 +395,11 @@ class _Run:
                 event["usage"] = usage
             return event
 
-        wanted = self.sequences[0].sampling.top_logprobs is not None
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                      for i in range(len(self.sequences))])
         async for merged in self.updates():
             yield chunk([{"index": index, "delta": {"content": delta.text} if delta.text else {},
-                          "logprobs": {"content": delta.logprobs} if wanted else None,
+                          "logprobs": {"content": delta.logprobs} if self.wants_logprobs else None,
                           "finish_reason": delta.finish_reason} for index, delta in merged.items()])
         if include_usage:
             yield chunk([], self.usage())
@@ -423,10 +422,9 @@ class _Run:
     async def completion(self, request: Request) -> dict:
         texts, logprobs, reasons = await self.collect(request)
         texts = [self._prefix(i) + text for i, text in enumerate(texts)]
-        wanted = self.sequences[0].sampling.top_logprobs is not None
         return {"id": f"cmpl-{self.id}", "object": "text_completion", "created": self.created, "model": self.body.model,
                 "choices": [{"index": i, "text": texts[i], "finish_reason": reasons[i],
-                             "logprobs": self._completion_logprobs(logprobs[i], len(self._prefix(i))) if wanted else None}
+                             "logprobs": self._completion_logprobs(logprobs[i], len(self._prefix(i))) if self.wants_logprobs else None}
                             for i in range(len(self.sequences))],
                 "usage": self.usage()}
 
@@ -438,7 +436,6 @@ class _Run:
                 event["usage"] = usage
             return event
 
-        wanted = self.sequences[0].sampling.top_logprobs is not None
         written = [len(self._prefix(i)) for i in range(len(self.sequences))]
         if self.echo is not None:
             yield chunk([{"index": i, "text": self._prefix(i), "logprobs": None, "finish_reason": None}
@@ -446,7 +443,7 @@ class _Run:
         async for merged in self.updates():
             choices = []
             for index, delta in merged.items():
-                logprobs = self._completion_logprobs(delta.logprobs, written[index]) if wanted else None
+                logprobs = self._completion_logprobs(delta.logprobs, written[index]) if self.wants_logprobs else None
                 written[index] += len(delta.text)
                 choices.append({"index": index, "text": delta.text, "logprobs": logprobs,
                                 "finish_reason": delta.finish_reason})

@@ -43,7 +43,7 @@ class SlotCache:
     with its own length. The model hands it each layer's new keys and values (`attends`): it writes
     them at each row's length and attends that row's queries over that row's keys alone, so a row
     computes the same numbers in any batch. `begin` says which slot each row of the next forward
-    pass is (None: a padding row, whose output is zero)."""
+    pass is (rows after those pad, and their output is zero)."""
 
     attends = True
     length = 0  # the model's notion of a shared past; the engine passes positions itself
@@ -57,19 +57,18 @@ class SlotCache:
         self.lengths = [0] * slots
         self.begin([], weight.device)
 
-    def begin(self, rows: list[int | None], device: torch.device, prompts: list[int] | None = None) -> None:
-        """The slots of the next forward pass's rows (real ones first, then padding: None); for a
-        pass over prompts, the slot and length of each prompt, laid end to end in one row."""
-        self.rows = rows
-        self.real = [slot for slot in rows if slot is not None]
+    def begin(self, slots: list[int], device: torch.device, prompts: list[int] | None = None) -> None:
+        """The slots of the next forward pass's rows (any rows after them pad); for a pass over
+        prompts, the slot and length of each prompt, laid end to end in one row."""
+        self.slots = slots
         self.prompts = prompts
-        self.slot_index = torch.tensor(self.real, device=device)
-        self.position_index = torch.tensor([self.lengths[slot] for slot in self.real], device=device)
+        self.slot_index = torch.tensor(self.slots, device=device)
+        self.position_index = torch.tensor([self.lengths[slot] for slot in self.slots], device=device)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(B, H, T, D) attention output of the queries over their own slot's keys (zero at
         padding)."""
-        T, real = q.size(2), len(self.real)
+        T, real = q.size(2), len(self.slots)
         keys, values = self.keys[layer], self.values[layer]
         gqa = keys.size(1) != q.size(1)
         if self.prompts is None:  # a decoding step (T = 1): every row's new key and value in one write
@@ -79,10 +78,10 @@ class SlotCache:
             # One row at a time, over exactly its own keys: its numbers do not depend on the other rows.
             outputs = [F.scaled_dot_product_attention(queries[row], keys[slot, :, :self.lengths[slot] + 1][None],
                                                       values[slot, :, :self.lengths[slot] + 1][None], enable_gqa=gqa)
-                       for row, slot in enumerate(self.real)]
+                       for row, slot in enumerate(self.slots)]
         else:  # prompts laid end to end in one row, each from position 0, causal
             outputs, start = [], 0
-            for slot, length in zip(self.real, self.prompts):
+            for slot, length in zip(self.slots, self.prompts):
                 keys[slot, :, :length] = k[0, :, start:start + length]
                 values[slot, :, :length] = v[0, :, start:start + length]
                 outputs.append(F.scaled_dot_product_attention(
@@ -97,7 +96,7 @@ class SlotCache:
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     def advance(self, tokens: int) -> None:
-        for row, slot in enumerate(self.real):
+        for row, slot in enumerate(self.slots):
             self.lengths[slot] += tokens if self.prompts is None else self.prompts[row]
 
 
@@ -136,7 +135,6 @@ class Sequence:
     cancelled: bool = False
     """Set by the caller (its client left): the engine drops the sequence at its next step."""
     submitted_at: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
     tokens: list[int] = field(default_factory=list)
     slot: int | None = None
     emitted_chars: int = 0
@@ -163,7 +161,8 @@ class Engine:
         # `min_rows` rows (the missing ones padding), from where a row's numbers stop depending on
         # the count: 2 when every matmul is a plain fp32 linear layer with MKL's packed weights
         # (`packed_linears(any_rows=True)`), else 16 (plain sgemm; adapters, quantized layers).
-        plain = all(type(m) is nn.Linear for m in model.modules() if "Linear" in type(m).__name__)
+        plain = all(type(m) is nn.Linear and m.weight.dtype == torch.float32
+                    for m in model.modules() if "Linear" in type(m).__name__)
         with autocast():  # as the forward passes will run (no packing under bf16 autocast)
             packable = packs_weights(model, max_batch_size)
         self.min_rows = 2 if plain and packable and not self.adapted else min(16, max_batch_size)
@@ -314,7 +313,6 @@ class Engine:
             logits = self.model.lm_head(hidden[ends]).float()
         now = time.monotonic()
         for row, sequence in enumerate(group):
-            sequence.first_token_at = now
             self._take(sequence, logits[row])
             if self.on_first_token is not None:
                 self.on_first_token(now - sequence.submitted_at)
@@ -334,7 +332,7 @@ class Engine:
         """(B, V) next-token logits after one more token per row, `ids` (B, 1); rows past
         `sequences` pad."""
         padding = ids.size(0) - len(sequences)
-        self.cache.begin([s.slot for s in sequences] + [None] * padding, ids.device)
+        self.cache.begin([s.slot for s in sequences], ids.device)
         starts = [self.cache.lengths[s.slot] for s in sequences] + [0] * padding
         positions = torch.tensor(starts, device=ids.device)[:, None]
         with self._routing(sequences, padding), self.autocast():  # autocast is per thread: entered here
