@@ -256,8 +256,7 @@ CASES = [
      "chat template"),
     # --- command-line flags ----------------------------------------------------------------------
     ("eval-seq-len-zero", lambda d, b: ["eval", str(b.ckpt), "--data", str(b.corpus), "--seq-len", "0"], "--seq-len"),
-    ("eval-zero-windows", lambda d, b: ["eval", str(b.ckpt), "--data", str(b.corpus), "--max-sequences", "0"],
-     "--max-sequences"),
+    ("eval-zero-windows", lambda d, b: ["eval", str(b.ckpt), "--data", str(b.corpus), "--limit", "0"], "--limit"),
     ("eval-longer-than-positions", lambda d, b: ["eval", str(b.ckpt), "--data", str(b.corpus), "--seq-len", "999"],
      "--seq-len"),
     ("generate-bad-top-p", lambda d, b: ["generate", str(b.ckpt), "--prompt", "x", "--top-p", "2"], "--top-p"),

@@ -231,11 +231,15 @@ def test_eval_json(trained, capsys, monkeypatch):
     monkeypatch.setenv("ORCHARD_CACHE", str(trained["cache"]))
     capsys.readouterr()
     assert main(["eval", str(trained["out"]), "--data", str(trained["corpus"]), "--seq-len", "32",
-                 "--max-sequences", "8", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+                 "--limit", "8", "--json"]) == 0
+    output = json.loads(capsys.readouterr().out)
+    assert output["checkpoints"][0]["path"] == str(trained["out"] / "final")
+    assert output["checkpoints"][0]["stage"] == "pretrain"
+    bpb = output["results"]["bpb"]["run"]
+    result = bpb["metrics"]
     assert math.isfinite(result["bits_per_byte"]) and result["bits_per_byte"] > 0
     assert result["loss"] == pytest.approx(math.log(result["perplexity"]), rel=1e-6)
-    assert result["tokens"] == 8 * 32
+    assert bpb["items"] == 8 * 32  # tokens
     # A barely trained model is near-uniform over its 300 tokens, nowhere near zero loss.
     assert result["loss"] > 1.0 and result["loss"] < 2 * math.log(300)
 
@@ -244,13 +248,14 @@ def test_eval_asks_the_runtime_for_device_and_precision(trained, capsys, monkeyp
     """--device and --precision reach the model: auto is fp32 on the CPU (the default's figures are
     exact and unchanged), bf16 autocast moves the loss a little but not the token count."""
     monkeypatch.setenv("ORCHARD_CACHE", str(trained["cache"]))
-    argv = ["eval", str(trained["out"]), "--data", str(trained["corpus"]), "--seq-len", "32", "--max-sequences", "8",
+    argv = ["eval", str(trained["out"]), "--data", str(trained["corpus"]), "--seq-len", "32", "--limit", "8",
             "--json"]
     results = {}
     for flags in ([], ["--device", "cpu", "--precision", "fp32"], ["--device", "cpu", "--precision", "bf16"]):
         capsys.readouterr()
         assert main(argv + flags) == 0
-        results[" ".join(flags)] = json.loads(capsys.readouterr().out)
+        bpb = json.loads(capsys.readouterr().out)["results"]["bpb"]["run"]
+        results[" ".join(flags)] = {**bpb["metrics"], "tokens": bpb["items"]}
     fp32, explicit, bf16 = results.values()
     assert fp32 == explicit
     assert bf16["tokens"] == fp32["tokens"] and bf16["loss"] != fp32["loss"]

@@ -76,9 +76,9 @@ def test_inference_commands_use_the_gpu_in_bf16(tmp_path, corpus, capsys, monkey
     evaluations = {}
     for device in ("cpu", "cuda"):
         capsys.readouterr()
-        assert main(["eval", str(tmp_path / "run"), "--data", str(corpus), "--seq-len", "64", "--max-sequences", "16",
+        assert main(["eval", str(tmp_path / "run"), "--data", str(corpus), "--seq-len", "64", "--limit", "16",
                      "--json", "--device", device]) == 0
-        evaluations[device] = json.loads(capsys.readouterr().out)
+        evaluations[device] = json.loads(capsys.readouterr().out)["results"]["bpb"]["run"]["metrics"]
     assert evaluations["cuda"]["loss"] == pytest.approx(evaluations["cpu"]["loss"], rel=0.02)
     replies = {}
     for device in ("cpu", "cuda"):

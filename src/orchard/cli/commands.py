@@ -201,18 +201,11 @@ def chat(args) -> None:
         messages.append({"role": "assistant", "content": reply.strip()})
 
 
-def model_id(checkpoint_dir: Path) -> str:
-    """A checkpoint's name as a server calls it: its folder's, or its run's for a run's `final`."""
-    if checkpoint_dir.name == "final" or checkpoint_dir.name.startswith("step-"):
-        run = checkpoint_dir.parent.name
-        return run if checkpoint_dir.name == "final" else f"{run}-{checkpoint_dir.name}"
-    return checkpoint_dir.name
-
-
 def serve(args) -> None:
     try:
         import uvicorn
 
+        from ..lineage import checkpoint_name
         from ..serve.api import ServedModels, create_app
         from ..serve.engine import Engine
     except ImportError as error:
@@ -237,7 +230,7 @@ def serve(args) -> None:
         attach_adapter_checkpoint(checkpoint.model, checkpoint.path, path, name)
         adapters.append(name)
     checkpoint.model.to(runtime.device)
-    base = args.model_name or model_id(checkpoint.path)
+    base = args.model_name or checkpoint_name(checkpoint.path)
     if base in adapters:
         raise OrchardError(f"--adapter {base}: the base model is already called {base!r} (see --model-name)")
     engine = Engine(checkpoint.model, checkpoint.tokenizer, args.max_batch_size, args.max_queue, args.max_model_len,
@@ -269,37 +262,39 @@ def serve(args) -> None:
 
 
 def evaluate(args) -> None:
-    from ..checkpoint import load_checkpoint
-    from ..data.records import resolve_paths
-    from ..data.packing import PackedSequences
-    from ..data.tokens import build_token_cache
-    from ..evaluation.language_modeling import evaluate_language_modeling
+    from ..evaluation.compare import evaluate_checkpoints
+    from ..evaluation.subject import EvalOptions
+    from ..evaluation.tasks import BitsPerByte, parse_tasks
     from ..training.runtime import Runtime
 
-    for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size),
-                        ("--max-sequences", args.max_sequences)):
+    for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size), ("--limit", args.limit),
+                        ("--samples", args.samples), ("--max-new-tokens", args.max_new_tokens)):
         if value is not None and value <= 0:
             raise OrchardError(f"{flag}: must be positive, got {value}")
-    paths = resolve_paths(args.data, key="--data")
+    if args.shots < 0 or args.temperature < 0:
+        raise OrchardError(f"--{'shots' if args.shots < 0 else 'temperature'}: must not be negative")
+    if not args.tasks and not args.data:
+        raise OrchardError("orchard eval: name what to evaluate with --tasks (or a corpus with --data)")
+    out = Path(args.out) if args.out is not None else None
+    if out is not None and out.is_dir() and any(out.iterdir()) and not (out / "eval.json").is_file():
+        raise OrchardError(f"--out: {out} holds files that are not an evaluation's; name a new or empty directory")
+    # Tasks read and check their files before any model loads.
+    tasks = parse_tasks(args.tasks or "", text_field=args.text_field) if args.tasks else []
+    if args.data:
+        tasks.insert(0, BitsPerByte(args.data, name="bpb", text_field=args.text_field, key="--data"))
+    options = EvalOptions(limit=args.limit, batch_size=args.batch_size, shots=args.shots, samples=args.samples,
+                          temperature=args.temperature, max_new_tokens=args.max_new_tokens, seq_len=args.seq_len,
+                          seed=args.seed, judge=args.judge, reference=args.reference,
+                          chat={"auto": None, "chat": True, "base": False}[args.format])
     runtime = Runtime.for_inference(args.device, args.precision)
-    checkpoint = load_checkpoint(args.checkpoint, device=runtime.device, dtype=runtime.inference_dtype)
-    if args.seq_len > checkpoint.model.config.max_position_embeddings:
-        raise OrchardError(f"--seq-len: {args.seq_len} exceeds the model's "
-                           f"{checkpoint.model.config.max_position_embeddings} positions")
-    cache = build_token_cache(paths, checkpoint.tokenizer, args.text_field)
-    sequences = PackedSequences(cache.tokens, args.seq_len)
-    if len(sequences) == 0:
-        raise OrchardError(f"--data: {len(cache)} tokens are fewer than one window of --seq-len {args.seq_len}")
-    with runtime.autocast():
-        metrics = evaluate_language_modeling(checkpoint.model, sequences, checkpoint.tokenizer.token_byte_lengths(),
-                                             args.batch_size, args.max_sequences)
-    metrics = {"loss": metrics["val_loss"], "perplexity": metrics["val_perplexity"],
-               "bits_per_byte": metrics["val_bpb"], "tokens": int(metrics["val_tokens"])}
+    comparison = evaluate_checkpoints(args.checkpoint, tasks, options, runtime)
+    if out is not None:
+        for path in comparison.write(out):
+            print(f"wrote {path}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"checkpoint": str(checkpoint.path), **metrics}))
+        print(json.dumps(comparison.to_json(), ensure_ascii=False))
     else:
-        print(f"{checkpoint.path}: loss {metrics['loss']:.4f} nats/token, perplexity {metrics['perplexity']:.2f}, "
-              f"{metrics['bits_per_byte']:.4f} bits/byte over {metrics['tokens']:,} tokens")
+        print(comparison.markdown(), end="")
 
 
 def export(args) -> None:

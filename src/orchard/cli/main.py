@@ -134,17 +134,38 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds a request may decode before it ends with finish_reason length (default 600)")
     _add_runtime_arguments(serve)
 
-    evaluate = commands.add_parser("eval", help="loss, perplexity and bits per byte on a corpus",
-                                   description="Evaluate a checkpoint on text: loss and perplexity per token, "
-                                               "and bits per byte, which compares models with different "
-                                               "tokenizers.")
-    evaluate.add_argument("checkpoint", help=CHECKPOINT_HELP)
-    evaluate.add_argument("--data", required=True, nargs="+", help="corpus files or globs")
-    evaluate.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet records")
-    evaluate.add_argument("--seq-len", type=int, default=256, help="context length of each window (default 256)")
-    evaluate.add_argument("--max-sequences", type=int, default=None, help="evaluate at most this many windows")
-    evaluate.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
+    evaluate = commands.add_parser(
+        "eval", help="standard tasks on one or more checkpoints, side by side",
+        description="Evaluate checkpoints on tasks (local files only) and print one table with a column per "
+                    "checkpoint, its lineage at the head and deltas against the first. Tasks: bpb:PATH (bits per "
+                    "byte, perplexity), gsm8k[:PATH] (default ../shared/data/math/gsm8k_test.jsonl), mc:PATH "
+                    "(multiple choice by log-likelihood: JSONL of question, choices, answer), world (the built-in "
+                    "world's held-out items), pairs:PATH (preference accuracy), judge:PATH (win rate against "
+                    "--reference, judged by --judge). Chat models (SFT, preference or RL training in their "
+                    "lineage) answer in their chat template, base models get k-shot prompts.")
+    evaluate.add_argument("checkpoint", nargs="+", help=CHECKPOINT_HELP + "; several are compared side by side")
+    evaluate.add_argument("--tasks", help="comma-separated tasks, e.g. world,gsm8k,mc:arc.jsonl,bpb:corpus.txt")
+    evaluate.add_argument("--data", nargs="+", help="corpus files or globs: the same as a bpb task")
+    evaluate.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet records (bpb)")
+    evaluate.add_argument("--limit", type=int, default=None, help="items per task (windows for bpb; default all)")
+    evaluate.add_argument("--batch-size", type=int, default=16,
+                          help="rows per forward pass, and replies generated at once (default 16)")
+    evaluate.add_argument("--seq-len", type=int, default=256, help="bpb: tokens per window (default 256)")
+    evaluate.add_argument("--shots", type=int, default=5, help="gsm8k: worked examples for base models (default 5)")
+    evaluate.add_argument("--samples", type=int, default=1,
+                          help="gsm8k: sampled answers per question besides the greedy one; >1 adds maj@k, "
+                               "pass@k and mean@k (default 1: greedy only)")
+    evaluate.add_argument("--temperature", type=float, default=0.7, help="temperature of --samples (default 0.7)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=256,
+                          help="longest reply of gsm8k and judge (default 256)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the sampled answers (default 0)")
+    evaluate.add_argument("--judge", help="judge: the checkpoint that compares the replies")
+    evaluate.add_argument("--reference", help="judge: the checkpoint replied against; pairs: the implicit reward's "
+                                              "reference (default: each checkpoint's parent)")
+    evaluate.add_argument("--format", choices=["auto", "chat", "base"], default="auto",
+                          help="answer in the chat template or as a base model (default: from the lineage)")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
+    evaluate.add_argument("--out", help="also write eval.json, eval.md and eval.png (the chart) into this directory")
     _add_runtime_arguments(evaluate)
 
     export = commands.add_parser("export", help="write a checkpoint for other tools (transformers, llama.cpp)",

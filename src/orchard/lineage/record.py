@@ -19,6 +19,15 @@ from ..files import read_json
 FORMAT = "orchard-lineage/1"
 
 
+def checkpoint_name(checkpoint_dir: Path) -> str:
+    """A checkpoint's short name (a served model's id, an evaluation's column): its folder's, or its
+    run's for a run's `final` (`runs/quickstart/sft/final` -> `sft`)."""
+    if checkpoint_dir.name == "final" or checkpoint_dir.name.startswith("step-"):
+        run = checkpoint_dir.parent.name
+        return run if checkpoint_dir.name == "final" else f"{run}-{checkpoint_dir.name}"
+    return checkpoint_dir.name
+
+
 def parent_entry(checkpoint_dir: str | Path) -> dict:
     """How a child names its parent: the path and the hash of the parent's weights."""
     checkpoint_dir = Path(checkpoint_dir).resolve()
