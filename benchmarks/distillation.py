@@ -32,7 +32,7 @@ from orchard.config import load_config
 from orchard.data.packing import PackedSequences, split_tokens
 from orchard.data.synthetic import World
 from orchard.data.tokens import build_token_cache
-from orchard.evaluation.completion import completion_accuracy, held_out_completion_tasks
+from orchard.evaluation.completion import completion_accuracy, world_completion_tasks
 from orchard.methods import distill
 from orchard.data.text import TextDataConfig, corpus_paths
 
@@ -48,7 +48,7 @@ def exact_match(checkpoint_dir: Path) -> dict[str, float]:
     """Greedy completion exact match on the held-out split's facts (English, Chinese) and on sums."""
     checkpoint = load_checkpoint(checkpoint_dir)
     world = World()
-    tasks = held_out_completion_tasks(world, sums=200)
+    tasks = world_completion_tasks(world, sums=200)
     scores = {name.removeprefix("held-out ").replace(" (", " ").rstrip(")"): completion_accuracy(
         checkpoint.model, checkpoint.tokenizer, items).accuracy for name, items in tasks.items()}
     scores["mean"] = sum(scores.values()) / len(scores)

@@ -348,6 +348,15 @@ def test_quickstart_writes_a_report_with_metrics_plot_and_samples(tmp_path):
     difference = float(re.search(r"largest logit difference[^|]*\| ([0-9.e+-]+)", text).group(1))
     assert difference < 1e-4  # the grown model computes the parent's function
     assert "## Serving" in text and f"orchard serve {tmp_path / 'qs' / 'pretrain'} --adapter chat-lora=" in text
+    # It ends with every checkpoint on the same tasks, each column headed by its lineage.
+    final = text[text.index("## Every checkpoint, side by side"):]
+    header = final[final.index("| task |"):].splitlines()[0]
+    assert header == ("| task | metric | pretrained | SFT | LoRA | DPO | GRPO | student (distilled) | "
+                      "student (no teacher) | student int8 | student int4 | grown (6 layers) |")
+    assert "dpo from sft" in final and "quantize from distill" in final and "pretrain from grown" in final
+    comparison = json.loads((tmp_path / "qs" / "eval" / "eval.json").read_text())
+    assert len(comparison["checkpoints"]) == 10 and set(comparison["results"]) == {"held-out text", "world, held-out"}
+    assert "](eval/eval.png)" in final
 
 
 def test_inference_loads_bf16_weights_only_on_a_gpu_in_bf16():

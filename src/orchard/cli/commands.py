@@ -297,6 +297,15 @@ def evaluate(args) -> None:
         print(comparison.markdown(), end="")
 
 
+def lm_eval(args) -> int:
+    try:
+        from ..evaluation.harness import run_lm_eval_cli
+    except ImportError as error:
+        raise OrchardError(f"orchard lm-eval needs the eval extra ({error.name} is missing): "
+                           "pip install 'orchard-lm[eval]'") from None
+    return run_lm_eval_cli(args.arguments)
+
+
 def export(args) -> None:
     from ..checkpoint import inference_only_error, is_quantized_checkpoint, resolve_checkpoint
 

@@ -168,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="also write eval.json, eval.md and eval.png (the chart) into this directory")
     _add_runtime_arguments(evaluate)
 
+    harness = commands.add_parser(
+        "lm-eval", add_help=False, help="EleutherAI's lm-evaluation-harness with orchard checkpoints as --model orchard",
+        description="lm-eval's own command line (every argument goes to it) with the `orchard` model "
+                    "registered: orchard lm-eval --model orchard --model_args pretrained=CKPT,device=cpu "
+                    "--tasks TASK. Needs the eval extra.")
+    harness.add_argument("arguments", nargs=argparse.REMAINDER, help="lm-eval's arguments (see orchard lm-eval --help)")
+
     export = commands.add_parser("export", help="write a checkpoint for other tools (transformers, llama.cpp)",
                                  description="Export a checkpoint as a Hugging Face directory that "
                                              "transformers loads with no custom code, or as a GGUF file for "
@@ -292,6 +299,7 @@ def _dispatch(args) -> int | None:
     handler = {
         "quickstart": commands.quickstart, "tokenizer": commands.tokenizer_train,
         "generate": commands.generate, "chat": commands.chat, "serve": commands.serve, "eval": commands.evaluate,
+        "lm-eval": commands.lm_eval,
         "info": commands.info, "export": commands.export, "quantize": commands.quantize, "grow": commands.grow,
     }[args.command]
     return handler(args)

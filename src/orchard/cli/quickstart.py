@@ -34,8 +34,10 @@ from ..checkpoint import load_checkpoint, read_record
 from ..config import Duration, load_config
 from ..data.synthetic import World, exact_match_items
 from ..errors import OrchardError
-from ..evaluation.completion import (arithmetic_items, chat_exact_match, completion_accuracy,
-                                    fact_completion_items, held_out_completion_tasks)
+from ..evaluation.compare import evaluate_checkpoints
+from ..evaluation.completion import arithmetic_items, chat_exact_match, completion_accuracy, fact_completion_items
+from ..evaluation.subject import EvalOptions
+from ..evaluation.tasks import BitsPerByte, WorldTask
 from ..evaluation import transfer_matrix as continual_metrics
 from ..evaluation.report import Report, plot_loss_curves, plot_metrics, read_metrics
 from ..checkpoint.grow import grow_checkpoint
@@ -45,14 +47,16 @@ from ..lineage import ancestry
 from ..data.packing import PackedSequences, split_tokens
 from ..data.text import TextDataConfig, corpus_paths
 from ..data.tokens import build_token_cache
-from ..evaluation.language_modeling import evaluate_language_modeling
 from ..methods import continual, distill, dpo, grpo, pretrain, reward, sft
 from ..checkpoint.quantize import quantize_checkpoint
 from ..model import ModelConfig
 from ..model.generation import SamplingConfig, generate_text
 from ..training import TrainConfig
 from ..training.run_directory import open_run
+from ..training.runtime import Runtime
 
+CPU = Runtime.for_inference("cpu")
+"""Where the quickstart evaluates: fp32 on the CPU, so its figures are exact and comparable between machines."""
 SAMPLE_PROMPTS = ["Tom Snow woke up early in", "Hugo Wood lives in", "37 + 45 =", "汤姆·斯诺住在", "一天早上，"]
 
 
@@ -79,13 +83,13 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
                     "(stories, facts about generated people, arithmetic in English and Chinese).")
 
         # 1. Pretraining
-        print("[1/9] pretraining on the built-in world", file=sys.stderr)
+        print("[1/10] pretraining on the built-in world", file=sys.stderr)
         config = quickstart_config(out, max_time)
         result = pretrain.run(config)
         metrics = result.state.metrics
 
         # 2. Evaluation and samples
-        print("[2/9] evaluating and sampling", file=sys.stderr)
+        print("[2/10] evaluating and sampling", file=sys.stderr)
         checkpoint = load_checkpoint(result.final_dir)
         world = World()
         tasks = {
@@ -129,8 +133,7 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
                     f"\"Tom Snow\"`, `orchard chat {result.final_dir}`, `orchard info {result.final_dir}`).")
 
         # 3. Fine-tuning: full SFT and LoRA from the same pretrained checkpoint
-        print("[3/9] fine-tuning on instruction conversations (full, then LoRA)", file=sys.stderr)
-        seen = exact_match_items(world, "train")[:eval_items]
+        print("[3/10] fine-tuning on instruction conversations (full, then LoRA)", file=sys.stderr)
         held_out = exact_match_items(world, "held_out")[:eval_items]
         runs = {"pretrained (no fine-tuning)": result.final_dir}
         for label, overrides in [("full SFT", ["train.lr=1e-3"]),
@@ -142,14 +145,13 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
                 "train.batch_size=16",
                 "train.eval_every=50", "train.save_every=50", *overrides])
             runs[label] = sft.run(sft_config).final_dir
+        questions = [WorldTask("train", "trained questions"), WorldTask("held_out", "held-out questions")]
+        tuned = evaluate_checkpoints(runs, questions, EvalOptions(limit=eval_items, batch_size=32, chat=True), CPU)
         rows = []
-        for label, run_dir in runs.items():
-            tuned = load_checkpoint(run_dir)
-            trainable = read_record(run_dir).get("parameters", {}).get("trainable")
-            total = tuned.model.num_parameters()
-            scores = [chat_exact_match(tuned.model, tuned.tokenizer, items).accuracy for items in (seen, held_out)]
-            rows.append([label, *(f"{a:.1%}" for a in scores),
-                         f"{trainable:,} ({trainable / total:.2%})" if trainable else "-", str(run_dir)])
+        for column, seen_result, held_result in zip(tuned.columns, *tuned.results.values()):
+            trainable = read_record(column.path).get("parameters", {}).get("trainable")
+            rows.append([column.name, *(f"{r.metrics['exact_match']:.1%}" for r in (seen_result, held_result)),
+                         f"{trainable:,} ({trainable / column.parameters:.2%})" if trainable else "-", str(column.path)])
         report.heading("Fine-tuning")
         report.text(f"Questions about the world's facts and arithmetic word problems ({len(held_out)} of each kind of "
                     "split, English and Chinese), answered in the chat format; greedy replies, exact match on the "
@@ -159,7 +161,7 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
                       "trained parameters", "checkpoint"], rows)
 
         # 4. Alignment, from the full SFT model
-        print("[4/9] aligning the fine-tuned model: reward model, DPO, GRPO", file=sys.stderr)
+        print("[4/10] aligning the fine-tuned model: reward model, DPO, GRPO", file=sys.stderr)
         align(out, report, runs["full SFT"], held_out, align_steps, eval_items)
 
         # 5, 6. Distillation and quantization
@@ -172,7 +174,7 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
         grow_and_train(out, report, config, result.final_dir, grow_steps)
 
         # 9. Export for other tools
-        print("[9/9] exporting for transformers and llama.cpp", file=sys.stderr)
+        print("[9/10] exporting for transformers and llama.cpp", file=sys.stderr)
         report.heading("Export")
         rows = [["Hugging Face directory", str(export_hf(result.final_dir, out / "export" / "hf")),
                  _size(out / "export" / "hf" / "model.safetensors")]]
@@ -187,7 +189,42 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
         report.heading("Serving")
         report.text("An OpenAI-compatible server with a chat page at http://127.0.0.1:8000 (see the README's "
                     "Serving section):\n\n```bash\n" + "\n".join(serve_commands(out)) + "\n```")
+
+        # 10. Every checkpoint on the same tasks
+        compare_everything(out, report, config, eval_items)
         return report.write()
+
+
+def family_checkpoints(out: Path) -> dict[str, Path]:
+    """Every model the quickstart made, in the order it made them (the reward model and the
+    continual-learning runs are left out: a score head's text metrics mean little, and the continual
+    runs have their own matrices)."""
+    distilled = out / "distill" / "final"
+    return {"pretrained": out / "pretrain" / "final", "SFT": out / "sft" / "final", "LoRA": out / "lora" / "final",
+            "DPO": out / "dpo" / "final", "GRPO": out / "grpo" / "final", "student (distilled)": distilled,
+            "student (no teacher)": out / "student-no-teacher" / "final",
+            "student int8": distilled.parent / "final-int8", "student int4": distilled.parent / "final-int4",
+            "grown (6 layers)": out / "grow" / "train" / "final"}
+
+
+def compare_everything(out: Path, report: Report, pretrain_config: pretrain.PretrainConfig, eval_items: int) -> None:
+    """One table of every checkpoint on the same tasks (`orchard eval`'s comparison), and its chart."""
+    print("[10/10] every checkpoint on the same tasks", file=sys.stderr)
+    data = pretrain_config.data
+    tasks = [BitsPerByte(windows=lambda tokenizer: validation_windows(data, tokenizer), name="held-out text",
+                         max_windows=320),
+             WorldTask("held_out", "world, held-out")]
+    comparison = evaluate_checkpoints(family_checkpoints(out), tasks, EvalOptions(limit=eval_items, batch_size=32), CPU)
+    comparison.write(out / "eval")
+    report.heading("Every checkpoint, side by side")
+    report.text("`orchard eval` on every model the pipeline made: bits per byte on the pretraining corpus's "
+                "held-out windows, and greedy exact match on the world's held-out items. Chat models (SFT and after) "
+                "answer the held-out questions in their template; base models complete the held-out facts and "
+                "sums, so read each row within its kind. Each column is headed by its lineage; the brackets give "
+                "the difference from the pretrained model. The same with your own checkpoints and tasks:\n\n"
+                f"```bash\norchard eval {out / 'pretrain'} {out / 'sft'} --tasks world,gsm8k --limit 200\n```")
+    report.text(comparison.markdown())
+    report.image(out / "eval" / "eval.png", "headline metric of every checkpoint")
 
 
 def serve_commands(out: Path) -> list[str]:
@@ -260,7 +297,7 @@ the pretraining corpus, so the offline cache stays small (16 log-probabilities p
 
 def distill_and_quantize(out: Path, report: Report, teacher_dir: Path, steps: int) -> None:
     """A quarter-size student with and without the teacher on the same tokens, then quantized."""
-    print("[5/9] distilling the pretrained model into a quarter-size student", file=sys.stderr)
+    print("[5/10] distilling the pretrained model into a quarter-size student", file=sys.stderr)
     teacher = load_checkpoint(teacher_dir)
     student_file = distill.write_student_config(distill.quarter_width_config(teacher.model.config),
                                                 out / "student.yaml")
@@ -272,27 +309,23 @@ def distill_and_quantize(out: Path, report: Report, teacher_dir: Path, steps: in
                                                            *DISTILL_SETTINGS, *settings])
         students[label] = distill.run(config).final_dir
 
-    print("[6/9] quantizing the distilled student (int8, int4)", file=sys.stderr)
+    print("[6/10] quantizing the distilled student (int8, int4)", file=sys.stderr)
     models = {"teacher (the pretrained model)": teacher_dir, **students}
     kd_dir = students["student, distilled (forward KL, alpha 0.5)"]
     for bits, label in ((8, "distilled student, int8 weights"), (4, "distilled student, int4 weights (groups of 32)")):
         models[label] = quantize_checkpoint(kd_dir, kd_dir.parent / f"final-int{bits}", bits,
                                             32 if bits == 4 else None).path
 
-    world = World()
-    tasks = held_out_completion_tasks(world)
     data = TextDataConfig(seq_len=128, synthetic_documents=20000, val_fraction=0.05)
-    val = validation_windows(data, teacher.tokenizer)
+    held_out = BitsPerByte(windows=lambda tokenizer: validation_windows(data, tokenizer), name="held-out text",
+                           max_windows=320)
+    compared = evaluate_checkpoints(models, [held_out, WorldTask()], EvalOptions(batch_size=32), CPU)
+    kinds = ["exact_match (facts, en)", "exact_match (facts, zh)", "exact_match (sums)"]
     rows = []
-    for label, path in models.items():
-        checkpoint = load_checkpoint(path)
-        lm = evaluate_language_modeling(checkpoint.model, val, checkpoint.tokenizer.token_byte_lengths(), 32,
-                                        max_sequences=320)
-        scores = [completion_accuracy(checkpoint.model, checkpoint.tokenizer, items).accuracy
-                  for items in tasks.values()]
-        config = checkpoint.model.config
-        rows.append([label, f"{config.num_parameters(False):,}", f"{lm['val_bpb']:.4f}",
-                     *(f"{score:.1%}" for score in scores), _size(Path(path) / "model.safetensors")])
+    for column, text, world in zip(compared.columns, *compared.results.values()):
+        config = load_checkpoint(column.path).model.config
+        rows.append([column.name, f"{config.num_parameters(False):,}", f"{text.metrics['bits_per_byte']:.4f}",
+                     *(f"{world.metrics[kind]:.1%}" for kind in kinds), _size(column.path / "model.safetensors")])
     report.heading("Distillation and quantization")
     kd_record = read_record(kd_dir)
     cache = kd_record["data"]["teacher_cache"]
@@ -303,7 +336,8 @@ def distill_and_quantize(out: Path, report: Report, teacher_dir: Path, steps: in
                 f"{cache['bytes_per_token']:.0f} bytes per token) and read back from "
                 f"`{cache['path']}` by every later student. Greedy exact match on completions of the "
                 f"held-out split's facts and on sums; bits per byte on the held-out windows.")
-    report.table(["model", "non-embedding parameters", "held-out bits per byte", *tasks, "weights on disk"], rows)
+    report.table(["model", "non-embedding parameters", "held-out bits per byte", "held-out facts (en)",
+                  "held-out facts (zh)", "sums", "weights on disk"], rows)
     curves = plot_metrics(out / "distill" / "metrics.jsonl", out / "distill_curves.png",
                           "distilled student", {"divergence from the teacher (training)": "kd_loss",
                                                 "held-out forward KL": "val_forward_kl"}, "nats per token")
@@ -317,7 +351,7 @@ CONTINUAL_STRATEGIES = {"naive sequential fine-tuning": ["strategy=naive"],
 
 def keep_learning(out: Path, report: Report, sft_dir: Path, steps: int, items: int) -> None:
     """The three-task stream with and without replay: what naive fine-tuning forgets, and what replay keeps."""
-    print("[7/9] continual learning: three tasks in a row, naive and with replay", file=sys.stderr)
+    print("[7/10] continual learning: three tasks in a row, naive and with replay", file=sys.stderr)
     report.heading("Continual learning")
     report.text(f"The full SFT model learns three tasks in a row ({steps} steps on 100 items each): word problems "
                 "(answers it has to memorise), then English facts, then Chinese facts. After each task every task "
@@ -346,7 +380,7 @@ def keep_learning(out: Path, report: Report, sft_dir: Path, steps: int, items: i
 def grow_and_train(out: Path, report: Report, pretrain_config: pretrain.PretrainConfig, parent: Path,
                    steps: int) -> None:
     """4 -> 6 layers by identity blocks (LLaMA Pro), the same function, then only the new blocks train."""
-    print("[8/9] growing the pretrained model from 4 to 6 layers and training the new blocks", file=sys.stderr)
+    print("[8/10] growing the pretrained model from 4 to 6 layers and training the new blocks", file=sys.stderr)
     grown_dir = out / "grow" / "grown"
     grown = grow_checkpoint(parent, grown_dir, layers=6)
     source, target = load_checkpoint(parent), load_checkpoint(grown_dir)

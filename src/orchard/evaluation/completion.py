@@ -75,9 +75,10 @@ def arithmetic_items(lang: str, limit: int, seed: int = 0) -> list[tuple[str, st
     return [arithmetic_problem(rng, lang) for _ in range(limit)]
 
 
-def held_out_completion_tasks(world: World, sums: int = 100) -> dict[str, list[tuple[str, str]]]:
-    """What a base model's held-out exact match is measured on: completions of the held-out split's
-    facts in English and in Chinese, and `sums` arithmetic problems, half in each language."""
-    return {"held-out facts (en)": fact_completion_items(world, "en", split="held_out"),
-            "held-out facts (zh)": fact_completion_items(world, "zh", split="held_out"),
+def world_completion_tasks(world: World, split: str = "held_out", sums: int = 100) -> dict[str, list[tuple[str, str]]]:
+    """What a base model's exact match on the world is measured on: completions of `split`'s facts
+    ("train" or "held_out") in English and in Chinese, and `sums` arithmetic problems, half in each
+    language."""
+    return {"facts, en": fact_completion_items(world, "en", split=split),
+            "facts, zh": fact_completion_items(world, "zh", split=split),
             "sums": arithmetic_items("en", sums // 2) + arithmetic_items("zh", sums - sums // 2)}

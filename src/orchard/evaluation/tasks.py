@@ -31,7 +31,7 @@ from ..data.tokens import build_token_cache
 from ..errors import OrchardError
 from ..rewards.functions import final_number
 from ..serve.engine import Sampling
-from .completion import held_out_completion_tasks, is_correct
+from .completion import is_correct, world_completion_tasks
 from .language_modeling import evaluate_language_modeling
 from .preference_tasks import JudgeWinRate, PreferencePairs
 from .scoring import continuation_log_likelihoods
@@ -42,11 +42,12 @@ DEFAULT_GSM8K = Path("../shared/data/math/gsm8k_test.jsonl")
 
 class BitsPerByte:
     """Bits per byte over windows of `seq_len` tokens of a corpus (`paths`), or of the windows
-    `windows(tokenizer)` makes (the quickstart's validation split)."""
+    `windows(tokenizer)` makes (the quickstart's validation split); at most `max_windows` of them
+    (else `options.limit`)."""
 
     def __init__(self, paths=None, windows: Callable[[object], PackedSequences] | None = None, name: str = "bpb",
-                 text_field: str = "text", key: str | None = None):
-        self.name, self.windows, self.text_field = name, windows, text_field
+                 text_field: str = "text", key: str | None = None, max_windows: int | None = None):
+        self.name, self.windows, self.text_field, self.max_windows = name, windows, text_field, max_windows
         self.paths = resolve_paths(paths, key=key or f"--tasks {name}") if paths is not None else None
 
     def run(self, subject: Subject, options: EvalOptions) -> TaskResult:
@@ -63,7 +64,7 @@ class BitsPerByte:
                                    f"--seq-len {options.seq_len}")
         with subject.autocast():
             lm = evaluate_language_modeling(subject.model, sequences, subject.tokenizer.token_byte_lengths(),
-                                            options.batch_size, options.limit)
+                                            options.batch_size, self.max_windows or options.limit)
         metrics = {"bits_per_byte": lm["val_bpb"], "perplexity": lm["val_perplexity"], "loss": lm["val_loss"]}
         return TaskResult(metrics, "bits_per_byte", int(lm["val_tokens"]))
 
@@ -191,7 +192,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     """Context and continuation ids as lm-eval splits them: spaces at the context's end move to the
     continuation, the whole is encoded at once and the continuation is what follows the context's
     own encoding (a token may span the boundary otherwise)."""
-    spaces = len(context) - len(context.rstrip(" "))
+    spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     add_bos = tokenizer.adds_bos_by_default
@@ -201,34 +202,38 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 class WorldTask:
-    """The built-in world's held-out items: chat models answer its held-out questions in their
-    template, base models complete held-out facts (English, Chinese) and sums; greedy exact match."""
-    name = "world"
+    """The built-in world's items of one split ("held_out": about facts no fine-tuning data mentions;
+    "train"): chat models answer its questions in their template, base models complete its facts
+    (English, Chinese) and sums; greedy exact match, overall and by kind."""
+
+    def __init__(self, split: str = "held_out", name: str = "world"):
+        self.split, self.name = split, name
 
     def run(self, subject: Subject, options: EvalOptions) -> TaskResult:
         world = _world()
         if subject.chat:
-            items = exact_match_items(world, "held_out")[:options.limit]
+            items = exact_match_items(world, self.split)[:options.limit]
             english = {i for i, (messages, _) in enumerate(items) if messages[-1]["content"].isascii()}
-            groups = {"exact_match (questions, en)": sorted(english),
-                      "exact_match (questions, zh)": [i for i in range(len(items)) if i not in english]}
+            groups = {"questions, en": sorted(english),
+                      "questions, zh": [i for i in range(len(items)) if i not in english]}
             prompts = [subject.chat_prompt(messages) for messages, _ in items]
             answers, matches, max_tokens = [a for _, a in items], answer_matches, 40
         else:
-            tasks = {name: pairs[:options.limit] for name, pairs in held_out_completion_tasks(world).items()}
-            items = [pair for pairs in tasks.values() for pair in pairs]
+            kinds = {kind: pairs[:options.limit] for kind, pairs in world_completion_tasks(world, self.split).items()}
+            items = [pair for pairs in kinds.values() for pair in pairs]
             groups, start = {}, 0
-            for name, pairs in tasks.items():  # "held-out facts (en)" -> "exact_match (facts, en)"
-                groups[f"exact_match ({name.replace('held-out facts (', 'facts, ').rstrip(')')})"] = \
-                    list(range(start, start + len(pairs)))
+            for kind, pairs in kinds.items():
+                groups[kind] = list(range(start, start + len(pairs)))
                 start += len(pairs)
             add_bos = subject.tokenizer.adds_bos_by_default
             prompts = [subject.tokenizer.encode(prompt, add_bos=add_bos) for prompt, _ in items]
             answers, matches, max_tokens = [a for _, a in items], is_correct, 12
-        replies = subject.replies(prompts, [Sampling(max_tokens, temperature=0.0) for _ in prompts], options, "world")
+        replies = subject.replies(prompts, [Sampling(max_tokens, temperature=0.0) for _ in prompts], options,
+                                  self.name)
         correct = [matches(reply, answer) for reply, answer in zip(replies, answers)]
         metrics = {"exact_match": mean(correct)}
-        metrics.update({name: mean([correct[i] for i in rows]) for name, rows in groups.items() if rows})
+        metrics.update({f"exact_match ({kind})": mean([correct[i] for i in rows]) for kind, rows in groups.items()
+                        if rows})
         return TaskResult(metrics, "exact_match", len(items))
 
 
