@@ -77,6 +77,30 @@ def test_replies_through_the_engine_equal_greedy_generation(family):
                                     SamplingConfig(max_new_tokens=10, temperature=0.0))
 
 
+def test_an_adapter_checkpoint_replies_with_its_adapter(family):
+    """The engine routes each row to one adapter: a model loaded with its LoRA adapter active replies
+    as the adapter makes it (the quickstart's LoRA model once scored 0% because its rows went to the
+    base alone)."""
+    from orchard.peft.lora import LoraConfig, active_adapter, add_lora
+
+    checkpoint = load_checkpoint(family["base"])
+    prompts = ["Tom lives in", "What is 2 + 3?", "Hugo"]
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    base_replies = generate_text(checkpoint.model, checkpoint.tokenizer, prompts, greedy)
+    add_lora(checkpoint.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), seed=0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in checkpoint.model.named_parameters():
+            if name.endswith(".B"):
+                parameter.normal_(0, 0.5)
+    assert active_adapter(checkpoint.model) == "default"
+    adapted = generate_text(checkpoint.model, checkpoint.tokenizer, prompts, greedy)
+    assert adapted != base_replies
+    ids = [checkpoint.tokenizer.encode(p) for p in prompts]
+    assert generate_replies(checkpoint.model, checkpoint.tokenizer, ids, [Sampling(8, temperature=0.0)] * 3,
+                            [checkpoint.tokenizer.eos_id], 4) == adapted
+
+
 def test_multiple_choice_accuracy_and_length_normalised_accuracy_by_hand(family, tmp_path):
     items = [{"question": "Where does Tom live?", "choices": ["Greenfield", "a town by the lake", "Stonebridge"],
               "answer": 0},

@@ -94,6 +94,7 @@ def served(chat_base, tmp_path_factory):
         adapters += ["--adapter", f"{name}={root / name}"]
     server = Server(str(chat_base.dir), *adapters, "--max-batch-size", str(MAX_BATCH), "--max-queue", "64",
                     "--model-name", "base")
+    server.adapter_dirs = {"a": root / "a", "b": root / "b"}
     yield server
     assert server.stop() == 0
 
@@ -121,6 +122,18 @@ def test_models_chat_and_stream(served):
     # Adapters by name answer differently from the base and from each other.
     texts = {name: chat(client, name, max_tokens=20).choices[0].message.content for name in ("base", "a", "b")}
     assert len(set(texts.values())) == 3, texts
+
+
+def test_an_adapter_checkpoint_served_alone_answers_with_its_adapter(served):
+    alone = Server(str(served.adapter_dirs["a"]))
+    try:
+        client = alone.client()
+        assert [m.id for m in client.models.list().data] == ["a"]
+        reply = chat(client, "a", max_tokens=20).choices[0].message.content
+    finally:
+        assert alone.stop() == 0
+    assert reply == chat(served.client(), "a", max_tokens=20).choices[0].message.content
+    assert reply != chat(served.client(), "base", max_tokens=20).choices[0].message.content
 
 
 def test_n_seed_stop_and_logprobs(served):

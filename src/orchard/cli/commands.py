@@ -212,6 +212,7 @@ def serve(args) -> None:
         raise OrchardError(f"orchard serve needs the serve extra ({error.name} is missing): "
                            f"pip install 'orchard-lm[serve]'") from None
     from ..checkpoint import attach_adapter_checkpoint, load_checkpoint
+    from ..peft.lora import active_adapter
     from ..training.runtime import Runtime
 
     for name, value in (("--max-batch-size", args.max_batch_size), ("--max-queue", args.max_queue),
@@ -222,6 +223,7 @@ def serve(args) -> None:
         raise OrchardError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout}")
     runtime = Runtime.for_inference(args.device, args.precision)
     checkpoint = load_checkpoint(args.checkpoint, device=runtime.device, dtype=runtime.inference_dtype)
+    own_adapter = active_adapter(checkpoint.model)  # an adapter checkpoint's model id answers with its adapter
     adapters = []
     for spec in args.adapter:
         name, sep, path = spec.partition("=")
@@ -234,7 +236,7 @@ def serve(args) -> None:
     if base in adapters:
         raise OrchardError(f"--adapter {base}: the base model is already called {base!r} (see --model-name)")
     engine = Engine(checkpoint.model, checkpoint.tokenizer, args.max_batch_size, args.max_queue, args.max_model_len,
-                    autocast=runtime.autocast)
+                    autocast=runtime.autocast, default_adapter=own_adapter)
     models = ServedModels(base, adapters, chat_end_ids(checkpoint.path, checkpoint.tokenizer))
     app = create_app(engine, models, api_key=args.api_key or os.environ.get("ORCHARD_API_KEY") or None,
                      request_timeout=args.request_timeout, start_engine=False)

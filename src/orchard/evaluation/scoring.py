@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..peft.lora import active_adapter
 from ..serve.engine import Delta, Engine, Sampling, Sequence as EngineSequence
 
 
@@ -66,10 +67,11 @@ def generate_replies(model, tokenizer, prompts: Sequence[Sequence[int]], samplin
                      progress: Callable[[int], None] | None = None) -> list[str]:
     """The reply to each prompt (token ids), each with its own sampling settings (greedy at
     temperature 0, a seed for reproducible samples), through the serving engine on this thread.
-    A prompt too long for the model keeps its last tokens, leaving room for its `max_tokens`.
+    A prompt too long for the model keeps its last tokens, leaving room for its `max_tokens`. An
+    adapter checkpoint replies with its adapter (`active_adapter`).
     `progress(1)` is called as each reply ends."""
     engine = Engine(model, tokenizer, max_batch_size=batch_size, max_queue=max(len(prompts), 1),
-                    **({"autocast": autocast} if autocast is not None else {}))
+                    default_adapter=active_adapter(model), **({"autocast": autocast} if autocast is not None else {}))
     texts = [""] * len(prompts)
     finished = [False] * len(prompts)
 

@@ -289,6 +289,18 @@ def set_active_adapters(model: nn.Module, names: list[str] | str | None) -> None
             adapter.requires_grad_(adapter_name in names)
 
 
+def active_adapter(model: nn.Module) -> str | None:
+    """The one adapter the model computes with as loaded (an adapter checkpoint's), or None when none
+    is active or it is merged into the weights. Serving and evaluation route each row to one adapter:
+    several active at once is an error."""
+    names = list(dict.fromkeys(name for _, adapters in _adapted(model).values() for name in adapters.active
+                               if name in adapters and adapters[name].original_weight is None))
+    if len(names) > 1:
+        raise OrchardError(f"adapters {', '.join(names)} are active together; serving and evaluation apply one "
+                           f"adapter per sequence (merge the others into the weights first)")
+    return names[0] if names else None
+
+
 @contextmanager
 def adapter_routing(model: nn.Module, per_sequence: list[str | None]) -> Iterator[None]:
     """Within the block, row b of every batch uses adapter `per_sequence[b]` (None: the base model

@@ -150,13 +150,16 @@ class Engine:
     `autocast` makes the context each forward pass runs in (a runtime's bf16 autocast)."""
 
     def __init__(self, model: CausalLM, tokenizer, max_batch_size: int = 32, max_queue: int = 256,
-                 max_model_len: int | None = None, autocast: Callable = contextlib.nullcontext):
+                 max_model_len: int | None = None, autocast: Callable = contextlib.nullcontext,
+                 default_adapter: str | None = None):
         self.model, self.tokenizer, self.autocast = model.eval(), tokenizer, autocast
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.max_model_len = min(max_model_len or model.config.max_position_embeddings,
                                  model.config.max_position_embeddings)
         self.cache = SlotCache(model, max_batch_size, self.max_model_len)
         self.adapted = any(hasattr(m, "lora") for m in model.modules())
+        self.default_adapter = default_adapter
+        """The adapter of sequences that name none: an adapter checkpoint's own (None: the base alone)."""
         # A matmul's rounding may depend on its row count, so a decoding step runs at least
         # `min_rows` rows (the missing ones padding), from where a row's numbers stop depending on
         # the count: 2 when every matmul is a plain fp32 linear layer with MKL's packed weights
@@ -343,7 +346,7 @@ class Engine:
         """Each row's adapter (none for padding rows), where the model has adapters."""
         if not self.adapted:
             return contextlib.nullcontext()
-        return adapter_routing(self.model, [s.adapter for s in sequences] + [None] * padding)
+        return adapter_routing(self.model, [s.adapter or self.default_adapter for s in sequences] + [None] * padding)
 
     def _take(self, sequence: Sequence, logits: torch.Tensor) -> None:
         """Choose the sequence's next token from its (V,) logits, and tell its caller."""
