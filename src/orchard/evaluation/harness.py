@@ -80,6 +80,8 @@ class OrchardLM(TemplateLM):
         self.custom_prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
         im_end = self.tokenizer.token_to_id("<|im_end|>")
         self.end_ids = [self.tokenizer.eos_id] + ([im_end] if im_end is not None else [])
+        self.prefix_text = self.tok_decode([self.prefix_token_id], skip_special_tokens=False)
+        self.adds_bos = self.tokenizer.adds_bos_by_default  # read once: tok_encode runs for every request
 
     # --- tokens, as lm-eval's `hf` model makes them --------------------------------------------
 
@@ -97,9 +99,8 @@ class OrchardLM(TemplateLM):
         # As transformers' `encode` adds special tokens by default: BOS where the tokenizer's
         # post-processor adds one (Llama), unless the text already starts with it (a chat template
         # that writes its own), as `hf` checks against its prefix token's text.
-        add_bos = self.tokenizer.adds_bos_by_default and add_special_tokens is not False
-        prefix = self.tok_decode([self.prefix_token_id], skip_special_tokens=False)
-        if add_special_tokens is None and string.startswith(prefix):
+        add_bos = self.adds_bos and add_special_tokens is not False
+        if add_special_tokens is None and string.startswith(self.prefix_text):
             add_bos = False
         return self.tokenizer.encode(string, add_bos=add_bos)
 

@@ -49,14 +49,19 @@ def continuation_log_likelihoods(model, requests: Sequence[tuple[Sequence[int], 
         for row, index in enumerate(chunk):
             ids[row, :len(rows[index][0])] = torch.tensor(rows[index][0], device=device)
         hidden = model(ids, compute_logits=False, output_hidden_states=True).hidden_states[-1]
-        for row, index in enumerate(chunk):
-            inputs, continuation = rows[index]
-            end = len(inputs)
-            logits = model.lm_head(hidden[row, end - len(continuation):end]).float()
-            log_probs = logits.log_softmax(-1)
-            target = torch.tensor(continuation, device=device)
-            total = float(log_probs.gather(-1, target[:, None]).sum())
-            results[index] = (total, bool((logits.argmax(-1) == target).all()))
+        # The output projection only on the positions that predict a continuation token, all rows at once.
+        lengths = [len(rows[index][1]) for index in chunk]
+        batch_rows = torch.tensor([row for row, n in enumerate(lengths) for _ in range(n)], device=device)
+        positions = torch.tensor([p for index in chunk for p in range(len(rows[index][0]) - len(rows[index][1]),
+                                                                     len(rows[index][0]))], device=device)
+        targets = torch.tensor([t for index in chunk for t in rows[index][1]], device=device)
+        logits = model.lm_head(hidden[batch_rows, positions]).float()
+        token_log_probs = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+        hits = logits.argmax(-1) == targets
+        sums = torch.zeros(len(chunk), device=device).index_add_(0, batch_rows, token_log_probs)
+        misses = torch.zeros(len(chunk), dtype=torch.long, device=device).index_add_(0, batch_rows, (~hits).long())
+        for index, total, missed in zip(chunk, sums.tolist(), misses.tolist()):
+            results[index] = (total, missed == 0)
         if progress is not None:
             progress(len(chunk))
     return results
