@@ -159,3 +159,26 @@ def test_compiled_decoding_on_the_gpu_gives_eager_tokens():
     compiled = SamplingConfig(max_new_tokens=24, temperature=0.0, compile=True)
     assert generate(model, prompts, compiled, eos_id=-1, pad_id=2) == eager
     assert generate(model, prompts, compiled, eos_id=-1, pad_id=2) == eager
+
+
+def test_eval_tasks_on_the_gpu_match_the_cpu(tmp_path, corpus, capsys, monkeypatch):
+    """orchard eval in fp32 on the GPU: multiple choice and the world's held-out items give the
+    CPU's accuracy (one item may flip on a near-tie of a barely trained model), bits per byte agrees
+    within summation order."""
+    monkeypatch.setenv("ORCHARD_CACHE", str(tmp_path / "cache"))
+    assert main(["pretrain", *TINY, "train.max_steps=20", f"data.path={corpus}", f"out={tmp_path / 'run'}"]) == 0
+    items = tmp_path / "mc.jsonl"
+    items.write_text("".join(json.dumps({"question": f"Who is {i}?", "choices": ["Tom", "Hugo", "a teacher"],
+                                         "answer": i % 3}) + "\n" for i in range(24)))
+    results = {}
+    for device in ("cpu", "cuda"):
+        capsys.readouterr()
+        assert main(["eval", str(tmp_path / "run"), "--tasks", f"mc:{items},world,bpb:{corpus}", "--limit", "20",
+                     "--seq-len", "64", "--device", device, "--precision", "fp32", "--json"]) == 0
+        results[device] = {task: next(iter(r.values()))["metrics"]
+                           for task, r in json.loads(capsys.readouterr().out)["results"].items()}
+    cpu, gpu = results["cpu"], results["cuda"]
+    for task in (f"mc:{items}", "world"):
+        for metric, value in cpu[task].items():
+            assert gpu[task][metric] == pytest.approx(value, abs=0.051), (task, metric)
+    assert gpu[f"bpb:{corpus}"]["bits_per_byte"] == pytest.approx(cpu[f"bpb:{corpus}"]["bits_per_byte"], rel=1e-4)

@@ -16,7 +16,8 @@ from orchard.checkpoint import load_checkpoint, save_checkpoint
 from orchard.cli.main import main
 from orchard.evaluation import subject as subject_module
 from orchard.evaluation.compare import evaluate_checkpoints
-from orchard.evaluation.preference_tasks import JudgeWinRate, PreferencePairs, pairwise_win_rate
+from orchard.evaluation.preference_tasks import (JudgeWinRate, PreferencePairs, graded_outcomes, pairwise_outcomes,
+                                                 win_rate)
 from orchard.evaluation.scoring import continuation_log_likelihoods, generate_replies
 from orchard.evaluation.subject import EvalOptions, Subject
 from orchard.evaluation.tasks import GSM8K, MultipleChoice, WorldTask, encode_pair, sampled_answer_metrics
@@ -75,6 +76,10 @@ def test_replies_through_the_engine_equal_greedy_generation(family):
                                [Sampling(10, temperature=0.0) for _ in ids], [checkpoint.tokenizer.eos_id], 4)
     assert replies == generate_text(checkpoint.model, checkpoint.tokenizer, prompts,
                                     SamplingConfig(max_new_tokens=10, temperature=0.0))
+    # The batch size does not change a greedy reply (the engine's batch invariance).
+    for batch_size in (2, 7, 32):
+        assert generate_replies(checkpoint.model, checkpoint.tokenizer, ids, [Sampling(10, temperature=0.0)] * len(ids),
+                                [checkpoint.tokenizer.eos_id], batch_size) == replies
 
 
 def test_an_adapter_checkpoint_replies_with_its_adapter(family):
@@ -183,12 +188,15 @@ def test_gsm8k_exact_match_and_maj_at_k_from_known_replies(family, tmp_path, mon
     assert seen[0][1].stop == ["Question:", "\n\n"]
 
 
-def test_pairwise_win_rate_by_hand():
+def test_win_rates_by_hand():
     first = ["A", "A", "B", "B", None, "A"]    # the checkpoint's reply shown as A
     swapped = ["B", "A", "A", "B", "B", "B"]  # shown as B
-    # win, tie (always A), loss, tie (always B), unparsed, win
-    assert pairwise_win_rate(first, swapped) == {"win_rate": (2 + 2 / 2) / 5, "wins": 2, "losses": 1, "ties": 2,
-                                                 "unparsed": 1, "consistency": 3 / 5}
+    outcomes = pairwise_outcomes(first, swapped)
+    assert outcomes == ["win", "tie", "loss", "tie", None, "win"]  # always A / always B: position bias, a tie
+    assert win_rate(outcomes) == {"win_rate": (2 + 2 / 2) / 5, "wins": 2, "losses": 1, "ties": 2, "unparsed": 1}
+    graded = graded_outcomes([0.9, 0.5, None, 0.2], [0.3, 0.5, 0.4, 0.8])
+    assert graded == ["win", "tie", None, "loss"]
+    assert win_rate(graded)["win_rate"] == (1 + 1 / 2) / 3
 
 
 def test_judge_win_rate_swaps_positions(family, tmp_path, monkeypatch):
@@ -212,6 +220,18 @@ def test_judge_win_rate_swaps_positions(family, tmp_path, monkeypatch):
     result = JudgeWinRate(prompts, "judge").run(subject, EvalOptions(judge=str(family["base"]),
                                                                      reference=str(family["base"])))
     assert result.metrics["wins"] == 3 and result.metrics["losses"] == 1 and result.metrics["win_rate"] == 3 / 4
+    # Graded one reply at a time: a judge that gives longer replies higher grades.
+    def grades(self, prompts, samplings, options, what):
+        if what != "judging":
+            return replies(self, prompts, samplings, options, what)
+        texts = [self.tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
+        assert all("Grade the answer" in text for text in texts)
+        return [str(min(10, len(text.split("Answer: ")[1].split("<|im_end|>")[0]) // 2)) for text in texts]
+
+    monkeypatch.setattr(Subject, "replies", grades)
+    graded = JudgeWinRate(prompts, "judge").run(subject, EvalOptions(judge=str(family["base"]), judge_mode="grade",
+                                                                     reference=str(family["base"])))
+    assert graded.metrics == {"win_rate": 3 / 4, "wins": 3, "losses": 1, "ties": 0, "unparsed": 0}
     with pytest.raises(Exception, match="--judge"):
         JudgeWinRate(prompts, "judge").run(subject, EvalOptions())
 

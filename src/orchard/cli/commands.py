@@ -286,7 +286,7 @@ def evaluate(args) -> None:
         tasks.insert(0, BitsPerByte(args.data, name="bpb", text_field=args.text_field, key="--data"))
     options = EvalOptions(limit=args.limit, batch_size=args.batch_size, shots=args.shots, samples=args.samples,
                           temperature=args.temperature, max_new_tokens=args.max_new_tokens, seq_len=args.seq_len,
-                          seed=args.seed, judge=args.judge, reference=args.reference,
+                          seed=args.seed, judge=args.judge, reference=args.reference, judge_mode=args.judge_mode,
                           chat={"auto": None, "chat": True, "base": False}[args.format])
     runtime = Runtime.for_inference(args.device, args.precision)
     comparison = evaluate_checkpoints(args.checkpoint, tasks, options, runtime)

@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="longest reply of gsm8k and judge (default 256)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the sampled answers (default 0)")
     evaluate.add_argument("--judge", help="judge: the checkpoint that compares the replies")
+    evaluate.add_argument("--judge-mode", choices=["pairwise", "grade"], default="pairwise",
+                          help="judge: pairwise (shown both replies, in both orders) or grade (each reply graded "
+                               "0-10 alone, as orchard's RLAIF judges are trained; default pairwise)")
     evaluate.add_argument("--reference", help="judge: the checkpoint replied against; pairs: the implicit reward's "
                                               "reference (default: each checkpoint's parent)")
     evaluate.add_argument("--format", choices=["auto", "chat", "base"], default="auto",

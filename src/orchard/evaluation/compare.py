@@ -24,7 +24,7 @@ from .tasks import run_task
 matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-FRACTIONS = ("acc", "acc_norm", "accuracy", "exact_match", "win_rate", "consistency", "maj@", "pass@", "mean@")
+FRACTIONS = ("acc", "acc_norm", "accuracy", "exact_match", "win_rate", "maj@", "pass@", "mean@")
 """Metrics shown as percentages, their deltas in points."""
 
 
@@ -80,12 +80,17 @@ class Comparison:
                             for task, results in self.results.items()}}
 
     def plot(self, png: Path) -> Path:
-        """One panel per task: its headline metric for every checkpoint."""
+        """One panel per task (two side by side, then the next row): its headline metric for every
+        checkpoint."""
         tasks = list(self.results)
-        fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.0, 1.1 * len(self.columns)) * len(tasks), 4.2),
-                                 dpi=110, squeeze=False)
+        across = min(2, len(tasks))
+        down = math.ceil(len(tasks) / across)
+        width = max(4.0, 0.55 * len(self.columns) + 1.5)
+        fig, axes = plt.subplots(down, across, figsize=(width * across, 3.8 * down), dpi=110, squeeze=False)
+        for ax in axes.flat[len(tasks):]:
+            ax.set_visible(False)
         names = [c.name for c in self.columns]
-        for ax, task in zip(axes[0], tasks):
+        for ax, task in zip(axes.flat, tasks):
             results = self.results[task]
             metric = results[0].headline
             values = [r.metrics.get(metric, float("nan")) for r in results]

@@ -19,11 +19,12 @@ from ..losses.tokens import bits_per_byte
 
 @torch.no_grad()
 def evaluate_language_modeling(model: torch.nn.Module, sequences: PackedSequences, token_bytes: np.ndarray,
-                               batch_size: int, max_sequences: int | None = None, shard=None) -> dict[str, float]:
+                               batch_size: int, max_sequences: int | None = None, shard=None,
+                               progress=None) -> dict[str, float]:
     """Metrics over the first `max_sequences` windows of `sequences` (all of them when None). No
     window at all is an error: a loss of 0 and a perplexity of 1 over nothing would read as perfect.
     With a `shard` (`orchard.training.distributed.Shard`) each process scores its batches and the
-    sums are added over all of them."""
+    sums are added over all of them. `progress(n)` is called after each batch of n windows."""
     device = next(model.parameters()).device
     count = len(sequences) if max_sequences is None else min(len(sequences), max_sequences)
     if count <= 0:
@@ -38,6 +39,8 @@ def evaluate_language_modeling(model: torch.nn.Module, sequences: PackedSequence
         loss_sum += model(batch["input_ids"].to(device), labels=batch["labels"].to(device)).loss.item()
         tokens += batch["labels"].numel()
         num_bytes += int(byte_table[batch["labels"]].sum())
+        if progress is not None:
+            progress(len(batch["labels"]))
     if shard is not None:
         totals = shard.sum({"loss": loss_sum, "tokens": tokens, "bytes": num_bytes})
         loss_sum, tokens, num_bytes = totals["loss"], int(totals["tokens"]), int(totals["bytes"])

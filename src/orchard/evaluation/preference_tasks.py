@@ -11,9 +11,9 @@ import torch
 from ..data.conversations import collate_padded
 from ..data.preferences import read_preference_pairs, read_prompts, tokenize_preference_pair
 from ..errors import OrchardError
-from ..rewards.models import sequence_scores
+from ..rewards.models import JUDGE_PROMPT, parse_grade, sequence_scores
 from ..serve.engine import Sampling
-from .subject import EvalOptions, Subject, TaskResult
+from .subject import EvalOptions, Subject, TaskResult, progress_bar
 
 JUDGE_PAIR_PROMPT = ("Which answer to the question is better? Reply with A or B.\nQuestion: {question}\n"
                      "Answer A: {first}\nAnswer B: {second}")
@@ -63,19 +63,28 @@ def _summed_log_probs(model, batch) -> torch.Tensor:
 @torch.no_grad()
 def _batched(subject: Subject, rows, options: EvalOptions, score) -> torch.Tensor:
     device, values = subject.model.lm_head.weight.device, []
-    for start in range(0, len(rows), options.batch_size):
-        batch = {k: v.to(device) for k, v in collate_padded(rows[start:start + options.batch_size],
-                                                              subject.tokenizer.pad_id).items()}
-        with subject.autocast():
-            values.append(score(subject.model, batch).float().cpu())
+    with progress_bar(len(rows), f"scoring with {subject.path.parent.name}", "reply") as bar:
+        for start in range(0, len(rows), options.batch_size):
+            batch = {k: v.to(device) for k, v in collate_padded(rows[start:start + options.batch_size],
+                                                                  subject.tokenizer.pad_id).items()}
+            with subject.autocast():
+                values.append(score(subject.model, batch).float().cpu())
+            bar.update(len(batch["input_ids"]))
     return torch.cat(values)
 
 
 class JudgeWinRate:
     """The checkpoint's greedy replies against the reference checkpoint's (`options.reference`),
-    judged by `options.judge` with `JUDGE_PAIR_PROMPT`, once with each reply first: a win needs the
-    judge to prefer the checkpoint's reply in both orders, a loss the reference's in both, and
-    anything else is a tie (a judge that prefers whichever comes first decides nothing)."""
+    judged by `options.judge`, in one of two ways (`options.judge_mode`):
+
+    - "pairwise": the judge sees both replies (`JUDGE_PAIR_PROMPT`) twice, once with each first; a
+      win needs it to prefer the checkpoint's reply in both orders, a loss the reference's in both,
+      anything else is a tie (a judge that prefers whichever comes first decides nothing);
+    - "grade": the judge grades each reply alone, 0 to 10 (`JUDGE_PROMPT`, what orchard's RLAIF
+      judges are trained on, `orchard.rewards.models.judge_conversations`); the higher grade wins,
+      equal grades tie. Each reply is judged alone, so there is no position to swap.
+
+    Win rate = (wins + ties / 2) / judged, over the items whose verdicts all parsed."""
 
     def __init__(self, path, name: str):
         self.name = name
@@ -89,15 +98,23 @@ class JudgeWinRate:
         baseline = _chat_replies(Subject.load(options.reference, subject.runtime, chat=True), items, options)
         judge = Subject.load(options.judge, subject.runtime, chat=True)
         questions = [_question(item.prompt) for item in items]
-        asks = [JUDGE_PAIR_PROMPT.format(question=q, first=a.strip(), second=b.strip())
-                for q, (a, b) in zip(questions * 2, [*zip(replies, baseline), *zip(baseline, replies)])]
-        verdicts = [parse_verdict(text) for text in judge.replies(
-            [judge.chat_prompt([{"role": "user", "content": ask}]) for ask in asks],
-            [Sampling(4, temperature=0.0) for _ in asks], options, "judging")]
-        metrics = pairwise_win_rate(verdicts[:len(items)], verdicts[len(items):])
-        examples = [{"question": q, "reply": a, "reference": b, "verdicts": [v1, v2]} for q, a, b, v1, v2 in
-                    list(zip(questions, replies, baseline, verdicts, verdicts[len(items):]))[:5]]
-        return TaskResult(metrics, "win_rate", len(items), examples=examples)
+        if options.judge_mode == "grade":
+            asks = [JUDGE_PROMPT.format(question=q, answer=r.strip()) for q, r in zip(questions * 2, replies + baseline)]
+        else:
+            asks = [JUDGE_PAIR_PROMPT.format(question=q, first=a.strip(), second=b.strip())
+                    for q, (a, b) in zip(questions * 2, [*zip(replies, baseline), *zip(baseline, replies)])]
+        judgements = judge.replies([judge.chat_prompt([{"role": "user", "content": ask}]) for ask in asks],
+                                   [Sampling(6, temperature=0.0) for _ in asks], options, "judging")
+        if options.judge_mode == "grade":
+            grades = [parse_grade(text) for text in judgements]
+            outcomes = graded_outcomes(grades[:len(items)], grades[len(items):])
+        else:
+            verdicts = [parse_verdict(text) for text in judgements]
+            outcomes = pairwise_outcomes(verdicts[:len(items)], verdicts[len(items):])
+        examples = [{"question": q, "reply": a, "reference": b, "judgements": [j1, j2], "outcome": o}
+                    for q, a, b, j1, j2, o in list(zip(questions, replies, baseline, judgements,
+                                                       judgements[len(items):], outcomes))[:5]]
+        return TaskResult(win_rate(outcomes), "win_rate", len(items), examples=examples)
 
 
 def _chat_replies(subject: Subject, items, options: EvalOptions) -> list[str]:
@@ -117,22 +134,25 @@ def parse_verdict(text: str) -> str | None:
     return found.group(1) if found else None
 
 
-def pairwise_win_rate(first: list[str | None], swapped: list[str | None]) -> dict[str, float]:
-    """`first`: verdicts with the checkpoint's reply as A; `swapped`: with it as B. Win rate = (wins
-    + ties / 2) / judged, over the items where both verdicts parsed; `consistency` is how often the
-    two orders agreed."""
+def pairwise_outcomes(first: list[str | None], swapped: list[str | None]) -> list[str | None]:
+    """Each item's outcome from its two verdicts, `first` with the checkpoint's reply as A and
+    `swapped` with it as B: "win" when both prefer it, "loss" when both prefer the reference, "tie"
+    when they disagree (position bias), None when either did not parse."""
     if len(first) != len(swapped):
         raise ValueError(f"{len(first)} verdicts in one order, {len(swapped)} in the other")
-    wins = losses = ties = 0
-    for a, b in zip(first, swapped):
-        if a is None or b is None:
-            continue
-        if a == "A" and b == "B":
-            wins += 1
-        elif a == "B" and b == "A":
-            losses += 1
-        else:
-            ties += 1
+    outcomes = {("A", "B"): "win", ("B", "A"): "loss", ("A", "A"): "tie", ("B", "B"): "tie"}
+    return [outcomes.get((a, b)) for a, b in zip(first, swapped)]
+
+
+def graded_outcomes(grades: list[float | None], baseline: list[float | None]) -> list[str | None]:
+    """Each item's outcome from the grades of the checkpoint's reply and of the reference's."""
+    return [None if a is None or b is None else "win" if a > b else "loss" if a < b else "tie"
+            for a, b in zip(grades, baseline)]
+
+
+def win_rate(outcomes: list[str | None]) -> dict[str, float]:
+    """(wins + ties / 2) / judged; `unparsed` items are left out."""
+    wins, losses, ties = (outcomes.count(kind) for kind in ("win", "loss", "tie"))
     judged = wins + losses + ties
     return {"win_rate": (wins + ties / 2) / judged if judged else float("nan"), "wins": wins, "losses": losses,
-            "ties": ties, "unparsed": len(first) - judged, "consistency": (wins + losses) / judged if judged else float("nan")}
+            "ties": ties, "unparsed": len(outcomes) - judged}

@@ -38,6 +38,8 @@ class EvalOptions:
     judge: str | None = None
     reference: str | None = None
     """The reference checkpoint of judge (the replies compared against) and pairs (the implicit reward's)."""
+    judge_mode: str = "pairwise"
+    """judge: "pairwise" (both replies shown, in both orders) or "grade" (each graded 0-10 alone)."""
     chat: bool | None = None
     """Whether the checkpoints answer in their chat template; None: from their lineage (`is_chat_model`)."""
 
@@ -69,9 +71,22 @@ class Subject:
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
     def replies(self, prompts: list[list[int]], samplings: list[Sampling], options: EvalOptions, what: str) -> list[str]:
-        with tqdm(total=len(prompts), desc=what, unit="reply", file=sys.stderr, disable=None, leave=False) as bar:
+        """Replies through the serving engine, with a progress bar; prompts that leave too little room
+        for their reply lose their beginning (as lm-eval cuts them), and the run says how many."""
+        positions = self.model.config.max_position_embeddings
+        cut = sum(len(p) > positions - s.max_tokens for p, s in zip(prompts, samplings))
+        if cut:
+            print(f"{what}: {cut} of {len(prompts)} prompts do not fit in the {positions} positions of {self.path} "
+                  f"beside a reply of {max(s.max_tokens for s in samplings)} tokens: they lose their beginning",
+                  file=sys.stderr)
+        with progress_bar(len(prompts), what, "reply") as bar:
             return generate_replies(self.model, self.tokenizer, prompts, samplings, self.end_ids(),
                                     max(options.batch_size, 2), self.runtime.autocast, bar.update)
+
+
+def progress_bar(total: int, what: str, unit: str) -> tqdm:
+    """A progress bar on the terminal (none when stderr is not one: logs, CI)."""
+    return tqdm(total=total, desc=what, unit=unit, file=sys.stderr, disable=None, leave=False)
 
 
 def is_chat_model(path) -> bool:

@@ -35,7 +35,7 @@ from .completion import is_correct, world_completion_tasks
 from .language_modeling import evaluate_language_modeling
 from .preference_tasks import JudgeWinRate, PreferencePairs
 from .scoring import continuation_log_likelihoods
-from .subject import EvalOptions, Subject, TaskResult, mean
+from .subject import EvalOptions, Subject, TaskResult, mean, progress_bar
 
 DEFAULT_GSM8K = Path("../shared/data/math/gsm8k_test.jsonl")
 
@@ -62,9 +62,10 @@ class BitsPerByte:
             if len(sequences) == 0:
                 raise OrchardError(f"{self.name}: {len(cache)} tokens are fewer than one window of "
                                    f"--seq-len {options.seq_len}")
-        with subject.autocast():
+        windows = min(len(sequences), self.max_windows or options.limit or len(sequences))
+        with subject.autocast(), progress_bar(windows, self.name, "window") as bar:
             lm = evaluate_language_modeling(subject.model, sequences, subject.tokenizer.token_byte_lengths(),
-                                            options.batch_size, self.max_windows or options.limit)
+                                            options.batch_size, windows, progress=bar.update)
         metrics = {"bits_per_byte": lm["val_bpb"], "perplexity": lm["val_perplexity"], "loss": lm["val_loss"]}
         return TaskResult(metrics, "bits_per_byte", int(lm["val_tokens"]))
 
@@ -176,8 +177,8 @@ class MultipleChoice:
             for choice in choices:
                 requests.append(encode_pair(subject.tokenizer, f"Question: {question}\nAnswer:", f" {choice}"))
                 owners.append(index)
-        with subject.autocast():
-            scores = continuation_log_likelihoods(subject.model, requests, options.batch_size)
+        with subject.autocast(), progress_bar(len(requests), self.name, "choice") as bar:
+            scores = continuation_log_likelihoods(subject.model, requests, options.batch_size, progress=bar.update)
         per_item: list[list[float]] = [[] for _ in items]
         for owner, (log_likelihood, _) in zip(owners, scores):
             per_item[owner].append(log_likelihood)
