@@ -186,6 +186,13 @@ def test_gsm8k_exact_match_and_maj_at_k_from_known_replies(family, tmp_path, mon
     GSM8K(path).run(base, EvalOptions(shots=1))
     assert seen[0][0].startswith("Question: Shot question?\nAnswer: Shot steps.\n#### 5\n\nQuestion: Problem 0?")
     assert seen[0][1].stop == ["Question:", "\n\n"]
+    # No train split beside the file: its own first problems are the examples, and are not evaluated.
+    shots.unlink()
+    seen.clear()
+    result = GSM8K(path).run(base, EvalOptions(shots=2))
+    assert result.count == 2
+    assert seen[0][0].startswith("Question: Problem 0?\nAnswer: Some steps.\n#### 12\n\nQuestion: Problem 1?\n"
+                                 "Answer: Some steps.\n#### 1,000\n\nQuestion: Problem 2?\nAnswer:")
 
 
 def test_win_rates_by_hand():
@@ -295,7 +302,8 @@ def test_two_checkpoints_side_by_side(family, tmp_path, capsys):
     assert "--out" in line and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
-@pytest.mark.parametrize("case", ["unknown", "malformed", "bad-answer", "missing", "no-path", "default-gsm8k"])
+@pytest.mark.parametrize("case", ["unknown", "malformed", "bad-answer", "missing", "no-path", "default-gsm8k", "twice",
+                                  "no-checkpoint"])
 def test_bad_tasks_are_one_line_errors(case, family, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no ../shared/data here
     bad = tmp_path / "bad.jsonl"
@@ -306,8 +314,11 @@ def test_bad_tasks_are_one_line_errors(case, family, tmp_path, capsys, monkeypat
                        "bad-answer": (f"mc:{wrong}", "wrong.jsonl:1"),
                        "missing": (f"pairs:{tmp_path / 'nope.jsonl'}", "nope.jsonl"),
                        "no-path": ("mc", "mc:PATH"),
-                       "default-gsm8k": ("gsm8k", "gsm8k:PATH")}[case]
-    line = run_error(capsys, ["eval", str(family["base"]), "--tasks", tasks])
+                       "default-gsm8k": ("gsm8k", "gsm8k:PATH"),
+                       "twice": ("world,world", "'world' is named twice"),
+                       "no-checkpoint": ("world", "nowhere")}[case]
+    checkpoints = [str(family["base"])] + ([str(tmp_path / "nowhere")] if case == "no-checkpoint" else [])
+    line = run_error(capsys, ["eval", *checkpoints, "--tasks", tasks])
     assert expected in line
 
 
@@ -315,3 +326,6 @@ def test_a_checkpoints_lineage_decides_its_format(family):
     assert subject_module.is_chat_model(family["child"]) and not subject_module.is_chat_model(family["base"])
     comparison = evaluate_checkpoints({"the child": family["child"]}, [], EvalOptions(chat=False), CPU)
     assert comparison.columns[0].name == "the child" and math.isfinite(comparison.columns[0].parameters)
+    # The same checkpoint twice: two columns, told apart.
+    twice = evaluate_checkpoints([family["child"], family["child"]], [], EvalOptions(), CPU)
+    assert [c.name for c in twice.columns] == ["child", "child (2)"]

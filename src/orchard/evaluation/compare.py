@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import torch
 
+from ..checkpoint import resolve_checkpoint
+from ..errors import OrchardError
 from ..files import atomic_file
 from ..lineage import checkpoint_name
 from .subject import EvalOptions, Subject, TaskResult, higher_is_better
@@ -127,17 +130,26 @@ def evaluate_checkpoints(checkpoints: dict[str, Path] | list, tasks: list, optio
     """Every task on every checkpoint (a list of paths, or names -> paths to choose the columns'
     names), in the order given; the first is the baseline of the deltas."""
     named = checkpoints.items() if isinstance(checkpoints, dict) else [(None, path) for path in checkpoints]
+    # Every checkpoint is found before the first is evaluated: a typo in the last fails at once.
+    named = [(name, resolve_checkpoint(path)) for name, path in named]
+    names = [task.name for task in tasks]
+    if len(set(names)) < len(names):
+        raise OrchardError(f"--tasks: {next(n for n in names if names.count(n) > 1)!r} is named twice")
     columns, results = [], {task.name: [] for task in tasks}
     for name, path in named:
         subject = Subject.load(path, runtime, options.chat)
         parent = (subject.record.get("parent") or {}).get("path")
-        columns.append(Column(name or checkpoint_name(subject.path), subject.path,
-                              str(subject.record.get("stage", "external")),
+        name = name or checkpoint_name(subject.path)
+        taken = [c.name for c in columns]
+        name = name if name not in taken else f"{name} ({sum(t.startswith(name) for t in taken) + 1})"
+        columns.append(Column(name, subject.path, str(subject.record.get("stage", "external")),
                               checkpoint_name(Path(parent)) if parent else None, subject.model.num_parameters()))
         for task in tasks:
-            print(f"orchard eval: {task.name} on {columns[-1].name}", file=sys.stderr, flush=True)
+            print(f"orchard eval: {task.name} on {name}", file=sys.stderr, flush=True)
             results[task.name].append(run_task(task, subject, options))
         del subject
+        if runtime.device.type == "cuda":
+            torch.cuda.empty_cache()  # the next checkpoint gets the memory this one had
     return Comparison(columns, results)
 
 

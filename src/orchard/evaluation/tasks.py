@@ -89,21 +89,23 @@ class GSM8K:
         if any(item.answer is None for item in self.items):
             missing = next(item for item in self.items if item.answer is None)
             raise OrchardError(f"{missing.source}: no answer to check replies against")
+        self.path = path
         train = path.with_name(path.name.replace("test", "train"))
         self.shots_file = train if train != path and train.exists() else None
 
-    def shots(self, count: int, options: EvalOptions) -> tuple[list[tuple[str, str]], int]:
-        """Worked examples for base models: the first `count` of the train split beside the test
-        file, or else of the file itself (those then are not evaluated: returned as `skip`)."""
+    def shots(self, count: int) -> tuple[list[tuple[str, str]], int]:
+        """(question, worked solution) examples for base models: the first `count` of the train split
+        beside the test file, or else of the test file itself, whose first `count` problems are then
+        not evaluated (returned: how many to skip)."""
         if count == 0:
             return [], 0
-        if self.shots_file is not None:
-            records = read_records(self.shots_file, _gsm8k_shot, key=f"--tasks {self.name}")
-            return [shot for _, shot in zip(range(count), (r for _, r in records))], 0
-        return [(item.prompt[-1]["content"], item.answer) for item in self.items[:count]], count
+        source = self.shots_file or self.path
+        records = read_records(source, _gsm8k_shot, key=f"--tasks {self.name}")
+        shots = [shot for _, (_, shot) in zip(range(count), records)]
+        return shots, 0 if self.shots_file else len(shots)
 
     def run(self, subject: Subject, options: EvalOptions) -> TaskResult:
-        shots, skip = ([], 0) if subject.chat else self.shots(options.shots, options)
+        shots, skip = ([], 0) if subject.chat else self.shots(options.shots)
         items = self.items[skip:][:options.limit]
         if subject.chat:
             prompts = [subject.chat_prompt(item.prompt) for item in items]
