@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
+
+# The catalog of checkpoints (orchard.lineage.catalog) goes to a folder of the session's, never the
+# user's: session fixtures write checkpoints before any per-test setting applies.
+os.environ["ORCHARD_HOME"] = tempfile.mkdtemp(prefix="orchard-home-")
 
 
 @pytest.fixture(autouse=True)
 def cache_in_tmp(tmp_path, monkeypatch):
-    """Token caches and the built-in corpus go to the test's own directory, never ~/.cache."""
+    """Token caches, the built-in corpus and the catalog go to the test's own directory, never
+    ~/.cache or ~/.local/share."""
     monkeypatch.setenv("ORCHARD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ORCHARD_HOME", str(tmp_path / "home"))
 
 
 @pytest.fixture(autouse=True, scope="session")

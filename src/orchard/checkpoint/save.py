@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..files import atomic_directory, file_sha256, write_json
+from ..lineage.catalog import record_written
 from ..model import CausalLM
 from ..model.quantization import quantization_settings
 from ..tokenizer import Tokenizer
@@ -74,4 +75,5 @@ def save_checkpoint(path: str | Path, model: CausalLM, tokenizer: Tokenizer, rec
             write_training_state(tmp, training_state)
 
     atomic_directory(path, write)
+    record_written(path)
     return path

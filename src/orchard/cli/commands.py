@@ -308,6 +308,50 @@ def lm_eval(args) -> int:
     return run_lm_eval_cli(args.arguments)
 
 
+def lineage(args) -> None:
+    from contextlib import closing
+
+    from ..lineage.catalog import catalog_file, connect, scan
+    from ..lineage.family import Family, format_cost, plot_family
+
+    action, rest = args.target[0], args.target[1:]
+    if action == "scan" and not Path(action).exists():
+        if not rest:
+            raise OrchardError("orchard lineage scan: name the directories to scan")
+        found = scan(rest)
+        print(f"{len(found)} checkpoints catalogued in {catalog_file()}")
+        return
+    with closing(connect()) as connection:
+        family = Family(connection)
+        if action == "diff" and not Path(action).exists():
+            if len(rest) != 2:
+                raise OrchardError("orchard lineage diff: name two checkpoints")
+            differences = family.diff(family.find(rest[0]), family.find(rest[1]))
+            if args.json:
+                print(json.dumps(differences, default=str))
+                return
+            for section, changed in differences.items():
+                print(f"{section}:")
+                for key, (left, right) in changed.items():
+                    print(f"  {key}: {left!r} -> {right!r}")
+            if not differences:
+                print("no differences in stage, recipe, data, parameters, training or metrics")
+            return
+        if rest:
+            raise OrchardError(f"orchard lineage: one checkpoint at a time (got {len(args.target)}); "
+                               "`orchard lineage diff A B` compares two")
+        identity = family.find(action)
+        if args.plot:
+            print(f"wrote {plot_family(family, identity, Path(args.plot), args.steps)}", file=sys.stderr)
+        if args.cost:
+            ledger = family.cost(identity)
+            print(json.dumps(ledger) if args.json else format_cost(ledger))
+        elif args.json:
+            print(json.dumps(family.to_json(identity, args.steps)))
+        else:
+            print(family.render(identity, args.steps))
+
+
 def export(args) -> None:
     from ..checkpoint import inference_only_error, is_quantized_checkpoint, resolve_checkpoint
 

@@ -244,6 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Show a checkpoint's architecture, size and family tree.")
     info.add_argument("checkpoint", help=CHECKPOINT_HELP)
     info.add_argument("--json", action="store_true", help="print JSON")
+
+    lineage = commands.add_parser(
+        "lineage", help="the family tree of a checkpoint: ancestors, descendants, cost, differences",
+        description="orchard lineage CHECKPOINT: what it was made from and what was made from it, with each "
+                    "one's stage, parameters, tokens, FLOPs, wall time and headline metric, from the catalog of "
+                    "every checkpoint orchard wrote ($ORCHARD_HOME/catalog.sqlite). orchard lineage scan DIR ...: "
+                    "add existing checkpoints. orchard lineage diff A B: their recipe, data and metric "
+                    "differences.")
+    lineage.add_argument("target", nargs="+", metavar="CHECKPOINT | scan DIR... | diff A B")
+    lineage.add_argument("--cost", action="store_true",
+                         help="the reuse ledger: its own compute, its ancestors', what it shared, what it saved "
+                              "(only where measured)")
+    lineage.add_argument("--plot", metavar="PNG", help="draw the family as a graph into this PNG file")
+    lineage.add_argument("--steps", action="store_true", help="show intermediate step checkpoints too")
+    lineage.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -303,7 +318,7 @@ def _dispatch(args) -> int | None:
         "quickstart": commands.quickstart, "tokenizer": commands.tokenizer_train,
         "generate": commands.generate, "chat": commands.chat, "serve": commands.serve, "eval": commands.evaluate,
         "lm-eval": commands.lm_eval,
-        "info": commands.info, "export": commands.export, "quantize": commands.quantize, "grow": commands.grow,
+        "info": commands.info, "lineage": commands.lineage, "export": commands.export, "quantize": commands.quantize, "grow": commands.grow,
     }[args.command]
     return handler(args)
 

@@ -16,6 +16,7 @@ from ..checkpoint import (RECORD_FILE, WEIGHTS_INDEX_FILE, checked_weights, is_a
                           loaded_paths, read_model_config, read_record, resolve_checkpoint, save_checkpoint,
                           weights_files)
 from ..files import atomic_directory, check_output, copy_regular_file, write_json
+from ..lineage.catalog import record_written
 from ..lineage.record import parent_entry
 from ..model import CausalLM
 
@@ -69,6 +70,7 @@ def export_hf(checkpoint_dir: Path, out_dir: Path, force: bool = False) -> Path:
         write_json(tmp / RECORD_FILE, {**read_record(source), "export": note})
 
     atomic_directory(out_dir, write)
+    record_written(out_dir)
     return out_dir
 
 

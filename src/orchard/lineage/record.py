@@ -21,11 +21,16 @@ FORMAT = "orchard-lineage/1"
 
 def checkpoint_name(checkpoint_dir: Path) -> str:
     """A checkpoint's short name (a served model's id, an evaluation's column): its folder's, or its
-    run's for a run's `final` (`runs/quickstart/sft/final` -> `sft`)."""
-    if checkpoint_dir.name == "final" or checkpoint_dir.name.startswith("step-"):
-        run = checkpoint_dir.parent.name
-        return run if checkpoint_dir.name == "final" else f"{run}-{checkpoint_dir.name}"
-    return checkpoint_dir.name
+    run's for a run's `final` (`runs/quickstart/sft/final` -> `sft`), steps and derived finals
+    (`runs/q/distill/final-int8` -> `distill-int8`)."""
+    name, run = checkpoint_dir.name, checkpoint_dir.parent.name
+    if name == "final":
+        return run
+    if name.startswith("final-"):
+        return f"{run}-{name.removeprefix('final-')}"
+    if name.startswith("step-"):
+        return f"{run}-{name}"
+    return name
 
 
 def parent_entry(checkpoint_dir: str | Path) -> dict:
