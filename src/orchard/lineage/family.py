@@ -255,8 +255,11 @@ class Family:
         if loss is None or config is None:
             return None
         best = None
+        related = {ancestor.id for _, ancestor, _ in self.ancestors(node.id)}
         for (other_id, other_record) in self.db.execute("SELECT id, record FROM nodes WHERE kind = 'checkpoint' AND "
                                                         "record IS NOT NULL AND id != ?", (node.id,)):
+            if other_id in related:
+                continue
             other = json.loads(other_record)
             other_loss = (other.get("metrics") or {}).get("val_loss")
             if other.get("parent") or other_loss is None or other_loss < loss:
@@ -422,6 +425,8 @@ def format_cost(ledger: dict) -> str:
         lines.append("saved: not measured (no from-scratch run of the same architecture and data that got no "
                      "further is in the catalog)")
     else:
-        lines.append(f"saved against {saved['from_scratch']['name']} from scratch ({saved['from_scratch']['path']}): "
-                     f"{saved['flops']:.3g} FLOPs ({saved['fraction']:.0%}), measured")
+        verdict = (f"saved {saved['flops']:.3g} FLOPs ({saved['fraction']:.0%})" if saved["flops"] >= 0 else
+                   f"cost {-saved['flops']:.3g} FLOPs more ({-saved['fraction']:.0%})")
+        lines.append(f"against {saved['from_scratch']['name']}, trained from scratch on the same data to a validation "
+                     f"loss no better ({saved['from_scratch']['path']}): {verdict}, measured")
     return "\n".join(lines)
