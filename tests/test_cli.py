@@ -4,6 +4,7 @@
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -337,7 +338,7 @@ def test_quickstart_writes_a_report_with_metrics_plot_and_samples(tmp_path):
     assert "## Fine-tuning" in text and "LoRA r=8" in text and "full SFT" in text
     assert (tmp_path / "qs" / "pretrain_loss.png").read_bytes()[:4] == b"\x89PNG"
     assert "](pretrain_loss.png)" in text
-    assert text.count("```text") == 5  # one sample per prompt
+    assert text[:text.index("## Fine-tuning")].count("```text") == 5  # one sample per prompt
     assert (tmp_path / "qs" / "pretrain" / "final" / "orchard.json").is_file()
     assert (tmp_path / "qs" / "export" / "hf" / "config.json").is_file() and "GGUF q8_0" in text
     assert "## Distillation and quantization" in text and "int4 weights" in text
@@ -357,6 +358,46 @@ def test_quickstart_writes_a_report_with_metrics_plot_and_samples(tmp_path):
     comparison = json.loads((tmp_path / "qs" / "eval" / "eval.json").read_text())
     assert len(comparison["checkpoints"]) == 10 and set(comparison["results"]) == {"held-out text", "world, held-out"}
     assert "](eval/eval.png)" in final
+    # The family tree: every checkpoint the quickstart made descends from the pretrained model.
+    from contextlib import closing
+
+    from orchard.lineage.catalog import connect
+    from orchard.lineage.family import Family
+    qs = tmp_path / "qs"
+    assert "## Family tree" in text and (qs / "family_tree.png").read_bytes()[:4] == b"\x89PNG"
+    with closing(connect()) as connection:
+        family = Family(connection)
+        tree = family.to_json(family.find(qs / "pretrain"))
+        below = {}
+
+        def walk(entries, parent):
+            for entry in entries:  # a checkpoint at several places (identical weights) is one node
+                for location in entry["locations"]:
+                    below[location] = (parent, entry["relations"])
+                walk(entry["children"], entry["name"])
+        walk(tree["descendants"], "pretrain")
+        for run in ["sft", "lora", "dpo", "grpo", "reward", "distill", "student-no-teacher", "grow/train",
+                    *[f"continual/{s}/task-{i}-{t}" for s in ("naive", "replay")
+                      for i, t in enumerate(["arithmetic", "facts-en", "facts-zh"])]]:
+            assert str((qs / run / "final").resolve()) in below, run
+        by_path = {Path(p).relative_to(qs.resolve()).as_posix(): v for p, v in below.items()}
+        assert by_path["distill/final"] == ("pretrain", ["distilled from"])
+        assert by_path["student-no-teacher/final"] == ("pretrain", ["distilled from"])
+        assert by_path["dpo/final"] == ("sft", ["reference of", "trained from"])
+        assert by_path["grow/grown"] == ("pretrain", ["grown from"])
+        assert by_path["distill/final-int4"] == ("distill", ["quantized from"])
+        assert by_path["lora/final"] == ("pretrain", ["adapter of"])
+        assert by_path["export/hf"] == ("pretrain", ["exported as"])
+        # The distilled student's ledger, against its records.
+        records = {name: json.loads((qs / name / "final" / "orchard.json").read_text()) for name in ("distill",
+                                                                                                     "pretrain")}
+        ledger = family.cost(family.find(qs / "distill"))
+        assert ledger["own"]["flops"] == records["distill"]["training"]["flops"]
+        assert [(a["name"], a["flops"]) for a in ledger["ancestors"]] == [("pretrain",
+                                                                            records["pretrain"]["training"]["flops"])]
+        cache = next(s for s in ledger["shared"] if s["relation"] == "teacher cache reused by")
+        assert cache["shared_by"] == 2
+        assert cache["share_flops"] == records["distill"]["data"]["teacher_cache"]["build_flops"] / 2
 
 
 def test_inference_loads_bf16_weights_only_on_a_gpu_in_bf16():

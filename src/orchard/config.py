@@ -122,6 +122,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is list:
         (item,) = typing.get_args(tp)
+        if isinstance(value, str) and typing.get_origin(item) is typing.Literal:
+            # Names from a fixed set hold no commas, so a list of them may be written a,b (or one name).
+            value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, (list, tuple)):
             raise OrchardError(f"{key}: expected a list, got {value!r}")
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]

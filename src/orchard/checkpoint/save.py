@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..files import atomic_directory, file_sha256, write_json
+from ..lineage.card import write_model_card
 from ..lineage.catalog import record_written
 from ..model import CausalLM
 from ..model.quantization import quantization_settings
@@ -71,6 +72,7 @@ def save_checkpoint(path: str | Path, model: CausalLM, tokenizer: Tokenizer, rec
         tokenizer.save(tmp)
         write_json(tmp / "generation_config.json", generation_config)
         write_json(tmp / RECORD_FILE, {**record, "weights_sha256": sha, "tokenizer_sha256": tokenizer.fingerprint()})
+        write_model_card(tmp, path, config)
         if training_state is not None:
             write_training_state(tmp, training_state)
 

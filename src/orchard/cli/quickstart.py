@@ -17,7 +17,8 @@ Stages so far:
 8. grow the pretrained model from 4 to 6 layers (new blocks start as the identity), check that its
    function is unchanged, and train the new blocks alone;
 9. export it for transformers (a Hugging Face directory) and llama.cpp (GGUF f16 and q8_0);
-10. write `report.md` with the metrics, the curves, the samples and the exports.
+10. evaluate every checkpoint it made on the same tasks, side by side, and draw their family tree;
+11. write `report.md` with the metrics, the curves, the samples and the exports.
 Each stage is a normal orchard run in its own directory under `--out`, so running quickstart again
 resumes (or skips) what is already done.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import torch
@@ -44,6 +46,8 @@ from ..checkpoint.grow import grow_checkpoint
 from ..interop.export import export_hf
 from ..interop.gguf import export_gguf
 from ..lineage import ancestry
+from ..lineage.catalog import catalog_file, connect, scan
+from ..lineage.family import Family, format_cost, plot_family
 from ..data.packing import PackedSequences, split_tokens
 from ..data.text import TextDataConfig, corpus_paths
 from ..data.tokens import build_token_cache
@@ -190,8 +194,9 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
         report.text("An OpenAI-compatible server with a chat page at http://127.0.0.1:8000 (see the README's "
                     "Serving section):\n\n```bash\n" + "\n".join(serve_commands(out)) + "\n```")
 
-        # 10. Every checkpoint on the same tasks
+        # 10. Every checkpoint on the same tasks, and the family they form
         compare_everything(out, report, config, eval_items)
+        family_tree(out, report)
         return report.write()
 
 
@@ -225,6 +230,23 @@ def compare_everything(out: Path, report: Report, pretrain_config: pretrain.Pret
                 f"```bash\norchard eval {out / 'pretrain'} {out / 'sft'} --tasks world,gsm8k --limit 200\n```")
     report.text(comparison.markdown())
     report.image(out / "eval" / "eval.png", "headline metric of every checkpoint")
+
+
+def family_tree(out: Path, report: Report) -> None:
+    """The quickstart's family from the catalog (`orchard lineage`): the tree drawn, and the reuse
+    ledger of the distilled student."""
+    scan([out])  # checkpoints of an earlier quickstart, written before the catalog existed, join it
+    with closing(connect()) as connection:
+        family = Family(connection)
+        root = family.find(out / "pretrain")
+        png = plot_family(family, root, out / "family_tree.png")
+        ledger = format_cost(family.cost(family.find(out / "distill")))
+    report.heading("Family tree")
+    report.text(f"Every checkpoint orchard writes joins a catalog (`{catalog_file()}`) with how it was made from "
+                f"the others. `orchard lineage {out / 'pretrain'} --plot tree.png` draws the pretrained model's "
+                f"family; `orchard lineage {out / 'distill'} --cost` is the distilled student's reuse ledger:")
+    report.image(png, "the quickstart's family tree")
+    report.text("```text\n" + ledger + "\n```")
 
 
 def serve_commands(out: Path) -> list[str]:

@@ -17,6 +17,7 @@ from ..checkpoint import (RECORD_FILE, WEIGHTS_INDEX_FILE, checked_weights, is_a
                           weights_files)
 from ..files import atomic_directory, check_output, copy_regular_file, write_json
 from ..lineage.catalog import record_written
+from ..lineage.card import write_model_card
 from ..lineage.record import parent_entry
 from ..model import CausalLM
 
@@ -68,6 +69,7 @@ def export_hf(checkpoint_dir: Path, out_dir: Path, force: bool = False) -> Path:
         for name in [f.name for f in files] + [name for name in COPIED_FILES if (source / name).is_file()]:
             copy_regular_file(source, name, tmp)
         write_json(tmp / RECORD_FILE, {**read_record(source), "export": note})
+        write_model_card(tmp, out_dir, config)
 
     atomic_directory(out_dir, write)
     record_written(out_dir)

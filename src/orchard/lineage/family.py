@@ -79,7 +79,7 @@ class Node:
         stage = f"export ({(record.get('export') or {}).get('format', 'hf')})" if self.kind == "export" \
             else self.stage or "unknown"
         return {"id": self.id, "name": self.name, "kind": self.kind, "stage": stage,
-                "path": self.path, "missing": self.missing, "trainable_parameters": parameters.get("trainable"),
+                "path": self.path, "locations": self.paths, "missing": self.missing, "trainable_parameters": parameters.get("trainable"),
                 "parameters": parameters.get("total") or _parameter_count(self.path), "tokens": self.training.get("tokens"),
                 "flops": self.own_flops, "wall_seconds": self.own_seconds,
                 "metric": {"name": headline[0], "value": headline[1]} if headline else None}

@@ -3,8 +3,9 @@
 A method (pretraining, SFT, DPO, distillation, ...) supplies only what is its own: the micro-batches
 of each step, the loss of a micro-batch, and an evaluation. The engine owns everything else:
 AdamW (fused where the device has it), warm-up then cosine decay, gradient accumulation, gradient
-clipping, bf16 autocast, validation, a progress bar, metrics as JSONL, limits by steps, tokens or
-wall-clock time, checkpoints with resume, and DistributedDataParallel under `torchrun`.
+clipping, bf16 autocast, validation, a progress bar, metrics as JSONL (and to TensorBoard or W&B),
+limits by steps, tokens or wall-clock time, checkpoints with resume, and DistributedDataParallel
+under `torchrun`.
 
 Exact resume: a method's batches are a pure function of (step, micro-batch, rank, world size), and
 a checkpoint holds the weights, the optimizer state and the step, so a run stopped after step s
@@ -45,6 +46,7 @@ from .progress import Progress
 from .run_directory import METRICS_FILE, open_run, recipe_change
 from .distributed import Shard
 from .runtime import Runtime, resolve_device
+from .trackers import Tracker, TrackerName, check_installed, open_tracker
 
 
 @dataclass
@@ -89,6 +91,10 @@ class TrainConfig:
     """How many step checkpoints to keep (the final one is always kept)."""
     log_every: int = 10
     """Append a line to metrics.jsonl every this many steps."""
+    report_to: list[TrackerName] = field(default_factory=list)
+    """Experiment trackers that also get metrics.jsonl's values and the recipe: tensorboard (into
+    RUN_DIR/tensorboard/), wandb (RUN_DIR/wandb/; WANDB_MODE=offline needs no account), e.g.
+    train.report_to=tensorboard,wandb. Each needs the orchard-lm extra of its name."""
     seed: int = 1337
     """Seed of initialisation and data order."""
     device: str = "auto"
@@ -138,7 +144,12 @@ class TrainConfig:
                              f"{self.activation_checkpointing_every}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"train.keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+        for index, name in enumerate(self.report_to):
+            if name in self.report_to[:index]:
+                raise ValueError(f"train.report_to: {name} is named twice")
         try:
+            for name in self.report_to:
+                check_installed(name)
             resolve_device(self.device)
         except OrchardError as error:
             raise ValueError(str(error)) from None
@@ -261,6 +272,8 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.state = TrainState()
         self.metrics_file = self.out_dir / METRICS_FILE
+        self.trackers: list[Tracker] = []
+        """train.report_to's trackers, open while the run trains, on the process that logs."""
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -553,6 +566,23 @@ class Trainer:
         if self.dist.rank == 0:
             with open(self.metrics_file, "a") as handle:
                 handle.write(json.dumps(entry) + "\n")
+            scalars = {key: value for key, value in entry.items()
+                       if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+            for tracker in self.trackers:
+                tracker.log(scalars, entry["step"])
+
+    def _open_trackers(self, resumed_from: int | None) -> None:
+        """Rank 0 opens train.report_to's trackers (the run's to close), the recipe their
+        hyper-parameters; a resumed run goes on with its history from the step after its checkpoint."""
+        if self.dist.rank != 0:
+            return
+        first_step = 0 if resumed_from is None else resumed_from + 1
+        for name in self.config.report_to:
+            self.trackers.append(open_tracker(name, self.out_dir, self.record.get("recipe") or {}, first_step))
+
+    def _close_trackers(self) -> None:
+        while self.trackers:
+            self.trackers.pop().close()
 
     def _evaluate(self) -> dict[str, float]:
         # Every process evaluates: the validation set is split over them (the same windows at every
@@ -578,6 +608,7 @@ class Trainer:
                 return self._fit()
             finally:
                 self.model.compiled_blocks = False  # the trained model goes on eagerly (generation, export)
+                self._close_trackers()
 
     def _fit(self) -> TrainResult:
         final_dir = self.out_dir / FINAL_DIR
@@ -604,6 +635,7 @@ class Trainer:
         if resumed_from is None and self.dist.rank == 0:
             # Lines of an earlier attempt that was killed before its first checkpoint: it starts over.
             self.metrics_file.unlink(missing_ok=True)
+        self._open_trackers(resumed_from)
         if self.config.compile is True:
             model = self._compiled(model)
         model.train()

@@ -43,7 +43,7 @@ RESUMABLE_CHANGES = {"out", "train.max_steps", "train.max_tokens", "train.max_ti
                      "train.eval_batches", "train.save_every", "train.keep_checkpoints", "train.log_every",
                      "train.progress", "train.device", "train.compile", "train.activation_checkpointing",
                      "train.activation_checkpointing_every", "train.parallel", "train.batch_size",
-                     "train.grad_accum", "train.global_batch"}
+                     "train.grad_accum", "train.global_batch", "train.report_to"}
 """Recipe keys that may differ when a run directory is resumed."""
 
 _open: dict[Path, list] = {}
