@@ -44,15 +44,13 @@ from ..model import ModelConfig
 # The module rather than its names: `checkpoint.save` imports this module, and when `orchard.lineage`
 # is imported first, `record` is at that moment still importing the checkpoint package.
 from . import record as lineage
+from .stages import trains_adapters
 
 CARD_FILE = "README.md"
 
 # What a checkpoint directory holds (`weights_kind`).
 FULL, ADAPTER, PEFT_ADAPTER, QUANTIZED, SHARDS = "full", "adapter", "peft-adapter", "quantized", "shards"
 
-# `peft.method`'s values besides none (`orchard.peft.config.PeftConfig`): `new_record` names a stage
-# that trains adapters after them ("sft-lora").
-ADAPTER_METHODS = ("lora", "dora", "qlora", "adapter", "prefix")
 
 # The recipe keys worth a line in the card, by a stage's first word.
 RECIPE_HIGHLIGHTS = {
@@ -143,10 +141,6 @@ def model_id(path: str) -> str:
     return hub_id(path) or path
 
 
-def is_adapter_stage(stage: str) -> bool:
-    return stage.rpartition("-")[2] in ADAPTER_METHODS
-
-
 def base_model(record: dict, weights: str) -> tuple[str | None, str | None]:
     """(the base model's path as recorded, base_model_relation), or (None, None) for a model trained
     from scratch; the rules are the module docstring's."""
@@ -162,7 +156,7 @@ def base_model(record: dict, weights: str) -> tuple[str | None, str | None]:
         return None, None
     if stage == "quantize":
         return parent, "quantized"
-    if is_adapter_stage(stage):
+    if trains_adapters(stage):
         return parent, "merge" if weights == FULL else "adapter"
     return parent, "finetune"
 
@@ -224,7 +218,7 @@ def tags(record: dict) -> list[str]:
     stage = str(record.get("stage", "unknown"))
     recipe = record.get("recipe") or {}
     found = ["orchard", stage]
-    if is_adapter_stage(stage):
+    if trains_adapters(stage):
         method, _, adapter = stage.rpartition("-")
         found += [method, adapter]
     if isinstance(recipe.get("loss"), str):
@@ -237,7 +231,7 @@ def tags(record: dict) -> list[str]:
     if stage == "quantize" and recipe.get("bits"):
         found.append(f"int{recipe['bits']}")
     if record.get("export"):
-        found.append("merged" if is_adapter_stage(stage) else "export")
+        found.append("merged" if trains_adapters(stage) else "export")
     return list(dict.fromkeys(found))
 
 
@@ -295,7 +289,7 @@ def _recipe(record: dict) -> str:
     if highlights:
         lines.append("- Recipe: " + ", ".join(highlights))
     peft = recipe.get("peft") or {}
-    if is_adapter_stage(stage) and peft:
+    if trains_adapters(stage) and peft:
         lines.append(f"- Adapter: {peft.get('method')}, r={peft.get('r')}, alpha={peft.get('alpha')}, "
                      f"targets {', '.join(map(str, peft.get('target_modules') or []))}")
     lines.append(f"- Data: {_data_description(record)}")

@@ -34,6 +34,7 @@ from pathlib import Path
 from ..checkpoint.layout import RECORD_FILE
 from ..errors import OrchardError
 from ..files import read_json
+from .stages import trains_adapters
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -57,7 +58,6 @@ CREATE INDEX IF NOT EXISTS edges_by_target ON edges(target);
 CREATE INDEX IF NOT EXISTS locations_by_id ON locations(id);
 """
 
-ADAPTER_STAGES = re.compile(r"-(lora|dora|qlora|adapters|prefix)$")
 REWARD_SPEC = re.compile(r"^(?:[0-9.eE+-]+\*)?(model|judge):(.+)$")
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 
@@ -112,7 +112,7 @@ def relations(record: dict) -> list[tuple[str, str, str, str]]:
             found.append(("checkpoint", _entry_id(source), "merged from", source["path"]))
         return found
     if parent.get("path"):
-        if ADAPTER_STAGES.search(stage):
+        if trains_adapters(stage):
             relation = "adapter of"
         elif stage == "quantize":
             relation = "quantized from"
