@@ -15,7 +15,8 @@ import torch
 from orchard.checkpoint import load_checkpoint
 from orchard.config import load_config
 from orchard.methods import grpo, rollouts
-from orchard.methods.grpo import GRPO, GRPOConfig
+from orchard.losses.rl import batch_scaled_advantages, group_advantages, normalised_advantages, rloo_advantages
+from orchard.methods.grpo import GRPO, GRPOConfig, advantages
 from orchard.losses.tokens import IGNORE_INDEX
 from orchard.methods.rollouts import PromptDataConfig, Rollouts, completion_log_probs, layout, load_prompts
 from orchard.model.generation import SamplingConfig, generate
@@ -272,12 +273,26 @@ def test_lora_reference_is_the_base_without_adapters(chat_base, tmp_path, monkey
         assert not torch.allclose(method.rollouts.policy(IDS).logits, base(IDS).logits, atol=1e-4)
 
 
-def test_the_policy_learns_to_earn_a_simple_reward(chat_base, tmp_path, user_module):
+@pytest.mark.parametrize("variant", [
+    [],  # GRPO
+    ["advantage_estimator=rloo"],
+    ["advantage_estimator=reinforce++"],
+    # GSPO: one ratio per reply; two updates per rollout so that the ratio and its clip act.
+    ["importance_sampling_level=sequence", "num_iterations=2", "epsilon=3e-3", "epsilon_high=4e-3"],
+], ids=["grpo", "rloo", "reinforce++", "gspo"])
+def test_the_policy_learns_to_earn_a_simple_reward(chat_base, tmp_path, user_module, monkeypatch, variant):
     # Reward: the share of the reply's characters that are the letter "e".
     name = user_module("def e_share(prompts, completions, answers, **kwargs):\n"
                        "    return [c.count('e') / max(len(c), 1) for c in completions]\n")
+    captured = capture_method(monkeypatch)
     run_grpo(chat_base, tmp_path / "run", f"rewards=[{name}:e_share]", "max_new_tokens=8", "train.max_steps=12",
-             "train.lr=0.1", "beta=0", "train.seed=3")
+             "train.lr=0.1", "beta=0", "train.seed=3", *variant)
+    method = captured["method"]
+    rewards_ = torch.tensor([0.0, 1.0, 1.0, 3.0])
+    expected = {"grpo": group_advantages(rewards_, 4), "rloo": normalised_advantages(rloo_advantages(rewards_, 4)),
+                "reinforce++": batch_scaled_advantages(rewards_, 4)}
+    estimator = method.config.advantage_estimator
+    torch.testing.assert_close(advantages(rewards_, torch.ones(4, dtype=torch.bool), method.config), expected[estimator])
     rewards = [line["reward"] for line in lines(tmp_path / "run") if "loss" in line]
     assert len(rewards) == 12
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
@@ -288,6 +303,9 @@ def test_the_policy_learns_to_earn_a_simple_reward(chat_base, tmp_path, user_mod
 
 
 def test_grpo_cli_errors(chat_base, tmp_path, capsys):
+    line = run_error(capsys, ["grpo", f"init={chat_base.dir}", "importance_sampling_level=sequence",
+                              "loss_aggregation=token"])
+    assert "loss_aggregation=sequence" in line
     line = run_error(capsys, ["grpo", f"init={chat_base.dir}", f"out={tmp_path / 'a'}", "rewards=[nonexistent]"])
     assert "rewards" in line and "'nonexistent'" in line
     assert "init" in run_error(capsys, ["grpo", f"out={tmp_path / 'b'}"])

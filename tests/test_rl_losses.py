@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from orchard.losses.tokens import token_log_probs
-from orchard.losses.rl import (aggregate, clipped_surrogate, clipped_value_loss, gae, grpo_token_loss,
-                                       group_advantages, k3_kl, 
-                                       token_rewards_with_kl, whiten)
+from orchard.losses.rl import (aggregate, batch_scaled_advantages, clipped_surrogate, clipped_value_loss, gae,
+                               grpo_token_loss, group_advantages, gspo_token_loss, k3_kl, normalised_advantages,
+                               rloo_advantages, token_rewards_with_kl, whiten)
 
 
 def close(actual: torch.Tensor, expected, atol: float = 1e-6) -> None:
@@ -62,6 +62,37 @@ def test_group_advantages_degenerate_groups_give_zero_not_nan():
         assert torch.equal(advantages, torch.zeros(9))
     with pytest.raises(ValueError):
         group_advantages(rewards, 4)
+
+
+def test_rloo_and_batch_scaled_advantages_by_hand():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])
+    # Leave-one-out: 1 - (2 + 3) / 2, 2 - (1 + 3) / 2, 3 - (1 + 2) / 2; 0 - 3, 0 - 3, 6 - 0.
+    close(rloo_advantages(rewards, 3), [-1.5, 0.0, 1.5, -3.0, -3.0, 6.0])
+    valid = torch.tensor([True, True, False, True, False, False])
+    # Group 1 over {1, 2}: 1 - 2, 2 - 1; group 2 has one valid sample: no baseline, 0.
+    close(rloo_advantages(rewards, 3, valid), [-1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    # REINFORCE++: deviations from the group mean (2 and 2) over the std of all six rewards.
+    std = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 6.0]).std().item() + 1e-4
+    close(batch_scaled_advantages(rewards, 3), [-1 / std, 0.0, 1 / std, -2 / std, -2 / std, 4 / std])
+    a = torch.tensor([1.0, 3.0, 5.0, 100.0])
+    close(normalised_advantages(a, torch.tensor([True, True, True, False])), [-2 / 2.0001, 0.0, 2 / 2.0001, 0.0])
+
+
+def test_gspo_uses_one_ratio_per_sequence():
+    logp = torch.tensor([[-1.0, -2.0, -9.0], [-1.0, -1.0, -1.0]])
+    old = torch.tensor([[-1.2, -1.6, 0.0], [-1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    advantages = torch.tensor([1.0, -1.0])
+    # Row 0: the mean log ratio over its 2 tokens, (0.2 - 0.4) / 2 = -0.1 (the padding's 9 ignored), one
+    # ratio e^-0.1 = 0.905 for the whole row; row 1: ratio 1.
+    loss = gspo_token_loss(logp, old, advantages, mask, eps_low=0.2, eps_high=0.2)
+    ratio = math.exp(-0.1)
+    close(loss[0], [-ratio] * 3)  # 0.905 is inside [0.8, 1.2]: unclipped, at every token of the row
+    close(loss[1], [1.0] * 3)  # ratio 1, advantage -1
+    tight = gspo_token_loss(logp, old, advantages, mask, eps_low=0.05, eps_high=0.05)
+    close(tight[0], [-ratio] * 3)  # -min(0.905, 0.95) for a positive advantage: the unclipped one
+    negative = gspo_token_loss(logp, old, -advantages, mask, eps_low=0.05, eps_high=0.05)
+    close(negative[0], [0.95] * 3)  # -min(-0.905, -0.95) = 0.95: clipped
 
 
 def test_k3_is_the_formula_nonnegative_and_zero_when_equal():
@@ -275,6 +306,8 @@ def trl_group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewa
     if scale_rewards in ["group", "none"]:
         std_rewards = nanstd(rewards.view(-1, num_generations), dim=1)
         std_rewards = std_rewards.repeat_interleave(num_generations, dim=0)
+    elif scale_rewards == "batch":
+        std_rewards = nanstd(rewards).expand_as(rewards)
     advantages = rewards - mean_grouped_rewards
     if scale_rewards != "none":
         advantages = advantages / (std_rewards + 1e-4)
@@ -295,15 +328,72 @@ def test_group_advantages_match_trl(trl):
         parity(group_advantages(torch.nan_to_num(rewards, nan=123.0), 4, valid=valid, scale=scale), ours)
 
 
+def trl_rloo_advantages(rewards: torch.Tensor, num_generations: int, normalize_advantages: bool) -> torch.Tensor:
+    """TRL 1.16 trl/trainer/rloo_trainer.py, RLOOTrainer._generate_and_score_completions, from
+    `grouped_rewards` to `nan_to_num` (beta = 0: no KL in the reward), verbatim but for the names of
+    its inputs."""
+    from trl.trainer.utils import nanstd
+
+    grouped_rewards = rewards.view(-1, num_generations)
+    scorable_counts = (~torch.isnan(grouped_rewards)).sum(dim=1, keepdim=True)
+    grouped_sum = torch.nansum(grouped_rewards, dim=1, keepdim=True)
+    baselines = (grouped_sum - grouped_rewards) / (scorable_counts - 1)
+    baselines = baselines.view(-1)
+    advantages = rewards - baselines
+    if normalize_advantages:
+        advantages = (advantages - torch.nanmean(advantages)) / (nanstd(advantages) + 1e-4)
+    advantages = torch.nan_to_num(advantages, nan=0.0)
+    return advantages
+
+
+def test_rloo_and_reinforce_plus_plus_advantages_match_trl(trl):
+    g = torch.Generator().manual_seed(7)
+    rewards = torch.randn(6 * 4, generator=g)
+    rewards[[1, 9, 10]] = math.nan  # failed reward functions
+    rewards[12:16] = 0.5  # a group with equal rewards
+    valid = ~torch.isnan(rewards)
+    clean = torch.nan_to_num(rewards, nan=123.0)
+    parity(rloo_advantages(clean, 4, valid), trl_rloo_advantages(rewards, 4, False))
+    parity(normalised_advantages(rloo_advantages(clean, 4, valid), valid), trl_rloo_advantages(rewards, 4, True))
+    parity(batch_scaled_advantages(clean, 4, valid), trl_group_advantages(rewards, 4, "batch"))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_gspo_loss_matches_trl(trl, beta):
+    from trl import GRPOTrainer
+
+    g = torch.Generator().manual_seed(8)
+    B, T = 6, 7
+    logp = (-4 * torch.rand(B, T, generator=g)).requires_grad_()
+    old = logp.detach() + 0.02 * torch.randn(B, T, generator=g)
+    ref = logp.detach() + 0.5 * torch.randn(B, T, generator=g)
+    advantages = torch.randn(B, generator=g)
+    mask = (torch.arange(T) < torch.tensor([7, 1, 3, 5, 2, 6]).unsqueeze(1)).long()
+    eps_low, eps_high = 3e-3, 4e-3
+    total, count = aggregate(gspo_token_loss(logp, old, advantages, mask, ref, beta, eps_low, eps_high), mask,
+                             "sequence")
+    ours = total / count
+    (g_ours,) = torch.autograd.grad(ours, logp)
+    stand_in = grpo_stand_in("grpo", beta, eps_low, eps_high, T, logp, importance_sampling_level="sequence")
+    inputs = {"prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask,
+              "advantages": advantages, "old_per_token_logps": old, "ref_per_token_logps": ref,
+              "num_items_in_batch": mask.sum()}
+    theirs = GRPOTrainer._compute_loss(stand_in, None, inputs)
+    (g_theirs,) = torch.autograd.grad(theirs, logp)
+    parity(ours, theirs)
+    parity(g_ours, g_theirs)
+
+
 def grpo_stand_in(loss_type: str, beta: float, eps_low: float, eps_high: float, max_completion_length: int,
-                  logp: torch.Tensor) -> types.SimpleNamespace:
+                  logp: torch.Tensor, importance_sampling_level: str = "token") -> types.SimpleNamespace:
     """The attributes GRPOTrainer._compute_loss reads, for a plain token-level GRPO step on one process
     (no vLLM, no entropy masking or bonus, no off-policy mask, no gradient accumulation). The policy
     forward pass is replaced by `logp`."""
     identity = lambda x, *args, **kwargs: x  # noqa: E731
     return types.SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logp, torch.zeros_like(logp), None),
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=importance_sampling_level,
         loss_type=loss_type, beta=beta, epsilon_low=eps_low, epsilon_high=eps_high,
         max_completion_length=max_completion_length, use_vllm=False, vllm_importance_sampling_correction=False,
         args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),

@@ -56,16 +56,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, valid: torch.Tensor
     samples, or whose valid rewards are all equal, gets 0 advantages: no signal, and no NaN.
     Returns (N*G,) fp32, without gradient.
     """
-    if rewards.dim() != 1 or group_size <= 0 or rewards.numel() % group_size:
-        raise ValueError(f"rewards must be (N*G,) with G={group_size} dividing its length, got {tuple(rewards.shape)}")
-    rewards = rewards.detach().float()
-    ok = torch.isfinite(rewards)
-    if valid is not None:
-        if valid.shape != rewards.shape:
-            raise ValueError(f"valid must have the shape of rewards {tuple(rewards.shape)}, got {tuple(valid.shape)}")
-        ok = ok & valid.bool()
-    r = torch.where(ok, rewards, 0.0).view(-1, group_size)
-    ok = ok.view(-1, group_size)
+    r, ok = _valid_groups(rewards, group_size, valid)
     n = ok.sum(1, keepdim=True)
     mean = r.sum(1, keepdim=True) / n.clamp(min=1)
     centred = torch.where(ok, r - mean, 0.0)
@@ -74,6 +65,54 @@ def group_advantages(rewards: torch.Tensor, group_size: int, valid: torch.Tensor
         std = ((centred ** 2).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
         advantages = centred / (std + eps)
     return torch.where(ok & (n >= 2), advantages, 0.0).view(-1)
+
+
+def _valid_groups(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards with invalid ones zeroed, valid mask), both (N, G); invalid = failed or non-finite."""
+    if rewards.dim() != 1 or group_size <= 0 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be (N*G,) with G={group_size} dividing its length, got {tuple(rewards.shape)}")
+    rewards = rewards.detach().float()
+    ok = torch.isfinite(rewards)
+    if valid is not None:
+        if valid.shape != rewards.shape:
+            raise ValueError(f"valid must have the shape of rewards {tuple(rewards.shape)}, got {tuple(valid.shape)}")
+        ok = ok & valid.bool()
+    return torch.where(ok, rewards, 0.0).view(-1, group_size), ok.view(-1, group_size)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """REINFORCE leave-one-out (RLOO; Ahmadian et al. 2024): each reward minus the mean of the other
+    valid rewards of its group, an unbiased baseline that needs no value model. Invalid samples get
+    0 and are left out of their siblings' baselines; a group with fewer than 2 valid samples gives 0
+    (TRL's RLOOTrainer, before its optional normalisation: `normalised_advantages`). (N*G,) fp32."""
+    r, ok = _valid_groups(rewards, group_size, valid)
+    n = ok.sum(1, keepdim=True)
+    baseline = (r.sum(1, keepdim=True) - r) / (n - 1).clamp(min=1)
+    return torch.where(ok & (n >= 2), r - baseline, 0.0).view(-1)
+
+
+def batch_scaled_advantages(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None,
+                            eps: float = 1e-4) -> torch.Tensor:
+    """REINFORCE++ with a group baseline (Hu 2025): each reward minus its group's mean, over the std
+    of all the batch's valid rewards + eps, so one noisy group does not blow up its advantages as a
+    group std can (TRL's GRPO `scale_rewards="batch"`). A group with fewer than 2 valid samples
+    gives 0. (N*G,) fp32."""
+    r, ok = _valid_groups(rewards, group_size, valid)
+    n = ok.sum(1, keepdim=True)
+    mean = r.sum(1, keepdim=True) / n.clamp(min=1)
+    values = r[ok]
+    std = values.std() if values.numel() > 1 else torch.tensor(0.0)
+    return torch.where(ok & (n >= 2), (r - mean) / (std + eps), 0.0).view(-1)
+
+
+def normalised_advantages(advantages: torch.Tensor, valid: torch.Tensor | None = None, eps: float = 1e-4) -> torch.Tensor:
+    """Advantages shifted and scaled to mean 0 and std 1 over the valid samples of the batch (RLOO's
+    `normalize_advantages`); invalid ones stay 0."""
+    ok = torch.ones_like(advantages, dtype=torch.bool) if valid is None else valid.bool()
+    values = advantages[ok]
+    if values.numel() < 2:
+        return torch.zeros_like(advantages)
+    return torch.where(ok, (advantages - values.mean()) / (values.std() + eps), 0.0)
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -121,6 +160,29 @@ def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantage
     if beta != 0.0:
         if ref_logp is None:
             raise ValueError("grpo_token_loss: beta != 0 needs ref_logp")
+        loss = loss + beta * k3_kl(logp, ref_logp)
+    return loss
+
+
+def gspo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor,
+                    ref_logp: torch.Tensor | None = None, beta: float = 0.0,
+                    eps_low: float = 3e-4, eps_high: float = 4e-4) -> torch.Tensor:
+    """Per-token GSPO loss (Zheng et al. 2025, TRL's `importance_sampling_level="sequence"`): one
+    importance ratio per sequence, exp of the mean over its tokens of logp - old_logp, clipped as
+    PPO's (GSPO's ranges are ~1e-4, not 0.2), its surrogate at every token of the row, plus beta
+    times the per-token k3 KL. `advantages` (B,). Reduce with `aggregate(..., "sequence")`: each
+    sequence then weighs once, as the ratio does."""
+    if advantages.dim() != 1:
+        raise ValueError(f"GSPO's advantages are one per sequence, (B,), got {tuple(advantages.shape)}")
+    if old_logp is None:
+        old_logp = logp.detach()
+    mask = mask.to(logp.dtype)
+    log_ratio = ((logp - old_logp) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    loss = clipped_surrogate(log_ratio, torch.zeros_like(log_ratio), advantages, eps_low, eps_high)
+    loss = loss.expand_as(logp)
+    if beta != 0.0:
+        if ref_logp is None:
+            raise ValueError("gspo_token_loss: beta != 0 needs ref_logp")
         loss = loss + beta * k3_kl(logp, ref_logp)
     return loss
 

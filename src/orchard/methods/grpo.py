@@ -9,9 +9,11 @@ optimizer step, read top to bottom:
 2. the replies scored by the weighted rewards (`orchard.rewards`: programs, a reward model, a
    judge); a reply whose reward failed is counted and gets no advantage;
 3. advantages relative to each prompt's group: (r - mean) / std (`scale_rewards=false` leaves out
-   the std, as Dr. GRPO);
+   the std, as Dr. GRPO), or RLOO's leave-one-out baseline, or REINFORCE++'s batch std
+   (`advantage_estimator`);
 4. the clipped surrogate loss per token (one update per rollout, so the ratio is 1 and the clip
-   guards nothing until `epsilon` matters with several micro-batches of one step), plus beta times
+   guards nothing until `epsilon` matters with several micro-batches of one step), or per reply
+   (GSPO, `importance_sampling_level=sequence`), plus beta times
    the k3 KL to the reference model (the parent; with LoRA the adapters switched off, costing no
    memory), aggregated per sequence (GRPO), per token (DAPO) or by a constant (Dr. GRPO).
 """
@@ -24,7 +26,8 @@ from typing import Literal
 
 import torch
 
-from ..losses.rl import aggregate, group_advantages, grpo_token_loss, k3_kl
+from ..losses.rl import (aggregate, batch_scaled_advantages, group_advantages, grpo_token_loss, gspo_token_loss, k3_kl,
+                        normalised_advantages, rloo_advantages)
 from ..peft.config import ReferenceModel
 from ..training import TrainResult
 from ..training.run_directory import in_run_directory
@@ -48,7 +51,18 @@ class GRPOConfig(OnlineConfig):
     """sequence: mean over each reply's tokens, then over replies (GRPO); token: mean over all
     tokens (DAPO); dr_grpo: token sum over replies x max_new_tokens (Dr. GRPO)."""
     scale_rewards: bool = True
-    """Divide advantages by the group's reward std (GRPO); false as Dr. GRPO recommends."""
+    """Divide advantages by the group's reward std (GRPO); false as Dr. GRPO recommends. With
+    advantage_estimator=rloo: normalise the batch's advantages to mean 0 and std 1."""
+    advantage_estimator: Literal["grpo", "rloo", "reinforce++"] = "grpo"
+    """grpo: each reward against its group's mean (and std, scale_rewards); rloo: against the mean of
+    the group's other rewards (RLOO, an unbiased leave-one-out baseline); reinforce++: against the
+    group's mean, over the std of the whole rollout batch's rewards (REINFORCE++ with a group
+    baseline: a group whose rewards barely differ is not blown up)."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """token: a ratio per token (GRPO); sequence: one ratio per reply, from the mean of its tokens' log
+    ratios, clipped per reply (GSPO; its clip ranges are ~1e-4: epsilon=3e-4 epsilon_high=4e-4, and
+    it needs loss_aggregation=sequence). Different from token only when a rollout serves several
+    updates (num_iterations > 1)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -60,6 +74,9 @@ class GRPOConfig(OnlineConfig):
         if not 0 < self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high <= 0):
             raise ValueError(f"epsilon must be in (0, 1) and epsilon_high positive, got {self.epsilon}, "
                              f"{self.epsilon_high}")
+        if self.importance_sampling_level == "sequence" and self.loss_aggregation != "sequence":
+            raise ValueError("importance_sampling_level=sequence (GSPO) weighs each reply once: it needs "
+                             f"loss_aggregation=sequence, got {self.loss_aggregation}")
 
 
 class GRPO:
@@ -77,8 +94,7 @@ class GRPO:
     def prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Advantages, and the log-probabilities the loss compares with: the reference's (for the KL)
         and, when a rollout serves several steps, the sampling policy's (for the ratio)."""
-        batch["advantages"] = group_advantages(batch["rewards"], self.config.num_generations,
-                                               batch["reward_valid"], scale=self.config.scale_rewards)
+        batch["advantages"] = advantages(batch["rewards"], batch["reward_valid"], self.config)
         device = self.rollouts.policy.lm_head.weight.device
         on_device = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad(), self.rollouts.runtime.autocast():
@@ -98,12 +114,20 @@ class GRPO:
         mask = batch["completion_mask"]
         logps = completion_log_probs(model, batch, self.config.temperature)
         epsilon_high = c.epsilon_high if c.epsilon_high is not None else c.epsilon
-        per_token = grpo_token_loss(logps, batch.get("old_logps"), batch["advantages"], batch.get("ref_logps"),
-                                    c.beta, c.epsilon, epsilon_high)
+        if c.importance_sampling_level == "sequence":
+            per_token = gspo_token_loss(logps, batch.get("old_logps"), batch["advantages"], mask,
+                                        batch.get("ref_logps"), c.beta, c.epsilon, epsilon_high)
+        else:
+            per_token = grpo_token_loss(logps, batch.get("old_logps"), batch["advantages"], batch.get("ref_logps"),
+                                        c.beta, c.epsilon, epsilon_high)
         total, _ = aggregate(per_token, mask, c.loss_aggregation, c.max_new_tokens)
         metrics = self.metrics(batch, logps)
         if "old_logps" in batch:
-            ratio = torch.exp(logps.detach() - batch["old_logps"])
+            log_ratio = logps.detach() - batch["old_logps"]
+            if c.importance_sampling_level == "sequence":  # one ratio per reply
+                log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+                mask = torch.ones_like(log_ratio, dtype=torch.bool)
+            ratio = torch.exp(log_ratio)
             clipped = ((ratio < 1 - c.epsilon) | (ratio > 1 + epsilon_high)) & mask
             metrics["clip_ratio"] = clipped.sum().item() / max(mask.sum().item(), 1)
         return total, metrics
@@ -128,6 +152,17 @@ class GRPO:
 
     def evaluate(self, model, shard) -> dict[str, float]:
         return self.rollouts.evaluate(self.val)
+
+
+def advantages(rewards: torch.Tensor, valid: torch.Tensor, config: GRPOConfig) -> torch.Tensor:
+    """The rollout batch's advantages by `config.advantage_estimator` (see GRPOConfig)."""
+    G = config.num_generations
+    if config.advantage_estimator == "rloo":
+        found = rloo_advantages(rewards, G, valid)
+        return normalised_advantages(found, valid) if config.scale_rewards else found
+    if config.advantage_estimator == "reinforce++":
+        return batch_scaled_advantages(rewards, G, valid)
+    return group_advantages(rewards, G, valid, scale=config.scale_rewards)
 
 
 @in_run_directory("grpo")
