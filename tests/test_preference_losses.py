@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from orchard.losses.preference import dpo_loss, ipo_loss, orpo_loss, simpo_loss
+from orchard.losses.preference import dpo_loss, ipo_loss, kto_loss, kto_reference_point, orpo_loss, simpo_loss
 
 
 def log_sigmoid(x: float) -> float:
@@ -30,6 +30,19 @@ def test_dpo_gradient_pushes_chosen_up_and_rejected_down():
     expected = -0.5 * (1 - 1 / (1 + math.exp(-1.0)))
     assert chosen.grad.item() == pytest.approx(expected, abs=1e-6)
     assert rejected.grad.item() == pytest.approx(-expected, abs=1e-6)
+
+
+def test_kto_by_hand():
+    logps, ref = torch.tensor([-3.0, -5.0, -4.0]), torch.tensor([-4.0, -4.0, -4.0])
+    desirable = torch.tensor([True, False, True])
+    z0 = kto_reference_point(torch.tensor([-2.0, -6.0]), torch.tensor([-3.0, -3.0]))
+    assert z0.item() == 0.0  # mean log-ratio (1 - 3) / 2 = -1, clamped at 0
+    z0 = kto_reference_point(torch.tensor([-2.0, -2.5]), torch.tensor([-3.0, -3.0]))
+    assert z0.item() == pytest.approx(0.75)
+    losses = kto_loss(logps, ref, desirable, z0, beta=0.5, desirable_weight=1.0, undesirable_weight=2.0)
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = [1 - sigmoid(0.5 * (1.0 - 0.75)), 2 * (1 - sigmoid(0.5 * (0.75 + 1.0))), 1 - sigmoid(0.5 * (0 - 0.75))]
+    torch.testing.assert_close(losses, torch.tensor(expected), atol=1e-6, rtol=0)
 
 
 def test_ipo_matches_the_formula():
@@ -162,6 +175,44 @@ def test_dpo_matches_trl(trl, beta):
     parity(ours.mean(), theirs)
     for a, b in zip(grads(ours.mean(), [per_token, ref]), grads(theirs, [per_token, ref])):
         parity(a, b)
+
+
+@pytest.mark.parametrize("beta, desirable_weight, undesirable_weight", [(0.1, 1.0, 1.0), (0.5, 1.0, 1.33)])
+def test_kto_matches_trl(trl, beta, desirable_weight, undesirable_weight):
+    """TRL's KTOTrainer._compute_loss, called unbound with a stand-in `self` and a model that returns
+    given per-token log-probabilities; reference log-probabilities precomputed, as TRL can."""
+    import types
+    from collections import defaultdict
+
+    from trl import KTOTrainer
+
+    g = torch.Generator().manual_seed(9)
+    n, T = 6, 8
+    mask = (torch.arange(T) >= torch.tensor([2, 3, 1, 4, 2, 5]).unsqueeze(1)).long()  # the completion's tokens
+    per_token = (-3 * torch.rand(n, T - 1, generator=g) * mask[:, 1:]).requires_grad_()
+    ref = per_token.detach().sum(-1) + 0.7 * torch.randn(n, generator=g)
+    kl_logps, ref_kl = -20 * torch.rand(n, generator=g), -20 * torch.rand(n, generator=g)
+    labels = torch.tensor([True, False, True, True, False, False])
+    identity = lambda x, *args, **kwargs: x  # noqa: E731
+    stand_in = types.SimpleNamespace(
+        model=types.SimpleNamespace(training=True), _compute_kl_logps=lambda model, batch: kl_logps,
+        aux_loss_enabled=False, precompute_ref_logps=True, calculate_KL=True, loss_type="kto", beta=beta,
+        desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+        accelerator=types.SimpleNamespace(device="cpu", gather_for_metrics=identity),
+        _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1)
+    zeros = torch.zeros(n, T - 1)
+    model = lambda **kwargs: types.SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros)  # noqa: E731
+    inputs = {"input_ids": torch.zeros(n, T, dtype=torch.long), "attention_mask": torch.ones(n, T, dtype=torch.long),
+              "completion_mask": mask, "label": labels, "ref_logps": ref, "ref_KL_logps": ref_kl}
+    theirs = KTOTrainer._compute_loss(stand_in, model, inputs, return_outputs=False)
+    theirs = theirs[0] if isinstance(theirs, tuple) else theirs
+    # TRL orders desirable examples first; the mean does not care.
+    ours = kto_loss(per_token.sum(-1), ref, labels, kto_reference_point(kl_logps, ref_kl), beta, desirable_weight,
+                    undesirable_weight).mean()
+    parity(ours, theirs)
+    (g_ours,) = torch.autograd.grad(ours, per_token)
+    (g_theirs,) = torch.autograd.grad(theirs, per_token)
+    parity(g_ours, g_theirs)
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5])

@@ -49,3 +49,22 @@ def orpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, chosen_nll
     rejected_mean = rejected_mean.clamp(max=-1e-6)
     ratio = torch.exp(rejected_mean) * torch.expm1(-chosen_mean) / -torch.expm1(rejected_mean)
     return chosen_nll + weight * torch.log1p(ratio)
+
+
+def kto_reference_point(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z0 (Ethayarajh et al. 2024): an estimate of KL(policy || reference), the
+    mean log-ratio of completions paired with prompts they do not answer, clamped at 0 and without
+    gradient (TRL's `kl`)."""
+    return (kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+
+
+def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, reference_point: torch.Tensor,
+             beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
+    """KTO on unpaired examples (Eqn. 7 of Ethayarajh et al. 2024): with r = β (logps - ref_logps),
+    a desirable completion costs w_d (1 - σ(r - β z0)), an undesirable one w_u (1 - σ(β z0 - r)):
+    each is pushed away from the reference point `reference_point` (z0, `kto_reference_point`)
+    on its own side. `desirable` (B,) bool; returns (B,) losses (TRL's, in the batch's order)."""
+    logratio = logps - ref_logps
+    chosen = desirable_weight * (1 - torch.sigmoid(beta * (logratio - reference_point)))
+    rejected = undesirable_weight * (1 - torch.sigmoid(beta * (reference_point - logratio)))
+    return torch.where(desirable.bool(), chosen, rejected)
