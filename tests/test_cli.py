@@ -348,6 +348,7 @@ def test_quickstart_writes_a_report_with_metrics_plot_and_samples(tmp_path):
     assert "## Growing a model" in text and (tmp_path / "qs" / "grow" / "train" / "final" / "config.json").is_file()
     difference = float(re.search(r"largest logit difference[^|]*\| ([0-9.e+-]+)", text).group(1))
     assert difference < 1e-4  # the grown model computes the parent's function
+    assert "| before |" in text and "mean@8" in text  # GRPO before and after, sampled as well as greedy
     assert "## Serving" in text and f"orchard serve {tmp_path / 'qs' / 'pretrain'} --adapter chat-lora=" in text
     # It ends with every checkpoint on the same tasks, each column headed by its lineage.
     final = text[text.index("## Every checkpoint, side by side"):]

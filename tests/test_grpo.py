@@ -191,6 +191,8 @@ def test_a_short_run_logs_reward_metrics_and_keeps_a_frozen_reference(chat_base,
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
     final_eval = logged[-1]
     assert {"val_reward", "val_completion_length", "val_reward_failures", "val_reward/exact_match"} <= set(final_eval)
+    # Sampled replies too (data.eval_samples=8 by default): mean@8 is never above pass@8.
+    assert 0 <= final_eval["val_mean@8/exact_match"] <= final_eval["val_pass@8/exact_match"] <= 1
     record = json.loads((result.final_dir / "orchard.json").read_text())
     assert record["stage"] == "grpo" and record["parent"]["path"] == str(chat_base.dir.resolve())
     # The reference is a frozen copy of the parent, untouched by training.
@@ -296,6 +298,27 @@ def test_the_policy_learns_to_earn_a_simple_reward(chat_base, tmp_path, user_mod
     rewards = [line["reward"] for line in lines(tmp_path / "run") if "loss" in line]
     assert len(rewards) == 12
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
+
+
+def test_sampled_evaluation_by_hand():
+    """mean@k and pass@k from canned samples: 3 prompts, k = 4, two prompts per batch."""
+    rollouts_ = SimpleNamespace(rewards=Rewards(["exact_match"]), sampling=SamplingConfig(temperature=1.0))
+    prompts = [rollouts.Prompt([{"role": "user", "content": q}], a, [1, 2]) for q, a in
+               [("q1", "Paris"), ("q2", "7"), ("q3", "red")]]
+    replies = ["Paris", "London", "Paris", "no",   # 2 of 4 right
+               "8", "9", "6", "5",                 # none right
+               "red", "red", "red", "red"]         # all right
+    seen_seeds = []
+
+    def sample(ids, sampling, row_seeds=None):
+        seen_seeds.extend(row_seeds)
+        return [[i] for i in range(len(ids))]
+    position = iter(range(len(replies)))
+    rollouts_.sample = sample
+    rollouts_.texts = lambda completions: [replies[next(position)] for _ in completions]
+    metrics = Rollouts._sampled(rollouts_, prompts, 4, prompts_per_batch=2)
+    assert metrics == {"val_mean@4/exact_match": (0.5 + 0.0 + 1.0) / 3, "val_pass@4/exact_match": 2 / 3}
+    assert len(set(seen_seeds)) == 12  # every sample its own seed
 
 
 # --- CLI ----------------------------------------------------------------------------------------------

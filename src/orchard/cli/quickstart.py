@@ -267,7 +267,9 @@ ALIGNMENT_STAGES = {
     "grpo": (grpo.run, grpo.GRPOConfig, ["train.max_steps=30", "train.lr=2e-5", "train.batch_size=4", "num_generations=8",
                     "max_new_tokens=32", "train.eval_every=10", "train.save_every=10"],
              "val_reward/exact_match", "held-out exact match (greedy)",
-             {"mean reward of the sampled replies": "reward", "held-out exact match": "val_reward/exact_match"}),
+             {"mean reward of the sampled replies": "reward", "held-out exact match (greedy)": "val_reward/exact_match",
+              "held-out mean@8 (8 samples at temperature 1)": "val_mean@8/exact_match",
+              "held-out pass@8": "val_pass@8/exact_match"}),
 }
 
 
@@ -305,6 +307,15 @@ def align(out: Path, report: Report, sft_dir: Path, held_out: list, steps: int |
                 f"{likelihood[0]:.1%} before and {likelihood[-1]:.1%} after; held-out exact match of the DPO "
                 f"model {dpo_exact:.1%}. The held-out questions ask about facts no fine-tuning data mentions, so "
                 "what alignment can reach there is bounded by what pretraining taught (see the README).")
+    grpo_rows = [row for row in read_metrics(out / "grpo" / "metrics.jsonl") if "val_mean@8/exact_match" in row]
+    if grpo_rows:
+        report.text("GRPO on the held-out questions, before and after (RL sharpens the sampling distribution: "
+                    "mean@8 is the average exact match of 8 sampled replies, pass@8 the share of questions "
+                    "with at least one right):")
+        report.table(["", "greedy exact match", "mean@8", "pass@8"], [
+            [label, *(f"{row[key]:.1%}" for key in ("val_reward/exact_match", "val_mean@8/exact_match",
+                                                     "val_pass@8/exact_match"))]
+            for label, row in (("before", grpo_rows[0]), ("after", grpo_rows[-1]))])
     for png, caption in images:
         report.image(png, caption)
 

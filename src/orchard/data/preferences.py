@@ -179,6 +179,46 @@ def tokenize_preference_pair(pair: PreferencePair, tokenizer, max_length: int, t
             return None
 
 
+# --- unpaired examples (KTO) --------------------------------------------------------------------------
+
+
+@dataclass
+class UnpairedExample:
+    prompt: list[dict]
+    completion: list[dict]
+    """The messages after the prompt (usually one assistant message)."""
+    desirable: bool
+    source: str
+
+
+def read_unpaired(paths, on_error: str = "error", stats: ReadStats | None = None,
+                  key: str = "data.path") -> Iterator[UnpairedExample]:
+    """Yield every unpaired example of the files ``paths`` names, TRL's unpaired preference format:
+    ``{"prompt": str | [messages], "completion": str | [messages], "label": true | false}`` (label:
+    whether the completion is desirable); ``on_error``, ``stats`` and ``key`` as in
+    `read_preference_pairs`."""
+    for source, (prompt, completion, label) in read_records(paths, _parse_unpaired, on_error, stats, key,
+                                                            what="unpaired examples"):
+        yield UnpairedExample(prompt, completion, label, source)
+
+
+def unpaired_from_pairs(pairs: list[PreferencePair]) -> list[UnpairedExample]:
+    """Each pair as two unpaired examples: its chosen reply desirable, its rejected one not."""
+    return [UnpairedExample(pair.prompt, reply, desirable, pair.source)
+            for pair in pairs for reply, desirable in ((pair.chosen, True), (pair.rejected, False))]
+
+
+def _parse_unpaired(record) -> tuple[list[dict], list[dict], bool]:
+    if not isinstance(record, dict):
+        raise BadRecord("not an object", f"expected a JSON object, got {json_type(record)}")
+    if not isinstance(record.get("label"), bool):
+        raise BadRecord("bad label", f"field 'label' must be true or false, got {record.get('label')!r}")
+    prompt, completion = _prompt_messages(record), _reply(record, "completion")
+    _check_prompt(prompt)
+    _check_reply("completion", completion)
+    return prompt, completion, record["label"]
+
+
 # --- prompts -----------------------------------------------------------------------------------------
 
 

@@ -124,7 +124,7 @@ def relations(record: dict) -> list[tuple[str, str, str, str]]:
             relation = "trained from"
         found.append(("checkpoint", _entry_id(parent), relation, parent["path"]))
         base = stage.split("-")[0]
-        with_reference = ((base == "dpo" and recipe.get("loss", "dpo") not in REFERENCE_FREE_LOSSES)
+        with_reference = ((base == "dpo" and recipe.get("loss", "dpo") not in REFERENCE_FREE_LOSSES) or base == "kto"
                           or (base == "grpo" and (recipe.get("beta") or 0) > 0)
                           or (base == "ppo" and (recipe.get("kl_coef") or 0) > 0))
         if with_reference:  # the init is the frozen reference of the KL term / the implicit reward

@@ -151,7 +151,7 @@ class GRPO:
         return metrics
 
     def evaluate(self, model, shard) -> dict[str, float]:
-        return self.rollouts.evaluate(self.val)
+        return self.rollouts.evaluate(self.val, samples=self.config.data.eval_samples)
 
 
 def advantages(rewards: torch.Tensor, valid: torch.Tensor, config: GRPOConfig) -> torch.Tensor:

@@ -126,7 +126,7 @@ class PPO:
         return policy_loss + c.vf_coef * value_loss, metrics
 
     def evaluate(self, model, shard) -> dict[str, float]:
-        return self.rollouts.evaluate(self.val)
+        return self.rollouts.evaluate(self.val, samples=self.config.data.eval_samples)
 
 
 @in_run_directory("ppo")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import continual, distill, dpo, grpo, ppo, pretrain, reward, sft
+from . import continual, distill, dpo, grpo, kto, ppo, pretrain, reward, sft
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,12 @@ COMMANDS: dict[str, TrainingCommand] = {command.name: command for command in [
         "Train a scalar reward head on init=CHECKPOINT so that chosen replies score above rejected ones; "
         "reports held-out pairwise accuracy. With no data.path it uses the built-in world's pairs.",
         "init=runs/quickstart/sft"),
+    TrainingCommand("kto", kto.KTOConfig, kto.run,
+        "align on unpaired feedback (a reply marked desirable or not) with KTO",
+        "KTO on init=CHECKPOINT from unpaired examples, TRL's {prompt, completion, label} records: each "
+        "desirable reply's implicit reward is pushed above a reference point, each undesirable one below it. "
+        "With no data.path it uses the built-in world's pairs taken apart, and reports held-out pairwise "
+        "accuracy.", "init=runs/quickstart/sft beta=0.1"),
     TrainingCommand("dpo", dpo.DPOConfig, dpo.run,
         "align on preference pairs with DPO, IPO, SimPO or ORPO",
         "Offline preference optimisation of init=CHECKPOINT (loss=dpo|ipo|simpo|orpo). The reference model's "

@@ -50,6 +50,10 @@ class PromptDataConfig:
     """Use at most this many training prompts (from the start)."""
     eval_prompts: int = 200
     """Held-out prompts answered (greedily) at each evaluation."""
+    eval_samples: int = 8
+    """Replies sampled per held-out prompt at each evaluation, at the training temperature: each
+    reward's mean over them (mean@k) and its best per prompt, averaged (pass@k, for a 0/1 reward),
+    where RL acts (it sharpens the sampling distribution); 0 evaluates greedy replies only."""
     on_error: str = "error"
     """A malformed record: error (stop, naming it) or skip (counted)."""
 
@@ -58,6 +62,8 @@ class PromptDataConfig:
             raise ValueError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
         if self.on_error not in ("error", "skip"):
             raise ValueError(f"data.on_error must be error or skip, got {self.on_error!r}")
+        if self.eval_samples < 0:
+            raise ValueError(f"data.eval_samples must not be negative, got {self.eval_samples}")
 
 
 @dataclass
@@ -200,9 +206,11 @@ class Rollouts:
         return batch
 
     @torch.no_grad()
-    def evaluate(self, prompts: list[Prompt], batch_size: int = 32) -> dict[str, float]:
+    def evaluate(self, prompts: list[Prompt], batch_size: int = 32, samples: int = 0) -> dict[str, float]:
         """Greedy replies to `prompts`, scored: each reward's mean over the samples it scored, the
-        weighted total's mean over valid samples, and the failures."""
+        weighted total's mean over valid samples, and the failures; with `samples` = k, also k
+        replies per prompt at the training temperature (seeded by their place, the same at every
+        evaluation): each reward's mean@k and pass@k (its best of the k, averaged over prompts)."""
         greedy = SamplingConfig(**{**vars(self.sampling), "temperature": 0.0, "seed": None})
         values: dict[str, list[float]] = {name: [] for name in self.rewards.names}
         totals, failures, lengths = [], 0, []
@@ -220,6 +228,26 @@ class Rollouts:
                    "val_reward_failures": float(failures)}
         for name, found in values.items():
             metrics[f"val_reward/{name}"] = sum(found) / max(len(found), 1)
+        if samples:
+            metrics.update(self._sampled(prompts, samples, max(1, batch_size // samples)))
+        return metrics
+
+    def _sampled(self, prompts: list[Prompt], k: int, prompts_per_batch: int) -> dict[str, float]:
+        scores: dict[str, list[list[float]]] = {name: [] for name in self.rewards.names}
+        for start in range(0, len(prompts), prompts_per_batch):
+            chunk = prompts[start:start + prompts_per_batch]
+            repeated = [p for p in chunk for _ in range(k)]
+            seeds = [1_000_033 * (start + i) + j for i in range(len(chunk)) for j in range(k)]
+            completions = self.sample([p.ids for p in repeated], self.sampling, row_seeds=seeds)
+            scored = self.rewards([p.messages for p in repeated], self.texts(completions), [p.answer for p in repeated])
+            for name in self.rewards.names:
+                column = scored.by_reward[name]
+                scores[name] += [[v for v in column[i * k:(i + 1) * k] if v is not None] for i in range(len(chunk))]
+        metrics = {}
+        for name, per_prompt in scores.items():
+            scored_prompts = [s for s in per_prompt if s]
+            metrics[f"val_mean@{k}/{name}"] = sum(sum(s) / len(s) for s in scored_prompts) / max(len(scored_prompts), 1)
+            metrics[f"val_pass@{k}/{name}"] = sum(max(s) for s in scored_prompts) / max(len(scored_prompts), 1)
         return metrics
 
 
