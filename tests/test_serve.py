@@ -70,7 +70,7 @@ class Server:
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)
         try:
-            return self.process.wait(timeout=30)
+            return self.process.wait(timeout=60)  # the server's own graceful-shutdown limit
         finally:
             if self.process.poll() is None:
                 self.process.kill()
@@ -127,9 +127,9 @@ def test_models_chat_and_stream(served):
 def test_an_adapter_checkpoint_served_alone_answers_with_its_adapter(served):
     alone = Server(str(served.adapter_dirs["a"]))
     try:
-        client = alone.client()
-        assert [m.id for m in client.models.list().data] == ["a"]
-        reply = chat(client, "a", max_tokens=20).choices[0].message.content
+        with alone.client() as client:
+            assert [m.id for m in client.models.list().data] == ["a"]
+            reply = chat(client, "a", max_tokens=20).choices[0].message.content
     finally:
         assert alone.stop() == 0
     assert reply == chat(served.client(), "a", max_tokens=20).choices[0].message.content
