@@ -29,10 +29,9 @@ import torch
 
 from ..data.conversations import Conversation, collate_padded, tokenize_conversation
 from ..data.packing import EpochOrder, micro_batch_samples
-from ..data.preferences import (UnpairedExample, read_limited, read_preference_pairs, read_split, read_unpaired,
-                                unpaired_from_pairs)
+from ..data.preferences import (PreferencePair, UnpairedExample, read_limited, read_preference_pairs, read_split,
+                                read_unpaired, unpaired_from_pairs)
 from ..data.synthetic import World, preference_pairs
-from ..data.preferences import PreferencePair
 from ..errors import OrchardError
 from ..losses.preference import kto_loss, kto_reference_point
 from ..peft.config import apply_peft
