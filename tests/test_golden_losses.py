@@ -79,6 +79,8 @@ CASES = {
     "ipo": ("dpo", lambda b: [*pairs(b), "loss=ipo"], ["."]),
     "simpo": ("dpo", lambda b: [*pairs(b), "loss=simpo", "beta=2"], ["."]),
     "orpo": ("dpo", lambda b: [*pairs(b), "loss=orpo"], ["."]),
+    "kto": ("kto", lambda b: [f"init={b.dir}", "data.max_pairs=8", f"data.val_path={b.val_pairs}", "train.batch_size=4",
+                              "train.lr=1e-2", "train.warmup_steps=1", f"train.max_steps={STEPS}"], ["."]),
     # Rewards that differ between the replies of a group, so the advantages (and gradients) are not all 0.
     "grpo": ("grpo", lambda b: [*online(b), "num_generations=4", "rewards=[length_penalty,single_line]"], ["."]),
     "ppo": ("ppo", online, ["."]),
@@ -139,6 +141,9 @@ GOLDEN: dict[str, list[float]] = {
     "orpo": [
         6.05374813079834, 0.9386842846870422, 6.013813018798828, 2.1386911869049072, 6.005285739898682,
         1.4320095777511597, 5.71699333190918, 1.178768277168274, 5.855113506317139, 1.0685384273529053],
+    "kto": [
+        0.5, 0.5204064249992371, 0.5096373558044434, 0.5539078712463379, 0.4963035583496094, 0.4664515554904938,
+        0.495749831199646, 0.2844873368740082, 0.4477563500404358, 0.3105398416519165],
     "grpo": [
         -1.4901161193847656e-08, 1.0167080163955688, 0.00012610852718353271, 0.9929060935974121, 0.00034305269946344197,
         0.5489338636398315, 0.0004200920229777694, 0.559352457523346, 0.0005871115135960281, 0.006933255586773157],
