@@ -76,4 +76,12 @@ def test_kto_cli_errors(chat_base, tmp_path, capsys):
     line = run_error(capsys, ["kto", f"init={chat_base.dir}", f"out={tmp_path / 'a'}", f"data.path={bad}"])
     assert "bad.jsonl:1" in line and "label" in line
     assert "beta" in run_error(capsys, ["kto", f"init={chat_base.dir}", "beta=0"])
+    # Held-out pairs with a broken record: the pair file's own error, not a guess at another format.
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "a", "completion": "b", "label": True},
+                                                 {"prompt": "c", "completion": "d", "label": False}])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
+                                                   {"prompt": "a", "chosen": "b"}])
+    line = run_error(capsys, ["kto", f"init={chat_base.dir}", f"out={tmp_path / 'b'}", f"data.path={good}",
+                              f"data.val_path={pairs}"])
+    assert "pairs.jsonl:2" in line
     assert not (tmp_path / "a" / "final").exists()

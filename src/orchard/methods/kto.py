@@ -29,16 +29,17 @@ import torch
 
 from ..data.conversations import Conversation, collate_padded, tokenize_conversation
 from ..data.packing import EpochOrder, micro_batch_samples
-from ..data.preferences import (PreferencePair, UnpairedExample, read_limited, read_preference_pairs, read_split,
-                                read_unpaired, unpaired_from_pairs)
-from ..data.synthetic import World, preference_pairs
+from ..data.preferences import (UnpairedExample, read_limited, read_preference_pairs, read_split, read_unpaired,
+                                unpaired_from_pairs)
+from ..data.records import records, resolve_paths
 from ..errors import OrchardError
 from ..losses.preference import kto_loss, kto_reference_point
 from ..peft.config import apply_peft
 from ..training import TrainConfig, TrainResult
 from ..training.launch import MethodConfig, finish, start_from
 from ..training.run_directory import in_run_directory
-from .pairs import PreferenceDataConfig, pair_training_defaults, sequence_log_probs
+from .pairs import (PreferenceDataConfig, builtin_pairs, pair_training_defaults, reference_log_probs,
+                    sequence_log_probs)
 
 
 @dataclass
@@ -85,31 +86,34 @@ def _tokenize(examples: list[UnpairedExample], tokenizer, config: PreferenceData
     return tokenized, skipped
 
 
-def _builtin_pairs(split: str, limit: int | None) -> list[PreferencePair]:
-    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"], f"built-in {split} pair {i}")
-            for i, r in enumerate(preference_pairs(World(), split=split, num_pairs=limit))]
+def holds_unpaired(paths) -> bool:
+    """Whether held-out files are unpaired examples (their first record has a 'label') rather than
+    preference pairs."""
+    first = next((record for path in resolve_paths(paths, "data.val_path") for _, record in records(path)), None)
+    return isinstance(first, dict) and "label" in first
 
 
 def load_examples(config: PreferenceDataConfig, tokenizer, seed: int) -> tuple[list[Example], list[Example], dict]:
     """(training examples, held-out examples, a description for the record). Held-out examples made
     from pairs come chosen then rejected, pair by pair (`evaluate` reads them as pairs)."""
     if config.path is None:
-        train = unpaired_from_pairs(_builtin_pairs("train", config.max_pairs))
-        val_pairs = _builtin_pairs("held_out", None) if config.val_path is None else \
-            read_limited(read_preference_pairs, config.val_path, config.on_error, "data.val_path", None)
-        val, paired, source = unpaired_from_pairs(val_pairs), True, "built-in world preference pairs, unpaired"
+        train, source = unpaired_from_pairs(builtin_pairs("train", config.max_pairs)), "built-in world pairs, unpaired"
     else:
-        source, paired = str(config.path), False
+        source = str(config.path)
         if config.val_path is None:
             train, val = read_split(read_unpaired, config.path, None, config.on_error, config.max_pairs,
                                     config.val_fraction, seed)
         else:
             train = read_limited(read_unpaired, config.path, config.on_error, "data.path", config.max_pairs)
-            try:
-                val, paired = unpaired_from_pairs(list(read_preference_pairs(config.val_path, config.on_error,
-                                                                             key="data.val_path"))), True
-            except OrchardError:  # not pairs: unpaired held-out examples
-                val = list(read_unpaired(config.val_path, config.on_error, key="data.val_path"))
+    if config.val_path is None and config.path is None:
+        val, paired = unpaired_from_pairs(builtin_pairs("held_out", None)), True
+    elif config.val_path is not None:
+        paired = not holds_unpaired(config.val_path)
+        val = unpaired_from_pairs(read_limited(read_preference_pairs, config.val_path, config.on_error,
+                                               "data.val_path", None)) if paired else \
+            read_limited(read_unpaired, config.val_path, config.on_error, "data.val_path", None)
+    else:
+        paired = False  # a held-out share of the unpaired data.path
     train_examples, skipped_train = _tokenize(train, tokenizer, config)
     val_examples, skipped_val = _tokenize(val, tokenizer, config)
     if not train_examples or not val_examples:
@@ -130,22 +134,6 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     batch = collate_padded([e.sequence for e in examples] + [e.kl_sequence for e in examples], pad_id)
     batch["desirable"] = torch.tensor([e.desirable for e in examples])
     return batch
-
-
-@torch.no_grad()
-def reference_log_probs(model, examples: list[Example], pad_id: int, batch_size: int, autocast) -> torch.Tensor:
-    """(N, 2): the reference's summed log-probability of each example's completion and of its KL one."""
-    model.eval()
-    device = next(model.parameters()).device
-    rows = []
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
-        with autocast():
-            summed, _ = sequence_log_probs(model, batch)
-        n = len(summed) // 2
-        rows.append(torch.stack([summed[:n], summed[n:]], dim=1).float().cpu())
-    model.train()
-    return torch.cat(rows)
 
 
 class KTO:
@@ -228,7 +216,8 @@ def run(config: KTOConfig) -> TrainResult:
     train, val, data_record = load_examples(config.data, tokenizer, config.train.seed)
     model.to(start.runtime.device)
     batch_size = 2 * config.train.batch_size
-    reference = {split: reference_log_probs(model, examples, tokenizer.pad_id, batch_size, start.runtime.autocast)
+    reference = {split: reference_log_probs(model, examples, tokenizer.pad_id, batch_size, start.runtime.autocast,
+                                            collate=collate)
                  for split, examples in (("train", train), ("val", val))}
     trainable, total = apply_peft(model, config.peft, config.train.seed)
     method = KTO(config, train, val, data_record["val_paired"], tokenizer.pad_id, reference)

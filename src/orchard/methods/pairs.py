@@ -14,6 +14,7 @@ import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -69,7 +70,8 @@ class TokenizedPair:
     rejected: TokenizedConversation
 
 
-def _builtin(split: str, limit: int | None) -> list[PreferencePair]:
+def builtin_pairs(split: str, limit: int | None) -> list[PreferencePair]:
+    """The built-in world's preference pairs of `split` ("train", "held_out"), the first `limit`."""
     records = preference_pairs(World(), split=split, num_pairs=limit)
     return [PreferencePair(r["prompt"], r["chosen"], r["rejected"], f"built-in {split} pair {i}")
             for i, r in enumerate(records)]
@@ -89,8 +91,8 @@ def _tokenize(pairs: list[PreferencePair], tokenizer, config: PreferenceDataConf
 def load_pairs(config: PreferenceDataConfig, tokenizer, seed: int) -> tuple[list[TokenizedPair], list[TokenizedPair], dict]:
     """(train pairs, held-out pairs, a description for the lineage record)."""
     if config.path is None:
-        train = _builtin("train", config.max_pairs)
-        val = (_builtin("held_out", None) if config.val_path is None
+        train = builtin_pairs("train", config.max_pairs)
+        val = (builtin_pairs("held_out", None) if config.val_path is None
                else read_limited(read_preference_pairs, config.val_path, config.on_error, "data.val_path", None))
         source = "built-in world preference pairs"
     else:
@@ -158,14 +160,16 @@ REFERENCE_FILE = "reference_logps.safetensors"
 
 
 @torch.no_grad()
-def reference_log_probs(model, pairs: list[TokenizedPair], pad_id: int, batch_size: int,
-                        autocast) -> torch.Tensor:
-    """(N, 2) summed log-probabilities of each pair's chosen and rejected reply under `model`."""
+def reference_log_probs(model, items: list, pad_id: int, batch_size: int, autocast,
+                        collate: Callable[[list, int], dict[str, torch.Tensor]] = collate_pairs) -> torch.Tensor:
+    """(N, 2) summed log-probabilities under `model` of each item's two sequences, which `collate`
+    lays out as rows 0..B-1 and B..2B-1 (a pair's chosen and rejected reply by default; KTO's example
+    and its KL sequence)."""
     model.eval()
     rows = []
     device = next(model.parameters()).device
-    for start in range(0, len(pairs), batch_size):
-        batch = {k: v.to(device) for k, v in collate_pairs(pairs[start:start + batch_size], pad_id).items()}
+    for start in range(0, len(items), batch_size):
+        batch = {k: v.to(device) for k, v in collate(items[start:start + batch_size], pad_id).items()}
         with autocast():
             summed, _ = sequence_log_probs(model, batch)
         n = len(summed) // 2
