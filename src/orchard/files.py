@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import OrchardError
+from .hub import snapshot_repo_id
 
 # `.NAME.tmp-PID` and `.NAME.old-PID`: what the writers below leave behind when a process dies.
 _TEMPORARY = re.compile(r"^\..+\.(?:tmp|old)-(\d+)$")
@@ -205,7 +206,7 @@ def contained_file(directory: Path, name: str) -> Path:
     whose chat_template.jinja links to ~/.ssh/id_rsa must not carry that file into what orchard writes."""
     path = Path(directory) / name
     root = Path(directory).resolve()
-    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+    if snapshot_repo_id(root):
         root = root.parent.parent
     if not path.resolve().is_relative_to(root):
         raise OrchardError(f"{path}: a symbolic link to a file outside {directory}; orchard does not follow it")

@@ -29,6 +29,17 @@ def is_hub_id(text: str) -> bool:
     return bool(_HUB_ID.fullmatch(text)) and ".." not in text and not text.endswith(".")
 
 
+def snapshot_repo_id(path: str | Path) -> str | None:
+    """The Hub id of a snapshot directory in the Hugging Face cache
+    (`.../models--ORG--NAME/snapshots/REV`), else None. The Hub allows no "--" in ids, so the
+    folder's name reads back unambiguously."""
+    snapshot = Path(path)
+    repo = snapshot.parent.parent.name
+    if snapshot.parent.name != "snapshots" or not repo.startswith("models--"):
+        return None
+    return repo.removeprefix("models--").replace("--", "/")
+
+
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """A local path, which must exist; or, for `hf:ORG/NAME`, the local snapshot directory of that
     Hub model. A missing path, a malformed id, or a model that can be neither found in the cache nor

@@ -40,6 +40,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCardData
 
 from ..checkpoint.layout import PEFT_DIR, is_adapter_checkpoint, is_checkpoint, is_quantized_checkpoint
+from ..hub import snapshot_repo_id
 from ..model import ModelConfig
 # The module rather than its names: `checkpoint.save` imports this module, and when `orchard.lineage`
 # is imported first, `record` is at that moment still importing the checkpoint package.
@@ -126,19 +127,9 @@ def render_model_card(chain: list[dict], config: ModelConfig, weights: str) -> s
     return f"---\n{front}\n---\n\n" + "\n\n".join(s for s in sections if s) + "\n"
 
 
-def hub_id(path: str) -> str | None:
-    """The Hub id of a snapshot in the Hugging Face cache (`.../models--ORG--NAME/snapshots/REV`). The
-    Hub allows no "--" in ids, so the folder's name reads back unambiguously."""
-    snapshot = Path(path)
-    repo = snapshot.parent.parent.name
-    if snapshot.parent.name != "snapshots" or not repo.startswith("models--"):
-        return None
-    return repo.removeprefix("models--").replace("--", "/")
-
-
 def model_id(path: str) -> str:
     """How the front matter names a model: its Hub id, else its path."""
-    return hub_id(path) or path
+    return snapshot_repo_id(path) or path
 
 
 def base_model(record: dict, weights: str) -> tuple[str | None, str | None]:
@@ -227,7 +218,7 @@ def tags(record: dict) -> list[str]:
         found.append("distillation")
         teacher = (record.get("parent") or {}).get("path")
         if teacher:
-            found.append(f"teacher:{hub_id(teacher) or lineage.checkpoint_name(Path(teacher))}")
+            found.append(f"teacher:{snapshot_repo_id(teacher) or lineage.checkpoint_name(Path(teacher))}")
     if stage == "quantize" and recipe.get("bits"):
         found.append(f"int{recipe['bits']}")
     if record.get("export"):
@@ -237,7 +228,7 @@ def tags(record: dict) -> list[str]:
 
 def _label(path: str) -> str:
     """A model in the body's prose: `hf:ORG/NAME` or its path."""
-    hub = hub_id(path)
+    hub = snapshot_repo_id(path)
     return f"`hf:{hub}`" if hub else f"`{path}`"
 
 
@@ -342,7 +333,7 @@ def _lineage(chain: list[dict]) -> str:
         if depth and str(chain[depth - 1].get("stage", "")).startswith("distill"):
             label += " (the teacher)"
         if entry.get("missing_record"):
-            why = "a Hugging Face Hub model" if hub_id(path) else f"{entry.get('stage')}: no lineage record to follow"
+            why = "a Hugging Face Hub model" if snapshot_repo_id(path) else f"{entry.get('stage')}: no lineage record to follow"
             lines.append(f"{depth + 1}. {label} ({why})")
         else:
             flops = (entry.get("training") or {}).get("flops")
