@@ -375,14 +375,19 @@ def test_gspo_loss_matches_trl(trl, beta):
     ours = total / count
     (g_ours,) = torch.autograd.grad(ours, logp)
     stand_in = grpo_stand_in("grpo", beta, eps_low, eps_high, T, logp, importance_sampling_level="sequence")
-    inputs = {"prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
-              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask,
-              "advantages": advantages, "old_per_token_logps": old, "ref_per_token_logps": ref,
-              "num_items_in_batch": mask.sum()}
-    theirs = GRPOTrainer._compute_loss(stand_in, None, inputs)
+    theirs = GRPOTrainer._compute_loss(stand_in, None, trl_grpo_inputs(mask, advantages, old, ref))
     (g_theirs,) = torch.autograd.grad(theirs, logp)
     parity(ours, theirs)
     parity(g_ours, g_theirs)
+
+
+def trl_grpo_inputs(mask: torch.Tensor, advantages: torch.Tensor, old: torch.Tensor, ref: torch.Tensor) -> dict:
+    """The batch GRPOTrainer._compute_loss reads, for completions of the mask's shape (the prompt
+    tokens do not matter: the stand-in's forward pass returns the log-probabilities directly)."""
+    B, T = mask.shape
+    return {"prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+            "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask, "advantages": advantages,
+            "old_per_token_logps": old, "ref_per_token_logps": ref, "num_items_in_batch": mask.sum()}
 
 
 def grpo_stand_in(loss_type: str, beta: float, eps_low: float, eps_high: float, max_completion_length: int,
@@ -428,11 +433,7 @@ def test_grpo_loss_matches_trl(trl, loss_type, beta, per_token_advantages):
     (g_ours,) = torch.autograd.grad(ours, logp)
 
     stand_in = grpo_stand_in(loss_type, beta, eps_low, eps_high, L, logp)
-    inputs = {"prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
-              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask,
-              "advantages": advantages, "old_per_token_logps": old, "ref_per_token_logps": ref,
-              "num_items_in_batch": mask.sum()}
-    theirs = GRPOTrainer._compute_loss(stand_in, None, inputs)
+    theirs = GRPOTrainer._compute_loss(stand_in, None, trl_grpo_inputs(mask, advantages, old, ref))
     (g_theirs,) = torch.autograd.grad(theirs, logp)
     parity(ours, theirs)
     parity(g_ours, g_theirs)

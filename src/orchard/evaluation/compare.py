@@ -27,8 +27,10 @@ from .tasks import run_task
 matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-FRACTIONS = ("acc", "acc_norm", "accuracy", "exact_match", "win_rate", "maj@", "pass@", "mean@")
-"""Metrics shown as percentages, their deltas in points."""
+FRACTIONS = ("acc", "acc_norm", "accuracy", "exact_match", "win_rate")
+SAMPLED_FRACTIONS = ("maj@", "pass@", "mean@")
+"""Metrics shown as percentages, their deltas in points: these names (with any "(kind)" after
+them), and the sampled ones of any k."""
 
 
 @dataclass
@@ -154,7 +156,7 @@ def evaluate_checkpoints(checkpoints: dict[str, Path] | list, tasks: list, optio
 
 
 def _is_fraction(metric: str) -> bool:
-    return metric.split(" ")[0] in FRACTIONS or metric.startswith(FRACTIONS[-3:])
+    return metric.split(" ")[0] in FRACTIONS or metric.startswith(SAMPLED_FRACTIONS)
 
 
 def _format(metric: str, value: float) -> str:
