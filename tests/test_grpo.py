@@ -18,7 +18,8 @@ from orchard.methods import grpo, rollouts
 from orchard.losses.rl import batch_scaled_advantages, group_advantages, normalised_advantages, rloo_advantages
 from orchard.methods.grpo import GRPO, GRPOConfig, advantages
 from orchard.losses.tokens import IGNORE_INDEX
-from orchard.methods.rollouts import PromptDataConfig, Rollouts, completion_log_probs, layout, load_prompts
+from orchard.methods.prompts import Prompt, PromptDataConfig, load_prompts
+from orchard.methods.rollouts import Rollouts, completion_log_probs, layout
 from orchard.model.generation import SamplingConfig, generate
 from orchard.peft.config import PeftConfig, ReferenceModel, apply_peft
 from orchard.rewards import Rewards
@@ -302,8 +303,10 @@ def test_the_policy_learns_to_earn_a_simple_reward(chat_base, tmp_path, user_mod
 
 def test_sampled_evaluation_by_hand():
     """mean@k and pass@k from canned samples: 3 prompts, k = 4, two prompts per batch."""
-    rollouts_ = SimpleNamespace(rewards=Rewards(["exact_match"]), sampling=SamplingConfig(temperature=1.0))
-    prompts = [rollouts.Prompt([{"role": "user", "content": q}], a, [1, 2]) for q, a in
+    rollouts_ = SimpleNamespace(rewards=Rewards(["exact_match"]), sampling=SamplingConfig(temperature=1.0),
+                                environment=None)
+    rollouts_.complete = lambda *args: Rollouts.complete(rollouts_, *args)
+    prompts = [Prompt([{"role": "user", "content": q}], a, [1, 2]) for q, a in
                [("q1", "Paris"), ("q2", "7"), ("q3", "red")]]
     replies = ["Paris", "London", "Paris", "no",   # 2 of 4 right
                "8", "9", "6", "5",                 # none right

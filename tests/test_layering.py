@@ -27,6 +27,8 @@ FORBIDDEN = [
      "the ground floor imports nothing above it"),
     (("orchard.model", "orchard.tokenizer", "orchard.data"), HIGH + ("orchard.evaluation",),
      "model, tokenizer and data sit below training, methods, evaluation and the CLI"),
+    (("orchard.environments",), HIGH + ("orchard.evaluation", "orchard.model", "orchard.serve"),
+     "environments (tools and episodes) know nothing of models: episodes take a sampling function"),
     (("orchard.model",), ("orchard.checkpoint", "orchard.peft", "orchard.interop"),
      "the model knows nothing of files or adapters"),
     (("orchard.checkpoint", "orchard.peft", "orchard.lineage", "orchard.training"), ("orchard.interop",),

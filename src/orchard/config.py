@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import inspect
 import math
 import re
+import sys
 import textwrap
 import types
 import typing
@@ -289,3 +291,20 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[st
             continue
         rows.append((key, repr(default) if isinstance(default, str) else str(default), docs.get(f.name, "")))
     return rows
+
+
+def import_callable(source: str, key: str):
+    """The callable a recipe names as ``module:attribute`` (a module importable from the working
+    directory too, as `python -m` would find one beside the recipe); a one-line error naming
+    ``key`` otherwise."""
+    module_name, _, attribute = source.partition(":")
+    if sys.path[0] != "":
+        sys.path.insert(0, "")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise OrchardError(f"{key}: cannot import {module_name!r} for {source!r} ({error})") from None
+    found = getattr(module, attribute, None)
+    if not callable(found):
+        raise OrchardError(f"{key}: {module_name} has no function {attribute!r}")
+    return found

@@ -4,7 +4,9 @@ marking which tokens the loss covers, and batching them (packed or padded).
 Reading. Records of ``.jsonl``, ``.json`` (JSONL or one list) and ``.parquet`` files, read by
 `orchard.data.records`, in four shapes, detected per record from its keys:
 
-* ``messages``: OpenAI's ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``;
+* ``messages``: OpenAI's ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...],
+  "tools"?: [function schemas]}``, assistant turns optionally with ``tool_calls`` (the tool-calling
+  format of `orchard.data.tool_calls`: the calls are supervised, ``tool`` results are not);
 * ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}`` (``from``
   may also be ``user``/``assistant``; an optional top-level ``system`` string is the system prompt);
 * ``alpaca``: ``{"instruction", "input"?, "output", "system"?}``: the user turn is the instruction,
@@ -46,8 +48,9 @@ import torch
 from ..errors import OrchardError
 from ..losses.tokens import IGNORE_INDEX
 from .records import BadRecord, ReadStats, json_type, read_records, string_field
+from .tool_calls import checked_tool_calls, checked_tools, reply_text
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
 TRAIN_ON = ("all_assistant", "last_assistant")
 TRUNCATION = ("error", "skip", "truncate_prompt")
@@ -61,9 +64,12 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 @dataclass
 class Conversation:
     messages: list[dict]
-    """``{"role": "system"|"user"|"assistant", "content": str}`` dicts, nothing else in them."""
+    """``{"role": "system"|"user"|"assistant"|"tool", "content": str}`` dicts; assistant turns may
+    also hold ``tool_calls`` (checked, arguments as dicts), tool turns ``tool_call_id``/``name``."""
     source: str
     """Where it came from, for error messages: ``path:line``, ``path: item N`` or ``path: row N``."""
+    tools: list[dict] | None = None
+    """The function schemas offered to the model (rendered in the system turn), if any."""
 
 
 def read_conversations(paths, format: str = "auto", on_error: str = "error", stats: ReadStats | None = None,
@@ -79,9 +85,9 @@ def read_conversations(paths, format: str = "auto", on_error: str = "error", sta
     """
     if format not in FORMATS:
         raise OrchardError(f"data.format: unknown format {format!r}; expected one of {', '.join(FORMATS)}")
-    for source, messages in read_records(paths, lambda record: _parse_record(record, format), on_error, stats,
-                                         key, what="conversations"):
-        yield Conversation(messages, source)
+    for source, (messages, tools) in read_records(paths, lambda record: _parse_record(record, format), on_error,
+                                                  stats, key, what="conversations"):
+        yield Conversation(messages, source, tools)
 
 
 def detect_format(record: dict) -> str | None:
@@ -97,7 +103,7 @@ def detect_format(record: dict) -> str | None:
     return None
 
 
-def _parse_record(record, format: str) -> list[dict]:
+def _parse_record(record, format: str) -> tuple[list[dict], list[dict] | None]:
     if not isinstance(record, dict):
         raise BadRecord("not an object", f"expected a JSON object, got {json_type(record)}")
     kind = detect_format(record) if format == "auto" else format
@@ -108,7 +114,7 @@ def _parse_record(record, format: str) -> list[dict]:
                          f"'instruction'/'output' or 'prompt'/'completion' (keys: {keys})")
     messages = _PARSERS[kind](record)
     _check_conversation(messages)
-    return messages
+    return messages, checked_tools(record.get("tools"))
 
 
 def _turns(record: dict, list_key: str) -> list:
@@ -133,10 +139,19 @@ def parse_messages(record: dict, list_key: str = "messages") -> list[dict]:
     """The OpenAI-style turns in ``record[list_key]``, checked; a `BadRecord` names the first bad one."""
     messages = []
     for i, turn in enumerate(_turns(record, list_key)):
-        role = string_field(turn, "role", f"{list_key}[{i}]: ")
+        where = f"{list_key}[{i}]: "
+        role = string_field(turn, "role", where)
         if role not in ROLES:
-            raise BadRecord("unknown role", f"{list_key}[{i}]: unknown role {role!r} (expected system, user or assistant)")
-        messages.append({"role": role, "content": string_field(turn, "content", f"{list_key}[{i}]: ")})
+            raise BadRecord("unknown role", f"{where}unknown role {role!r} (expected system, user, assistant or tool)")
+        calls = turn.get("tool_calls") if role == "assistant" else None
+        # An assistant turn that only calls tools may have no content (OpenAI sends null).
+        message = {"role": role, "content": string_field(turn, "content", where, required=not calls) or ""}
+        if calls:
+            message["tool_calls"] = checked_tool_calls(calls, where)
+        for key in ("tool_call_id", "name") if role == "tool" else ():
+            if isinstance(turn.get(key), str):
+                message[key] = turn[key]
+        messages.append(message)
     return messages
 
 
@@ -173,7 +188,7 @@ def _check_conversation(messages: list[dict]) -> None:
     if not assistants:
         raise BadRecord("no assistant turn", "conversation has no assistant turn")
     for n, i in enumerate(assistants):
-        if not messages[i]["content"].strip():
+        if not reply_text(messages[i]).strip():
             raise BadRecord("empty assistant turn", f"assistant turn {n + 1} (message {i + 1}) is empty")
 
 
@@ -196,11 +211,16 @@ def _last_assistant(messages: list[dict]) -> int:
 
 
 def render_with_labels(messages: list[dict], tokenizer, train_on: str = "all_assistant",
-                       source: str = "conversation") -> tuple[list[int], list[int]]:
-    """(input_ids, aligned labels) of ``messages`` rendered by ``tokenizer``'s chat template."""
+                       source: str = "conversation", tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+    """(input_ids, aligned labels) of ``messages`` rendered by ``tokenizer``'s chat template (with
+    ``tools`` listed, if any). An assistant turn's supervised text is what the model generates:
+    its content and its tool calls (`tool_calls.reply_text`)."""
     if train_on not in TRAIN_ON:
         raise OrchardError(f"data.train_on: expected one of {', '.join(TRAIN_ON)}, got {train_on!r}")
-    render = tokenizer.apply_chat_template
+
+    def render(prefix, add_generation_prompt=False):
+        return tokenizer.apply_chat_template(prefix, add_generation_prompt=add_generation_prompt, tools=tools)
+
     full = render(messages)
     last = _last_assistant(messages)
     spans = []  # (first char of the reply, end of its content, end of its turn)
@@ -213,7 +233,7 @@ def render_with_labels(messages: list[dict], tokenizer, train_on: str = "all_ass
             raise OrchardError(f"{source}: the chat template is not prefix-stable (rendering the first {i} "
                                f"message(s) does not give the start of the whole conversation), so assistant "
                                "tokens cannot be located")
-        content = message["content"]
+        content = reply_text(message)
         # Where the reply starts right after the generation prompt (ChatML, Llama 3), that is it;
         # otherwise (a template that adds text first, e.g. an empty think block) its last occurrence.
         found = len(before) if through.startswith(content, len(before)) else through.rfind(content, len(before))
@@ -278,7 +298,7 @@ def _tokenize(conversation: Conversation, tokenizer, max_length: int, train_on: 
     except ValueError:
         raise OrchardError(f"{source}: conversation has no assistant turn") from None
     messages = messages[:last + 1]  # turns after the last answer teach nothing
-    ids, labels = render_with_labels(messages, tokenizer, train_on, source)
+    ids, labels = render_with_labels(messages, tokenizer, train_on, source, conversation.tools)
     truncated = False
     if len(ids) > max_length:
         if truncation == "error":
@@ -291,7 +311,7 @@ def _tokenize(conversation: Conversation, tokenizer, max_length: int, train_on: 
             if shorter is None:
                 return None, False  # even the final exchange does not fit: never cut the answer
             messages = shorter
-            ids, labels = render_with_labels(messages, tokenizer, train_on, source)
+            ids, labels = render_with_labels(messages, tokenizer, train_on, source, conversation.tools)
         truncated = True
     return TokenizedConversation(ids, labels, source), truncated
 

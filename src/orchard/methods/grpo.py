@@ -5,9 +5,11 @@ the built-in world's questions, rewarded by exact match, and validates on held-o
 optimizer step, read top to bottom:
 
 1. `batch_size` prompts per micro-batch, each answered `num_generations` times by the current
-   policy (orchard's KV-cache sampler, `methods.rollouts`);
+   policy (orchard's KV-cache sampler, `methods.rollouts`); with `environment=calculator,lookup`
+   each answer is a multi-turn episode with tools, whose tool results are read, not trained on;
 2. the replies scored by the weighted rewards (`orchard.rewards`: programs, a reward model, a
-   judge); a reply whose reward failed is counted and gets no advantage;
+   judge); a reply whose reward failed is counted and gets no advantage; with `dynamic_sampling`,
+   groups whose rewards are all equal are replaced by other prompts' groups (DAPO);
 3. advantages relative to each prompt's group: (r - mean) / std (`scale_rewards=false` leaves out
    the std, as Dr. GRPO), or RLOO's leave-one-out baseline, or REINFORCE++'s batch std
    (`advantage_estimator`);
@@ -31,7 +33,8 @@ from ..losses.rl import (aggregate, batch_scaled_advantages, group_advantages, g
 from ..peft.config import ReferenceModel
 from ..training import TrainResult
 from ..training.run_directory import in_run_directory
-from .rollouts import OnlineConfig, Prompt, Rollouts, completion_log_probs, prepare_online_run, train_online
+from .prompts import Prompt
+from .rollouts import OnlineConfig, Rollouts, completion_log_probs, prepare_online_run, train_online
 
 
 @dataclass
@@ -58,6 +61,16 @@ class GRPOConfig(OnlineConfig):
     the group's other rewards (RLOO, an unbiased leave-one-out baseline); reinforce++: against the
     group's mean, over the std of the whole rollout batch's rewards (REINFORCE++ with a group
     baseline: a group whose rewards barely differ is not blown up)."""
+    dynamic_sampling: int = 0
+    """DAPO's dynamic sampling: up to this many extra rollout rounds per micro-batch replace the
+    groups whose rewards are all equal (they give no gradient) with groups of other prompts; 0
+    keeps every group."""
+    environment: str | None = None
+    """Tools the policy may call in multi-turn episodes: built-in ones joined by commas
+    (calculator, lookup: the built-in world's facts) or module:function making an environment
+    (`orchard.environments`). The prompts are rendered with the tools' schemas."""
+    max_turns: int = 3
+    """Replies per episode with an environment (tool calls and the final answer)."""
     importance_sampling_level: Literal["token", "sequence"] = "token"
     """token: a ratio per token (GRPO); sequence: one ratio per reply, from the mean of its tokens' log
     ratios, clipped per reply (GSPO; its clip ranges are ~1e-4: epsilon=3e-4 epsilon_high=4e-4, and
@@ -74,6 +87,9 @@ class GRPOConfig(OnlineConfig):
         if not 0 < self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high <= 0):
             raise ValueError(f"epsilon must be in (0, 1) and epsilon_high positive, got {self.epsilon}, "
                              f"{self.epsilon_high}")
+        if self.dynamic_sampling < 0 or self.max_turns < 1:
+            raise ValueError(f"dynamic_sampling must not be negative and max_turns must be positive, got "
+                             f"{self.dynamic_sampling}, {self.max_turns}")
         if self.importance_sampling_level == "sequence" and self.loss_aggregation != "sequence":
             raise ValueError("importance_sampling_level=sequence (GSPO) weighs each reply once: it needs "
                              f"loss_aggregation=sequence, got {self.loss_aggregation}")
@@ -142,6 +158,9 @@ class GRPO:
                    "reward_failures": float((~valid).sum()),
                    "frac_reward_zero_std": (groups.std(1) == 0).float().mean().item(),
                    "completion_length": mask.sum(1).float().mean().item()}
+        for name in ("tool_failed", "tool_calls", "resample_rounds"):
+            if name in batch:
+                metrics[name] = batch[name].float().mean().item()
         for name, column in zip(self.rollouts.rewards.names, batch["rewards_by_function"].T):
             found = column[~torch.isnan(column)]
             metrics[f"rewards/{name}"] = found.mean().item() if len(found) else math.nan
@@ -167,5 +186,7 @@ def advantages(rewards: torch.Tensor, valid: torch.Tensor, config: GRPOConfig) -
 
 @in_run_directory("grpo")
 def run(config: GRPOConfig) -> TrainResult:
-    online = prepare_online_run(config, "grpo", config.num_generations, keep_reference=config.beta != 0)
+    online = prepare_online_run(config, "grpo", config.num_generations, keep_reference=config.beta != 0,
+                                environment=config.environment, max_turns=config.max_turns,
+                                dynamic_sampling=config.dynamic_sampling)
     return train_online(config, online, GRPO(config, online.rollouts, online.val, online.reference))

@@ -31,7 +31,8 @@ from ..losses.rl import aggregate, clipped_surrogate, clipped_value_loss, gae, t
 from ..peft.config import ReferenceModel
 from ..training import TrainConfig, TrainResult
 from ..training.run_directory import in_run_directory
-from .rollouts import OnlineConfig, Prompt, Rollouts, completion_log_probs, prepare_online_run, train_online
+from .prompts import Prompt
+from .rollouts import OnlineConfig, Rollouts, completion_log_probs, prepare_online_run, train_online
 
 
 @dataclass

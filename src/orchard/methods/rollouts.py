@@ -11,18 +11,23 @@ for a training forward pass:
 
 so the logits at columns P-1 .. P+C-2 predict the completion (P prompt columns, C completion ones),
 and the per-token tensors of `orchard.losses.rl` are the completion columns alone.
+
+With an environment (`environment=calculator,lookup`, `orchard.environments`) a completion is a
+whole episode: the model's replies and, between them, the tool results it read, which are in
+input_ids and completion_ids but out of completion_mask, so no loss covers them. The reward of an
+episode is the rewards' value on its final answer, 0 when a tool call failed.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ..data.packing import EpochOrder, micro_batch_samples
-from ..data.preferences import PromptItem, checked_split, read_limited, read_prompts, read_split
-from ..data.synthetic import World, verifiable_prompts
+from ..environments import Episode, environment_factory, run_episodes
 from ..errors import OrchardError
 from ..losses.tokens import IGNORE_INDEX
 from ..model.generation import SamplingConfig, generate
@@ -31,39 +36,7 @@ from ..rewards import Rewards
 from ..training import TrainConfig, TrainResult
 from ..training.launch import MethodConfig, Start, finish, start_from
 from ..training.runtime import Runtime
-
-
-@dataclass
-class PromptDataConfig:
-    path: str | list[str] | None = None
-    """Prompt files (.jsonl/.jsonl.gz/.json/.parquet): {"prompt": str or messages, "answer": ...},
-    {"messages": [...]} or GSM8K's {"question", "answer": "... #### N"}. None means the built-in
-    world's fact questions and word problems, with their answers."""
-    val_path: str | list[str] | None = None
-    """Held-out prompts; None holds out data.val_fraction of data.path (the built-in world's
-    held-out split when data.path is None)."""
-    val_fraction: float = 0.1
-    """Fraction of the prompts held out when data.val_path is not given (at least one)."""
-    max_prompt_length: int = 256
-    """Prompts longer than this many tokens are skipped (counted)."""
-    max_prompts: int | None = None
-    """Use at most this many training prompts (from the start)."""
-    eval_prompts: int = 200
-    """Held-out prompts answered (greedily) at each evaluation."""
-    eval_samples: int = 8
-    """Replies sampled per held-out prompt at each evaluation, at the training temperature: each
-    reward's mean over them (mean@k) and its best per prompt, averaged (pass@k, for a 0/1 reward),
-    where RL acts (it sharpens the sampling distribution); 0 evaluates greedy replies only."""
-    on_error: str = "error"
-    """A malformed record: error (stop, naming it) or skip (counted)."""
-
-    def __post_init__(self) -> None:
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
-        if self.on_error not in ("error", "skip"):
-            raise ValueError(f"data.on_error must be error or skip, got {self.on_error!r}")
-        if self.eval_samples < 0:
-            raise ValueError(f"data.eval_samples must not be negative, got {self.eval_samples}")
+from .prompts import Prompt, PromptDataConfig, load_prompts
 
 
 @dataclass
@@ -74,7 +47,7 @@ class OnlineConfig(MethodConfig):
     """Weighted rewards, each [WEIGHT*]SOURCE: a built-in (exact_match, numeric_match, answer_format,
     single_line, length_penalty), module:function, model:PATH (a reward model) or judge:PATH."""
     max_new_tokens: int = 64
-    """Longest reply sampled."""
+    """Longest reply sampled (each turn's, with an environment)."""
     temperature: float = 1.0
     """Sampling temperature of the rollouts."""
     compile_decoding: bool = False
@@ -100,44 +73,6 @@ class OnlineConfig(MethodConfig):
                              f"({self.num_iterations})")
 
 
-@dataclass
-class Prompt:
-    messages: list[dict]
-    answer: str | None
-    ids: list[int]
-
-
-def load_prompts(config: PromptDataConfig, tokenizer, seed: int) -> tuple[list[Prompt], list[Prompt], dict]:
-    """(training prompts, held-out prompts, a description for the lineage record)."""
-    if config.path is None:
-        world = World()
-        train = [PromptItem(r["prompt"], r["answer"], f"built-in train {i}")
-                 for i, r in enumerate(verifiable_prompts(world, "train", num_items=config.max_prompts))]
-        val = ([PromptItem(r["prompt"], r["answer"], f"built-in held_out {i}")
-                for i, r in enumerate(verifiable_prompts(world, "held_out"))] if config.val_path is None
-               else read_limited(read_prompts, config.val_path, config.on_error, "data.val_path", None))
-        source = "built-in world questions"
-    else:
-        train, val = read_split(read_prompts, config.path, config.val_path, config.on_error, config.max_prompts,
-                                config.val_fraction, seed)
-        source = str(config.path)
-
-    def render(items: list[PromptItem]) -> tuple[list[Prompt], int]:
-        prompts, too_long = [], 0
-        for item in items:
-            ids = tokenizer.encode(tokenizer.apply_chat_template(item.prompt, add_generation_prompt=True))
-            if len(ids) > config.max_prompt_length:
-                too_long += 1
-            else:
-                prompts.append(Prompt(item.prompt, item.answer, ids))
-        return prompts, too_long
-
-    (train_prompts, long_train), (val_prompts, long_val) = render(train), render(val[:config.eval_prompts])
-    record = checked_split(train_prompts, val_prompts, long_train + long_val, "prompt", "data.max_prompt_length",
-                           config.max_prompt_length, source)
-    return train_prompts, val_prompts, record
-
-
 def turn_end_ids(tokenizer) -> list[int]:
     """Tokens that end a reply: end of text, and the chat template's end of turn."""
     ids = [tokenizer.eos_id]
@@ -148,6 +83,36 @@ def turn_end_ids(tokenizer) -> list[int]:
     return ids
 
 
+@dataclass
+class Sampled:
+    """Replies (or episodes) to prompts, scored: one row per reply."""
+
+    prompts: list[Prompt]
+    completions: list[list[int]]
+    generated: list[list[bool]] | None
+    """Per completion token, whether the model wrote it (None: all of them, no environment)."""
+    total: torch.Tensor
+    valid: torch.Tensor
+    by_reward: dict[str, list[float | None]]
+    tool_failed: list[bool] | None = None
+    tool_calls: list[int] | None = None
+
+    def rows(self, keep: list[int]) -> "Sampled":
+        pick = lambda values: None if values is None else [values[i] for i in keep]  # noqa: E731
+        return Sampled(pick(self.prompts), pick(self.completions), pick(self.generated), self.total[keep],
+                       self.valid[keep], {k: pick(v) for k, v in self.by_reward.items()}, pick(self.tool_failed),
+                       pick(self.tool_calls))
+
+    @staticmethod
+    def joined(parts: list["Sampled"]) -> "Sampled":
+        first = parts[0]
+        cat = lambda name: None if getattr(first, name) is None else [x for p in parts for x in getattr(p, name)]  # noqa: E731
+        return Sampled(cat("prompts"), cat("completions"), cat("generated"), torch.cat([p.total for p in parts]),
+                       torch.cat([p.valid for p in parts]),
+                       {k: [x for p in parts for x in p.by_reward[k]] for k in first.by_reward},
+                       cat("tool_failed"), cat("tool_calls"))
+
+
 class Rollouts:
     """Samples, scores and lays out replies to the training prompts: a pure function of
     (step, micro-batch, rank) and the policy's weights, so a resumed run samples what the
@@ -155,11 +120,13 @@ class Rollouts:
 
     def __init__(self, policy, tokenizer, prompts: list[Prompt], rewards: Rewards, sampling: SamplingConfig,
                  num_generations: int, batch_size: int, grad_accum: int, seed: int, runtime: Runtime,
-                 num_iterations: int = 1):
+                 num_iterations: int = 1, environment=None, max_length: int | None = None,
+                 dynamic_sampling: int = 0):
         self.policy, self.tokenizer, self.prompts, self.rewards = policy, tokenizer, prompts, rewards
         self.sampling, self.num_generations = sampling, num_generations
         self.batch_size, self.grad_accum, self.seed, self.runtime = batch_size, grad_accum, seed, runtime
         self.num_iterations = num_iterations
+        self.environment, self.max_length, self.dynamic_sampling = environment, max_length, dynamic_sampling
         self.order = EpochOrder(len(prompts), seed)
         self.end_ids = turn_end_ids(tokenizer)
         self._prepared: dict[tuple[int, int, int], dict[str, torch.Tensor]] = {}
@@ -190,42 +157,111 @@ class Rollouts:
     def texts(self, completions: list[list[int]]) -> list[str]:
         return [self.tokenizer.decode([t for t in c if t not in self.end_ids]) for c in completions]
 
+    def complete(self, prompts: list[Prompt], sampling: SamplingConfig, row_seeds: list[int] | None = None) -> Sampled:
+        """Each prompt's reply (with an environment: its episode), scored by the rewards."""
+        messages, answers = [p.messages for p in prompts], [p.answer for p in prompts]
+        if self.environment is None:
+            completions = self.sample([p.ids for p in prompts], sampling, row_seeds)
+            scored = self.rewards(messages, self.texts(completions), answers)
+            return Sampled(prompts, completions, None, scored.total, scored.valid, scored.by_reward)
+
+        def sample(contexts: list[list[int]], rows: list[int], turn: int) -> list[list[int]]:
+            seeds = None if row_seeds is None else [row_seeds[r] + 7919 * turn for r in rows]
+            return self.sample(contexts, sampling, seeds)
+
+        episodes: list[Episode] = run_episodes(sample, self.tokenizer, [self.environment() for _ in prompts],
+                                               messages, [p.ids for p in prompts], self.end_ids, self.max_length)
+        scored = self.rewards(messages, [e.final for e in episodes], answers)
+        failed = [e.failure is not None for e in episodes]
+        for i in (i for i, f in enumerate(failed) if f):  # a failed tool call fails the episode
+            scored.total[i] = 0.0
+            for values in scored.by_reward.values():
+                values[i] = 0.0 if values[i] is not None else None
+        return Sampled(prompts, [e.completion for e in episodes], [e.generated for e in episodes], scored.total,
+                       scored.valid, scored.by_reward, failed, [e.calls for e in episodes])
+
+    def _groups(self, prompt_indices: list[int], seed_of) -> Sampled:
+        prompts = [self.prompts[i] for i in prompt_indices for _ in range(self.num_generations)]
+        seeds = [seed_of(n, g) for n in range(len(prompt_indices)) for g in range(self.num_generations)]
+        return self.complete(prompts, self.sampling, seeds)
+
     def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
         samples = micro_batch_samples(step, micro, rank, world, self.batch_size, self.grad_accum)
-        prompts = [self.prompts[self.order[s]] for s in samples for _ in range(self.num_generations)]
         # Each reply's sampler is seeded by its place in the run (sample number, generation), so the
         # replies are the same however the global batch is split over processes and micro-batches.
-        seeds = [self.seed * 1_000_003 + s * 1009 + g for s in samples for g in range(self.num_generations)]
-        completions = self.sample([p.ids for p in prompts], self.sampling, row_seeds=seeds)
-        scored = self.rewards([p.messages for p in prompts], self.texts(completions), [p.answer for p in prompts])
-        batch = layout([p.ids for p in prompts], completions, self.tokenizer.pad_id)
-        batch["rewards"] = scored.total
-        batch["reward_valid"] = scored.valid
+        sampled = self._groups([self.order[s] for s in samples],
+                               lambda n, g: self.seed * 1_000_003 + samples[n] * 1009 + g)
+        rounds = 0
+        if self.dynamic_sampling:
+            sampled, rounds = self._refilled(sampled, step, micro, rank)
+        batch = layout([p.ids for p in sampled.prompts], sampled.completions, self.tokenizer.pad_id,
+                       sampled.generated)
+        batch["rewards"] = sampled.total
+        batch["reward_valid"] = sampled.valid
         batch["rewards_by_function"] = torch.tensor(
-            [[float("nan") if v is None else v for v in scored.by_reward[name]] for name in self.rewards.names]).T
+            [[float("nan") if v is None else v for v in sampled.by_reward[name]] for name in self.rewards.names]).T
+        if self.dynamic_sampling:
+            batch["resample_rounds"] = torch.tensor(float(rounds))
+        if sampled.tool_failed is not None:
+            batch["tool_failed"] = torch.tensor(sampled.tool_failed, dtype=torch.float)
+            batch["tool_calls"] = torch.tensor(sampled.tool_calls, dtype=torch.float)
         return batch
+
+    def _refilled(self, sampled: Sampled, step: int, micro: int, rank: int) -> tuple[Sampled, int]:
+        """DAPO's dynamic sampling: groups whose rewards are all equal (no advantage, no gradient)
+        are dropped and replaced by groups of other prompts, drawn at random (seeded by the place
+        in the run), for up to `dynamic_sampling` rounds; what is still missing then is made up
+        with dropped groups, so every micro-batch keeps its size. Returns the rounds used."""
+        G, wanted = self.num_generations, len(sampled.prompts) // self.num_generations
+        kept, dropped = self._split_groups(sampled)
+        rng = random.Random(f"dynamic-sampling:{self.seed}:{step}:{micro}:{rank}")
+        rounds = 0
+        while sum(len(k.prompts) for k in kept) < wanted * G and rounds < self.dynamic_sampling:
+            rounds += 1
+            missing = wanted - sum(len(k.prompts) for k in kept) // G
+            picks = [rng.randrange(len(self.prompts)) for _ in range(missing)]
+            fresh = self._groups(picks, lambda n, g: self.seed * 1_000_003 + 1_000_000_007 * rounds + picks[n] * 1009 + g)
+            more, less = self._split_groups(fresh)
+            kept, dropped = kept + more, dropped + less
+        rows = Sampled.joined(kept + dropped) if kept or dropped else sampled
+        return rows.rows(list(range(wanted * G))), rounds
+
+    def _split_groups(self, sampled: Sampled) -> tuple[list[Sampled], list[Sampled]]:
+        """(groups whose valid rewards differ, the others), each group a `Sampled` of G rows."""
+        varied, equal = [], []
+        G = self.num_generations
+        for start in range(0, len(sampled.prompts), G):
+            group = sampled.rows(list(range(start, start + G)))
+            rewards = group.total[group.valid]
+            (varied if len(rewards) > 1 and rewards.max() > rewards.min() else equal).append(group)
+        return varied, equal
 
     @torch.no_grad()
     def evaluate(self, prompts: list[Prompt], batch_size: int = 32, samples: int = 0) -> dict[str, float]:
         """Greedy replies to `prompts`, scored: each reward's mean over the samples it scored, the
         weighted total's mean over valid samples, and the failures; with `samples` = k, also k
         replies per prompt at the training temperature (seeded by their place, the same at every
-        evaluation): each reward's mean@k and pass@k (its best of the k, averaged over prompts)."""
+        evaluation): each reward's mean@k and pass@k (its best of the k, averaged over prompts).
+        With an environment, also the share of episodes whose tool calls failed and the calls
+        per episode."""
         greedy = SamplingConfig(**{**vars(self.sampling), "temperature": 0.0, "seed": None})
         values: dict[str, list[float]] = {name: [] for name in self.rewards.names}
-        totals, failures, lengths = [], 0, []
+        totals, failures, lengths, tool_failed, tool_calls = [], 0, [], [], []
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            completions = self.sample([p.ids for p in chunk], greedy)
-            scored = self.rewards([p.messages for p in chunk], self.texts(completions), [p.answer for p in chunk])
+            sampled = self.complete(prompts[start:start + batch_size], greedy)
             for name in self.rewards.names:
-                values[name] += [v for v in scored.by_reward[name] if v is not None]
-            totals += scored.total[scored.valid].tolist()
-            failures += int((~scored.valid).sum())
-            lengths += [len(c) for c in completions]
+                values[name] += [v for v in sampled.by_reward[name] if v is not None]
+            totals += sampled.total[sampled.valid].tolist()
+            failures += int((~sampled.valid).sum())
+            lengths += [len(c) for c in sampled.completions]
+            tool_failed += sampled.tool_failed or []
+            tool_calls += sampled.tool_calls or []
         metrics = {"val_reward": sum(totals) / max(len(totals), 1),
                    "val_completion_length": sum(lengths) / max(len(lengths), 1),
                    "val_reward_failures": float(failures)}
+        if self.environment is not None:
+            metrics["val_tool_failures"] = sum(tool_failed) / max(len(tool_failed), 1)
+            metrics["val_tool_calls"] = sum(tool_calls) / max(len(tool_calls), 1)
         for name, found in values.items():
             metrics[f"val_reward/{name}"] = sum(found) / max(len(found), 1)
         if samples:
@@ -238,10 +274,9 @@ class Rollouts:
             chunk = prompts[start:start + prompts_per_batch]
             repeated = [p for p in chunk for _ in range(k)]
             seeds = [1_000_033 * (start + i) + j for i in range(len(chunk)) for j in range(k)]
-            completions = self.sample([p.ids for p in repeated], self.sampling, row_seeds=seeds)
-            scored = self.rewards([p.messages for p in repeated], self.texts(completions), [p.answer for p in repeated])
+            sampled = self.complete(repeated, self.sampling, seeds)
             for name in self.rewards.names:
-                column = scored.by_reward[name]
+                column = sampled.by_reward[name]
                 scores[name] += [[v for v in column[i * k:(i + 1) * k] if v is not None] for i in range(len(chunk))]
         metrics = {}
         for name, per_prompt in scores.items():
@@ -251,9 +286,11 @@ class Rollouts:
         return metrics
 
 
-def layout(prompt_ids: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+def layout(prompt_ids: list[list[int]], completions: list[list[int]], pad_id: int,
+           generated: list[list[bool]] | None = None) -> dict[str, torch.Tensor]:
     """The training layout of the module docstring: input_ids and attention_mask (N, P + C),
-    completion_ids (N, C) with IGNORE_INDEX on padding, completion_mask (N, C)."""
+    completion_ids (N, C) with IGNORE_INDEX on padding, completion_mask (N, C): the completion's
+    tokens, less those `generated` marks False (tool results)."""
     n = len(prompt_ids)
     P = max(len(p) for p in prompt_ids)
     C = max(1, max(len(c) for c in completions))
@@ -266,8 +303,11 @@ def layout(prompt_ids: list[list[int]], completions: list[list[int]], pad_id: in
         if completion:
             input_ids[row, P:P + len(completion)] = torch.tensor(completion)
             completion_ids[row, :len(completion)] = torch.tensor(completion)
+    completion_mask = completion_ids != IGNORE_INDEX
+    for row, marks in enumerate(generated or []):
+        completion_mask[row, :len(marks)] &= torch.tensor(marks, dtype=torch.bool)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_ids": completion_ids,
-            "completion_mask": completion_ids != IGNORE_INDEX}
+            "completion_mask": completion_mask}
 
 
 @dataclass
@@ -285,13 +325,19 @@ class OnlineRun:
 
 
 def prepare_online_run(config: OnlineConfig, stage: str, num_generations: int, keep_reference: bool,
-                       value_head: bool = False) -> OnlineRun:
+                       value_head: bool = False, environment: str | None = None, max_turns: int = 3,
+                       dynamic_sampling: int = 0) -> OnlineRun:
     """Load `config.init` (merged), its rewards and prompts, keep a reference if asked (before any
-    adapter is attached), attach `config.peft` and, for PPO, a value head."""
+    adapter is attached), attach `config.peft` and, for PPO, a value head. With `environment`,
+    completions are episodes with its tools (`orchard.environments.environment_factory`)."""
+    make_environment = environment_factory(environment, max_turns) if environment else None
     start = start_from(config.init, stage, config.train)
     model, tokenizer, runtime = start.model, start.tokenizer, start.runtime
     rewards = Rewards(config.rewards, runtime.device)
-    train, val, data_record = load_prompts(config.data, tokenizer, config.train.seed)
+    tools = make_environment().schemas if make_environment else None
+    train, val, data_record = load_prompts(config.data, tokenizer, config.train.seed, tools)
+    if environment:
+        data_record["environment"] = environment
     if max(len(p.ids) for p in train + val) + config.max_new_tokens > model.config.max_position_embeddings:
         raise OrchardError(f"max_new_tokens: prompts of up to data.max_prompt_length tokens plus "
                            f"{config.max_new_tokens} new ones exceed the model's "
@@ -304,7 +350,8 @@ def prepare_online_run(config: OnlineConfig, stage: str, num_generations: int, k
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                               top_p=getattr(config, "top_p", 1.0), compile=config.compile_decoding)
     rollouts = Rollouts(model, tokenizer, train, rewards, sampling, num_generations, config.train.batch_size,
-                        config.train.grad_accum, config.train.seed, runtime, config.num_iterations)
+                        config.train.grad_accum, config.train.seed, runtime, config.num_iterations, make_environment,
+                        model.config.max_position_embeddings - config.max_new_tokens, dynamic_sampling)
     return OnlineRun(start, rollouts, val, reference, stage, data_record, (trainable, total))
 
 

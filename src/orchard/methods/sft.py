@@ -78,7 +78,8 @@ def load_conversations(config: SFTConfig) -> tuple[list[dict], str]:
     conversations = []
     for conversation in read_conversations(config.data.path, format=config.data.format,
                                            on_error=config.data.on_error, stats=stats):
-        conversations.append({"messages": conversation.messages, "source": conversation.source})
+        conversations.append({"messages": conversation.messages, "source": conversation.source,
+                              "tools": conversation.tools})
         if config.data.max_conversations and len(conversations) >= config.data.max_conversations:
             break
     if stats.skipped:

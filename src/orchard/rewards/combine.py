@@ -14,7 +14,6 @@ no advantage, so training goes on without it, and the failures are counted per r
 
 from __future__ import annotations
 
-import importlib
 import math
 import sys
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from ..config import import_callable
 from ..errors import OrchardError
 from .functions import BUILTIN_REWARDS
 
@@ -58,27 +58,13 @@ def parse_reward_spec(text: str, device: str | torch.device = "cpu", key: str = 
 
         function = JudgeScorer(source.removeprefix("judge:"), device)
     elif ":" in source:
-        function = _import_callable(source, key)
+        function = import_callable(source, key)
     elif source in BUILTIN_REWARDS:
         function = BUILTIN_REWARDS[source]
     else:
         raise OrchardError(f"{key}: unknown reward {source!r}; built-in ones are {', '.join(BUILTIN_REWARDS)}, "
                            f"or name module:function, model:PATH or judge:PATH")
     return RewardSpec(source, value, function)
-
-
-def _import_callable(source: str, key: str) -> RewardFunction:
-    module_name, _, attribute = source.partition(":")
-    if sys.path[0] != "":
-        sys.path.insert(0, "")  # a user's module beside the recipe, as `python -m` would find it
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise OrchardError(f"{key}: cannot import {module_name!r} for reward {source!r} ({error})") from None
-    function = getattr(module, attribute, None)
-    if not callable(function):
-        raise OrchardError(f"{key}: {module_name} has no function {attribute!r}")
-    return function
 
 
 @dataclass

@@ -61,11 +61,11 @@ class PackedLanguageModeling:
 
 def tokenize_conversations(records: list[dict], tokenizer, max_length: int, train_on: str,
                            truncation: str) -> tuple[list, int]:
-    """Conversation records ({"messages", "source"}) as training examples, and how many were too
+    """Conversation records ({"messages", "source", "tools"?}) as training examples, and how many were too
     long to keep (see `data.conversations.tokenize_conversation`)."""
     examples, skipped = [], 0
     for record in records:
-        example = tokenize_conversation(Conversation(record["messages"], record["source"]), tokenizer, max_length,
+        example = tokenize_conversation(Conversation(record["messages"], record["source"], record.get("tools")), tokenizer, max_length,
                                         train_on, truncation)
         if example is None:
             skipped += 1

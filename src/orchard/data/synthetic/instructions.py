@@ -69,6 +69,13 @@ def _draw_operands(rng: random.Random, split: str) -> tuple[str, int, int, int]:
 
 
 def word_problem(world: World, rng: random.Random, lang: str, split: str) -> tuple[str, str]:
+    """(question, answer) of a word problem drawn from ``split``'s operands."""
+    question, answer, _ = word_problem_with_expression(world, rng, lang, split)
+    return question, answer
+
+
+def word_problem_with_expression(world: World, rng: random.Random, lang: str, split: str) -> tuple[str, str, str]:
+    """(question, answer, the arithmetic that solves it, e.g. "37 + 45"), drawing as `word_problem`."""
     op, a, b, result = _draw_operands(rng, split)
     people = world.by_kind("person")
     person = rng.choice(people)
@@ -77,7 +84,7 @@ def word_problem(world: World, rng: random.Random, lang: str, split: str) -> tup
     fields = {"name": person.name(lang), "friend": friend.name(lang), "a": a, "b": b,
               "item": item_en if lang == "en" else item_zh, "m": measure}
     fields.update(PRONOUNS[lang][person.attributes["gender"]])
-    return rng.choice(_WORD_PROBLEMS[op][lang]).format(**fields), str(result)
+    return rng.choice(_WORD_PROBLEMS[op][lang]).format(**fields), str(result), f"{a} {op} {b}"
 
 
 def _follow_up(question: str, lang: str) -> str:

@@ -7,7 +7,7 @@ from typing import Literal
 
 from ...data.text import TextDataConfig
 from ...training import TrainConfig
-from ..rollouts import PromptDataConfig
+from ..prompts import PromptDataConfig
 
 
 CACHE_PREFIX = "teacher-"

@@ -15,7 +15,8 @@ from ...errors import OrchardError
 from ...files import read_json, write_json
 from ...model.generation import SamplingConfig, generate
 from ...training.runtime import Runtime
-from ..rollouts import load_prompts, turn_end_ids
+from ..prompts import load_prompts
+from ..rollouts import turn_end_ids
 from .config import REPLIES_FILE, DistillConfig
 from .models import Teacher
 
