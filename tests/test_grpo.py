@@ -339,3 +339,70 @@ def test_grpo_cli_errors(chat_base, tmp_path, capsys):
     line = run_error(capsys, ["grpo", f"init={chat_base.dir}", f"out={tmp_path / 'c'}", "max_new_tokens=600"])
     assert "max_new_tokens" in line
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+# --- episodes with tools, and dynamic sampling ------------------------------------------------------------
+
+
+def test_rollouts_of_tool_episodes_mask_tool_results_and_fail_bad_calls(chat_base):
+    from orchard.environments import environment_factory
+
+    checkpoint = load_checkpoint(chat_base.dir)
+    model, tokenizer = checkpoint.model.float(), checkpoint.tokenizer
+    make_environment = environment_factory("calculator", max_turns=2, listing="brief")
+    train, _, _ = load_prompts(PromptDataConfig(max_prompts=4, eval_prompts=2), tokenizer, 0, make_environment())
+    assert tokenizer.decode(train[0].ids, skip_special_tokens=False).startswith(
+        "<|im_start|>system\nTools: calculator(expression)")
+    end = tokenizer.token_to_id("<|im_end|>")
+    answer = train[0].answer
+    script = {0: f'<tool_call>{{"name": "calculator", "arguments": {{"expression": "{answer}"}}}}</tool_call>',
+              1: "<tool_call>{not json}</tool_call>"}
+
+    def sample(contexts, sampling, row_seeds=None):
+        # Row r of a group of 2: a good call then the answer; a malformed call then the answer.
+        replies = []
+        for context, seed in zip(contexts, row_seeds or [0] * len(contexts)):
+            first_turn = "<tool_response>" not in tokenizer.decode(context, skip_special_tokens=False)
+            text = script[seed % 2] if first_turn else answer
+            replies.append(tokenizer.encode(text) + [end])
+        return replies
+
+    rollouts = Rollouts(model, tokenizer, train, Rewards(["exact_match"]), SamplingConfig(max_new_tokens=40), 2,
+                        batch_size=1, grad_accum=1, seed=0, runtime=Runtime(), environment=make_environment,
+                        max_length=400)
+    rollouts.sample = sample
+    batch = rollouts.batch(0, 0, 0, 1)
+    assert batch["tool_calls"].tolist() == [1.0, 0.0] and batch["tool_failed"].tolist() == [0.0, 1.0]
+    # The good episode earns the reward; the malformed call fails its episode, right answer or not.
+    assert batch["rewards"].tolist() == [1.0, 0.0] and batch["reward_valid"].all()
+    good = batch["completion_ids"][0][batch["completion_ids"][0] != IGNORE_INDEX].tolist()
+    trained = [t for t, m in zip(good, batch["completion_mask"][0].tolist()) if m]
+    read = tokenizer.decode([t for t, m in zip(good, batch["completion_mask"][0].tolist()) if not m],
+                            skip_special_tokens=False)
+    assert tokenizer.decode(trained, skip_special_tokens=False) == script[0] + "<|im_end|>" + answer + "<|im_end|>"
+    assert read == f"\n<|im_start|>user\n<tool_response>\n{answer}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    metrics = rollouts.evaluate(train[:2], samples=2)
+    assert {"val_tool_failures", "val_tool_calls", "val_mean@2/exact_match"} <= set(metrics)
+
+
+def test_dynamic_sampling_replaces_groups_without_signal(chat_base, user_module):
+    # Rewards vary within a group only for prompts whose answer has an even length.
+    name = user_module("def varied(prompts, completions, answers, **kwargs):\n"
+                       "    return [float(sum(map(ord, c)) % 2) if len(a) % 2 == 0 else 0.0\n"
+                       "            for c, a in zip(completions, answers)]\n")
+    checkpoint = load_checkpoint(chat_base.dir)
+    model, tokenizer = checkpoint.model.float(), checkpoint.tokenizer
+    train, _, _ = load_prompts(PromptDataConfig(max_prompts=64, eval_prompts=2), tokenizer, 0)
+    common = dict(batch_size=4, grad_accum=1, seed=1, runtime=Runtime())
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0)
+    plain = Rollouts(model, tokenizer, train, Rewards([f"{name}:varied"]), sampling, 4, **common)
+    dynamic = Rollouts(model, tokenizer, train, Rewards([f"{name}:varied"]), sampling, 4, dynamic_sampling=8, **common)
+
+    def signal(batch):
+        return (batch["rewards"].view(-1, 4).std(1) > 0).tolist()
+
+    before, after = plain.batch(0, 0, 0, 1), dynamic.batch(0, 0, 0, 1)
+    assert after["input_ids"].shape[0] == 16 and 1 <= after["resample_rounds"].item() <= 8
+    assert not all(signal(before)) and all(signal(after)), (signal(before), signal(after))
+    again = dynamic.batch(0, 0, 0, 1)
+    assert torch.equal(after["input_ids"], again["input_ids"])  # refills are seeded by the place in the run

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -288,6 +289,155 @@ def test_a_full_queue_answers_429(chat_base):
                                                          "messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 429 and response.headers["retry-after"] == "1"
     assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "calculator", "description": "Evaluate arithmetic.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}]
+QUESTION = [{"role": "user", "content": "What is 37 + 45?"}]
+
+
+@pytest.fixture
+def scripted(chat_base):
+    """`scripted(reply)`: the app in process on a real engine whose every sequence writes `reply`
+    and ends (each token forced), as `.client` (OpenAI's), `.http` (raw) and `.sequences` (what the
+    engine was given). The model is a fresh tiny one: chat_base's 512 positions are too few for a
+    prompt that lists tools."""
+    from contextlib import ExitStack
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from orchard.model import CausalLM, ModelConfig
+    from orchard.serve.api import ServedModels, create_app
+    from orchard.serve.engine import Engine
+
+    tokenizer = load_checkpoint(chat_base.dir).tokenizer
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+
+    def make(reply: str) -> SimpleNamespace:
+        model = CausalLM(config)
+        model.reset_parameters(seed=0)
+        engine = Engine(model, tokenizer, max_batch_size=2, max_queue=4)
+        script = tokenizer.encode(reply) + [tokenizer.eos_id]
+        take, submit, sequences = engine._take, engine.submit, []
+
+        def forced(sequence, logits):  # the script's next token is the only possible one
+            only = torch.full_like(logits, -1e9)
+            only[script[len(sequence.tokens)]] = 0
+            take(sequence, only)
+
+        def recorded(batch):
+            sequences.extend(batch)
+            submit(batch)
+
+        engine._take, engine.submit = forced, recorded
+        http = stack.enter_context(TestClient(create_app(engine, ServedModels("base", [], []))))
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+        return SimpleNamespace(client=client, http=http, sequences=sequences, tokenizer=tokenizer)
+
+    with ExitStack() as stack:
+        yield make
+
+
+def streamed(client, **request) -> tuple[str, list[dict], list[str]]:
+    """A streamed reply's content, tool-call deltas and finish reasons."""
+    chunks = [c.choices[0] for c in client.chat.completions.create(model="base", stream=True, **request) if c.choices]
+    calls = [call.model_dump(exclude_none=True) for c in chunks for call in c.delta.tool_calls or []]
+    return "".join(c.delta.content or "" for c in chunks), calls, [c.finish_reason for c in chunks if c.finish_reason]
+
+
+def test_tool_calls_come_back_as_openai_tool_calls_streamed_or_not(scripted):
+    from orchard.data.tool_calls import call_block
+
+    script = ("Let me work it out.\n" + call_block("calculator", {"expression": "37 + 45"}) + "\n"
+              + call_block("calculator", {"expression": "82 * 2"}))
+    served = scripted(script)
+    reply = served.client.chat.completions.create(model="base", messages=QUESTION, tools=TOOLS).choices[0]
+    assert reply.finish_reason == "tool_calls" and reply.message.content == "Let me work it out."
+    assert [(c.type, c.function.name, c.function.arguments) for c in reply.message.tool_calls] == [
+        ("function", "calculator", '{"expression": "37 + 45"}'), ("function", "calculator", '{"expression": "82 * 2"}')]
+    ids = [c.id for c in reply.message.tool_calls]
+    assert all(re.fullmatch("call_[0-9a-f]{24}", i) for i in ids) and len(set(ids)) == 2
+    # The engine was given the template's prompt with the tools listed.
+    prompt = served.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tools=TOOLS)
+    assert '"name": "calculator"' in prompt and served.sequences[0].prompt_ids == served.tokenizer.encode(prompt)
+
+    content, calls, reasons = streamed(served.client, messages=QUESTION, tools=TOOLS, tool_choice="auto")
+    assert content == "Let me work it out." and reasons == ["tool_calls"]
+    assert [(c["index"], c["type"], c["function"]) for c in calls] == [
+        (0, "function", {"name": "calculator", "arguments": '{"expression": "37 + 45"}'}),
+        (1, "function", {"name": "calculator", "arguments": '{"expression": "82 * 2"}'})]
+    assert all(re.fullmatch("call_[0-9a-f]{24}", c["id"]) for c in calls)
+
+    # The client's own message sent back, with a result: rendered as the model wrote it.
+    served.client.chat.completions.create(model="base", tools=TOOLS, messages=[
+        *QUESTION, reply.message, *({"role": "tool", "tool_call_id": i, "content": "82"} for i in ids)])
+    assert served.tokenizer.decode(served.sequences[-1].prompt_ids, skip_special_tokens=False).endswith(
+        f"<|im_start|>assistant\n{script}<|im_end|>\n<|im_start|>user\n<tool_response>\n82\n</tool_response>\n"
+        "<tool_response>\n82\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+
+    # tool_choice "none": the tools are still in the prompt (as vLLM does), the reply is plain text.
+    text = served.client.chat.completions.create(model="base", messages=QUESTION, tools=TOOLS,
+                                                 tool_choice="none").choices[0]
+    assert text.finish_reason == "stop" and text.message.tool_calls is None
+    assert text.message.content == script
+    assert served.sequences[-1].prompt_ids == served.sequences[0].prompt_ids
+
+
+def test_a_request_with_tool_calls_and_results_renders_as_the_template_does(scripted):
+    """OpenAI's clients send an assistant's call with content null and arguments as a JSON string:
+    the prompt is the template's rendering of the same conversation with the arguments an object."""
+    served = scripted("37 + 45 = 82.")
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "calculator", "arguments": '{"expression": "37 + 45"}'}}
+    messages = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "82"}]
+    reply = served.client.chat.completions.create(model="base", messages=messages, tools=TOOLS).choices[0]
+    assert (reply.message.content, reply.message.tool_calls, reply.finish_reason) == ("37 + 45 = 82.", None, "stop")
+    as_object = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "37 + 45"}}}
+    as_objects = [*QUESTION, {"role": "assistant", "content": "", "tool_calls": [as_object]},
+                  {"role": "tool", "content": "82"}]
+    prompt = served.tokenizer.apply_chat_template(as_objects, add_generation_prompt=True, tools=TOOLS)
+    assert prompt.endswith('<|im_start|>assistant\n<tool_call>\n{"name": "calculator", "arguments": {"expression": '
+                           '"37 + 45"}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n82\n'
+                           '</tool_response><|im_end|>\n<|im_start|>assistant\n')
+    assert served.sequences[0].prompt_ids == served.tokenizer.encode(prompt)
+
+
+@pytest.mark.parametrize("reply", [
+    '<tool_call>\n{"name": "calculator", "arguments": [1]}\n</tool_call>',
+    "Sure.\n<tool_call>\nnot json\n</tool_call>",
+    '<tool_call>\n{"name": "calculator", "arguments": {}}\n</tool_call>\n<tool_call>\n{"arguments": {}}\n</tool_call>',
+    '<tool_call>\n{"name": "calculator", "arguments": {"expression": "1"',  # cut before its end
+])
+def test_malformed_tool_calls_come_back_as_content(scripted, reply):
+    served = scripted(reply)
+    choice = served.client.chat.completions.create(model="base", messages=QUESTION, tools=TOOLS).choices[0]
+    assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == (reply, None, "stop")
+    assert streamed(served.client, messages=QUESTION, tools=TOOLS) == (reply, [], ["stop"])
+
+
+def test_bad_tools_tool_calls_and_tool_choice_are_400s(scripted):
+    served = scripted("unused")
+    call = {"type": "function", "function": {"name": "calculator", "arguments": "{not json"}}
+    for request, param, message in [
+        ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools",
+         "tools[0] is not a function schema with a name"),
+        ({"tools": "calculator"}, "tools", "tools: Input should be a valid list"),
+        ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice",
+         'tool_choice: this server takes "auto" or "none" (forcing calls needs constrained decoding)'),
+        ({"messages": [*QUESTION, {"role": "assistant", "tool_calls": [call]}]}, "messages.1.tool_calls",
+         "messages[1].tool_calls[0]: arguments are not JSON: Expecting property name enclosed in double quotes: "
+         "line 1 column 2 (char 1)"),
+        ({"messages": [*QUESTION, {"role": "assistant", "tool_calls": [{"function": {"arguments": {}}}]}]},
+         "messages.1.tool_calls", "messages[1].tool_calls[0] has no function name"),
+    ]:
+        response = served.http.post("/v1/chat/completions", json={"model": "base", "messages": QUESTION, **request})
+        assert response.status_code == 400, response.text
+        assert (response.json()["error"]["param"], response.json()["error"]["message"]) == (param, message)
+    assert served.sequences == []
 
 
 def test_engine_gives_each_sequence_its_text_alone_with_prompts_run_together(chat_base):

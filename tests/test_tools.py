@@ -13,7 +13,7 @@ import pytest
 
 from orchard.data.conversations import Conversation, read_conversations, tokenize_conversation
 from orchard.data.synthetic import World
-from orchard.data.tool_calls import checked_tool_calls, parse_reply, reply_text
+from orchard.data.tool_calls import checked_tool_calls, content_end, parse_reply, reply_text
 from orchard.data.records import BadRecord
 from orchard.environments import (CALCULATOR, ToolEnvironment, ToolError, calculate, environment_factory,
                                   lookup_tool, run_episodes, tool_conversations, tool_questions, world_tools)
@@ -98,6 +98,15 @@ def test_malformed_calls_are_error_lines(text, error):
     parsed = parse_reply("Let me compute. " + text)
     assert parsed.calls == [] and len(parsed.errors) == 1 and error in parsed.errors[0]
     assert parsed.content == "Let me compute."
+
+
+@pytest.mark.parametrize("text, content", [
+    ("Sure", "Sure"), ("Sure.\n", "Sure."), ("Sure. <", "Sure."), ("Sure. <tool_cal", "Sure."),
+    ("Sure.\n<tool_call>\n{", "Sure."), ("a < b", "a < b"), ("Sure. <tool_callz", "Sure. <tool_callz"),
+    ("<tool_call>", ""),
+])
+def test_content_end_holds_back_what_may_begin_a_call(text, content):
+    assert text[:content_end(text)] == content
 
 
 def test_records_with_tool_calls_are_read_and_checked(tmp_path):
@@ -293,10 +302,12 @@ def test_an_episode_stops_before_its_context_is_full(chat_base):
 def test_tool_conversations_and_questions_follow_the_splits():
     world = World()
     records = tool_conversations(world, num_conversations=40, plain_fraction=0.25)
-    with_tools = [r for r in records if "tools" in r]
+    with_tools = [r for r in records if any("tool_calls" in m for m in r["messages"])]
     assert len(records) == 40 and len(with_tools) == 30
+    assert tool_conversations(world, num_conversations=4, plain_fraction=0, listing="template")[0]["tools"] == TOOLS
     for record in with_tools:
-        user, called, result, answer = record["messages"]
+        system, user, called, result, answer = record["messages"]
+        assert system == {"role": "system", "content": "Tools: calculator(expression), lookup(name)"}
         function = called["tool_calls"][0]["function"]
         tool = {t.name: t for t in world_tools(world)}[function["name"]]
         assert result["content"] == tool(function["arguments"]) and answer["role"] == "assistant"

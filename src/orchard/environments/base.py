@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..data.tool_calls import ParsedReply, parse_reply
 
@@ -56,12 +57,33 @@ class Step:
     """Why the episode failed (the first malformed call, unknown tool or tool error), if it did."""
 
 
+def brief_listing(tools: list[Tool]) -> str:
+    """One line naming the tools and their arguments: "Tools: calculator(expression), lookup(name)"."""
+    return "Tools: " + ", ".join(f"{tool.name}({', '.join(tool.parameters.get('properties', {}))})"
+                                 for tool in tools)
+
+
+def with_system_line(messages: list[dict], line: str) -> list[dict]:
+    """``messages`` with ``line`` ending their system turn (a new one first if they have none)."""
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + line}, *messages[1:]]
+    return [{"role": "system", "content": line}, *messages]
+
+
 @dataclass
 class ToolEnvironment:
-    """One episode at a time with ``tools``, at most ``max_turns`` replies of the model."""
+    """One episode at a time with ``tools``, at most ``max_turns`` replies of the model.
+
+    ``listing`` is how the prompt offers the tools: "template" gives their JSON schemas to the chat
+    template (`schemas`), which lists them in the system turn as Qwen2.5's does (~100 tokens per
+    tool and ~90 of instructions for a large vocabulary, ~700 in all for the built-in world's
+    2,048-token one); "brief" adds one line naming them (`brief_listing`) to the system turn at
+    `reset` instead, for models of a few hundred positions that learn the format from SFT (the
+    built-in tool conversations are written that way)."""
 
     tools: list[Tool]
     max_turns: int = 3
+    listing: Literal["template", "brief"] = "template"
     messages: list[dict] = field(default_factory=list)
     turns: int = 0
     failure: str | None = None
@@ -70,16 +92,21 @@ class ToolEnvironment:
     def __post_init__(self) -> None:
         if self.max_turns < 1:
             raise ValueError(f"max_turns must be at least 1, got {self.max_turns}")
+        if self.listing not in ("template", "brief"):
+            raise ValueError(f"listing must be template or brief, got {self.listing!r}")
         self.by_name = {tool.name: tool for tool in self.tools}
 
     @property
-    def schemas(self) -> list[dict]:
-        return [tool.schema() for tool in self.tools]
+    def schemas(self) -> list[dict] | None:
+        """The tools for the chat template (None with the brief listing)."""
+        return [tool.schema() for tool in self.tools] if self.listing == "template" else None
 
     def reset(self, messages: list[dict]) -> list[dict]:
-        """Start an episode from the prompt's ``messages``; the conversation so far."""
-        self.messages, self.turns, self.failure, self.calls = list(messages), 0, None, 0
-        return self.messages
+        """Start an episode from the prompt's ``messages``; the conversation so far (with the
+        brief listing, its system turn names the tools)."""
+        messages = list(messages) if self.listing == "template" else with_system_line(messages, brief_listing(self.tools))
+        self.messages, self.turns, self.failure, self.calls = messages, 0, None, 0
+        return list(messages)
 
     def step(self, reply: str) -> Step:
         """Take the model's next reply: its tool calls' results, or the end of the episode."""

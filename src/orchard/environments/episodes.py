@@ -45,10 +45,10 @@ class Episode:
     messages: list[dict] = field(default_factory=list)
 
 
-def environment_factory(spec: str, max_turns: int = 3) -> Callable[[], Environment]:
+def environment_factory(spec: str, max_turns: int = 3, listing: str = "template") -> Callable[[], Environment]:
     """A maker of fresh environments from a recipe's ``environment``: built-in tool names joined by
-    commas (``calculator``, ``lookup``: a `ToolEnvironment` of them), or ``module:function``
-    returning a new environment (reset/step/schemas) at each call."""
+    commas (``calculator``, ``lookup``: a `ToolEnvironment` of them, offered by ``listing``), or
+    ``module:function`` returning a new environment (reset/step/schemas) at each call."""
     if ":" in spec:
         return import_callable(spec, "environment")
     tools = {tool.name: tool for tool in world_tools()}
@@ -58,14 +58,15 @@ def environment_factory(spec: str, max_turns: int = 3) -> Callable[[], Environme
         raise OrchardError(f"environment: unknown tool {', '.join(map(repr, unknown)) or repr(spec)}; expected "
                            f"{', '.join(tools)} (comma-separated) or module:function")
     chosen = [tools[name] for name in names]
-    return lambda: ToolEnvironment(chosen, max_turns)
+    return lambda: ToolEnvironment(chosen, max_turns, listing)
 
 
 def run_episodes(sample: Callable[[list[list[int]], list[int], int], list[list[int]]], tokenizer,
                  environments: Sequence[Environment], prompts: Sequence[list[dict]],
                  prompt_ids: Sequence[list[int]], end_ids: Sequence[int], max_length: int) -> list[Episode]:
-    """Run one episode per prompt (``prompts[i]`` its messages, ``prompt_ids[i]`` their rendering
-    with the environment's tools and the generation prompt) in ``environments[i]``.
+    """Run one episode per prompt (``prompts[i]`` its messages, ``prompt_ids[i]`` the rendering of
+    what the environment's `reset` makes of them, with its tools and the generation prompt) in
+    ``environments[i]``.
     ``sample(contexts, rows, turn)`` returns one reply (token ids, its end token kept) per context.
     An episode ends with a reply that calls no tool, a reply cut before its turn ended, an
     environment out of turns, or a context that would pass ``max_length`` tokens."""

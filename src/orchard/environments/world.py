@@ -21,7 +21,7 @@ import random
 from ..data.synthetic import World, instruction_conversations
 from ..data.synthetic.instructions import word_problem_with_expression
 from ..data.synthetic.world import LANGUAGES, checked_languages
-from .base import Tool, ToolError
+from .base import Tool, ToolError, brief_listing, with_system_line
 from .calculator import CALCULATOR, calculate
 
 TOOL_TASKS = ("arithmetic", "lookup")
@@ -88,13 +88,14 @@ def tool_questions(world: World, task: str, split: str = "held_out", seed: int =
 
 
 def tool_conversations(world: World | None = None, split: str = "train", seed: int = 0, num_conversations: int = 2000,
-                       plain_fraction: float = 0.25) -> list[dict]:
-    """SFT records teaching the tool format: {"messages", "tools"} conversations that call the
-    calculator or the lookup (half each) and answer from the result, and ``plain_fraction`` of
-    the built-in instruction conversations with no tools offered, so the model keeps answering
-    without them."""
+                       plain_fraction: float = 0.25, listing: str = "brief") -> list[dict]:
+    """SFT records teaching the tool format: conversations that call the calculator or the lookup
+    (half each) and answer from the result, offering both tools by ``listing`` (`ToolEnvironment`:
+    "brief", a system line; "template", a "tools" key), and ``plain_fraction`` of the built-in
+    instruction conversations with no tools offered, so the model keeps answering without them."""
     world = world if world is not None else World()
-    schemas = [tool.schema() for tool in world_tools(world)]
+    tools = world_tools(world)
+    schemas = [tool.schema() for tool in tools]
     num_plain = round(num_conversations * plain_fraction)
     num_tools = num_conversations - num_plain
     records = []
@@ -104,7 +105,8 @@ def tool_conversations(world: World | None = None, split: str = "train", seed: i
             messages = [*item["prompt"], _call(name, arguments),
                         {"role": "tool", "name": name, "content": item["result"]},
                         {"role": "assistant", "content": item["reply"]}]
-            records.append({"messages": messages, "tools": schemas})
+            records.append({"messages": messages, "tools": schemas} if listing == "template" else
+                           {"messages": with_system_line(messages, brief_listing(tools))})
     records += [{"messages": r["messages"]} for r in
                 instruction_conversations(world, split=split, seed=seed, num_conversations=num_plain)]
     random.Random(f"tool-conversations:{seed}").shuffle(records)

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint import load_checkpoint
+from ..data.synthetic import World
 from ..lineage import ancestry
 from ..serve.engine import Sampling
 from .scoring import generate_replies
@@ -103,6 +104,16 @@ class TaskResult:
     seconds: float = 0.0
     examples: list[dict] = field(default_factory=list)
     """A few items with the model's answers, for the report."""
+
+
+_WORLD: list[World] = []
+
+
+def builtin_world() -> World:
+    """The built-in world, built once (its facts take a moment) and shared by every checkpoint."""
+    if not _WORLD:
+        _WORLD.append(World())
+    return _WORLD[0]
 
 
 def higher_is_better(metric: str) -> bool:

@@ -26,8 +26,9 @@ from pathlib import Path
 from ..data.packing import PackedSequences
 from ..data.preferences import read_prompts
 from ..data.records import BadRecord, json_type, read_records, resolve_paths, string_field
-from ..data.synthetic import World as SyntheticWorld, answer_matches, exact_match_items
+from ..data.synthetic import answer_matches, exact_match_items
 from ..data.tokens import build_token_cache
+from ..environments import TOOL_TASKS
 from ..errors import OrchardError
 from ..rewards.functions import final_number
 from ..serve.engine import Sampling
@@ -35,7 +36,8 @@ from .completion import is_correct, world_completion_tasks
 from .language_modeling import evaluate_language_modeling
 from .preference_tasks import JudgeWinRate, PreferencePairs
 from .scoring import continuation_log_likelihoods
-from .subject import EvalOptions, Subject, TaskResult, mean, progress_bar
+from .subject import EvalOptions, Subject, TaskResult, builtin_world, mean, progress_bar
+from .tool_tasks import ToolUse
 
 DEFAULT_GSM8K = Path("../shared/data/math/gsm8k_test.jsonl")
 
@@ -213,7 +215,7 @@ class WorldTask:
         self.split, self.name = split, name
 
     def run(self, subject: Subject, options: EvalOptions) -> TaskResult:
-        world = _world()
+        world = builtin_world()
         if subject.chat:
             items = exact_match_items(world, self.split)[:options.limit]
             english = {i for i, (messages, _) in enumerate(items) if messages[-1]["content"].isascii()}
@@ -240,18 +242,9 @@ class WorldTask:
         return TaskResult(metrics, "exact_match", len(items))
 
 
-_WORLD: list[SyntheticWorld] = []
-
-
-def _world() -> SyntheticWorld:
-    if not _WORLD:  # building the world's facts takes a moment; every checkpoint shares it
-        _WORLD.append(SyntheticWorld())
-    return _WORLD[0]
-
-
 TASKS = {"bpb": BitsPerByte, "gsm8k": GSM8K, "mc": MultipleChoice, "world": WorldTask, "pairs": PreferencePairs,
-         "judge": JudgeWinRate}
-TASK_SPECS = "bpb:PATH, gsm8k[:PATH], mc:PATH, world, pairs:PATH, judge:PATH"
+         "judge": JudgeWinRate, "tools": ToolUse}
+TASK_SPECS = "bpb:PATH, gsm8k[:PATH], mc:PATH, world, tools[:arithmetic|lookup], pairs:PATH, judge:PATH"
 
 
 def parse_tasks(text: str, text_field: str = "text") -> list:
@@ -268,6 +261,10 @@ def parse_tasks(text: str, text_field: str = "text") -> list:
             tasks.append(WorldTask())
         elif kind == "gsm8k":
             tasks.append(GSM8K(argument or None, name=spec))
+        elif kind == "tools":
+            if argument and argument not in TOOL_TASKS:
+                raise OrchardError(f"--tasks: 'tools' takes {' or '.join(TOOL_TASKS)}, got '{spec}'")
+            tasks.append(ToolUse(argument or None, name=spec))
         elif not argument:
             raise OrchardError(f"--tasks: '{kind}' needs a file: {kind}:PATH")
         elif kind == "bpb":

@@ -71,6 +71,11 @@ class GRPOConfig(OnlineConfig):
     (`orchard.environments`). The prompts are rendered with the tools' schemas."""
     max_turns: int = 3
     """Replies per episode with an environment (tool calls and the final answer)."""
+    tool_listing: Literal["template", "brief"] = "template"
+    """How the prompts offer a built-in environment's tools: template (their JSON schemas in the
+    system turn, Qwen2.5's format, ~700 tokens for the built-in tools with the quickstart's
+    tokenizer) or brief (one system line naming them, as the built-in tool SFT data does: for
+    models of a few hundred positions)."""
     importance_sampling_level: Literal["token", "sequence"] = "token"
     """token: a ratio per token (GRPO); sequence: one ratio per reply, from the mean of its tokens' log
     ratios, clipped per reply (GSPO; its clip ranges are ~1e-4: epsilon=3e-4 epsilon_high=4e-4, and
@@ -188,5 +193,6 @@ def advantages(rewards: torch.Tensor, valid: torch.Tensor, config: GRPOConfig) -
 def run(config: GRPOConfig) -> TrainResult:
     online = prepare_online_run(config, "grpo", config.num_generations, keep_reference=config.beta != 0,
                                 environment=config.environment, max_turns=config.max_turns,
+                                tool_listing=config.tool_listing,
                                 dynamic_sampling=config.dynamic_sampling)
     return train_online(config, online, GRPO(config, online.rollouts, online.val, online.reference))

@@ -51,9 +51,10 @@ class Prompt:
 
 
 def load_prompts(config: PromptDataConfig, tokenizer, seed: int,
-                 tools: list[dict] | None = None) -> tuple[list[Prompt], list[Prompt], dict]:
-    """(training prompts, held-out prompts, a description for the lineage record); rendered with
-    ``tools`` (function schemas) in the system turn when given."""
+                 environment=None) -> tuple[list[Prompt], list[Prompt], dict]:
+    """(training prompts, held-out prompts, a description for the lineage record); with an
+    `environment` (`orchard.environments`), rendered as its episodes start: what its `reset`
+    makes of the messages, with its tools."""
     if config.path is None:
         world = World()
         train = [PromptItem(r["prompt"], r["answer"], f"built-in train {i}")
@@ -70,7 +71,9 @@ def load_prompts(config: PromptDataConfig, tokenizer, seed: int,
     def render(items: list[PromptItem]) -> tuple[list[Prompt], int]:
         prompts, too_long = [], 0
         for item in items:
-            ids = tokenizer.encode(tokenizer.apply_chat_template(item.prompt, add_generation_prompt=True, tools=tools))
+            messages, tools = (item.prompt, None) if environment is None else \
+                (environment.reset(item.prompt), environment.schemas)
+            ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools))
             if len(ids) > config.max_prompt_length:
                 too_long += 1
             else:

@@ -326,16 +326,16 @@ class OnlineRun:
 
 def prepare_online_run(config: OnlineConfig, stage: str, num_generations: int, keep_reference: bool,
                        value_head: bool = False, environment: str | None = None, max_turns: int = 3,
-                       dynamic_sampling: int = 0) -> OnlineRun:
+                       tool_listing: str = "template", dynamic_sampling: int = 0) -> OnlineRun:
     """Load `config.init` (merged), its rewards and prompts, keep a reference if asked (before any
     adapter is attached), attach `config.peft` and, for PPO, a value head. With `environment`,
     completions are episodes with its tools (`orchard.environments.environment_factory`)."""
-    make_environment = environment_factory(environment, max_turns) if environment else None
+    make_environment = environment_factory(environment, max_turns, tool_listing) if environment else None
     start = start_from(config.init, stage, config.train)
     model, tokenizer, runtime = start.model, start.tokenizer, start.runtime
     rewards = Rewards(config.rewards, runtime.device)
-    tools = make_environment().schemas if make_environment else None
-    train, val, data_record = load_prompts(config.data, tokenizer, config.train.seed, tools)
+    train, val, data_record = load_prompts(config.data, tokenizer, config.train.seed,
+                                           make_environment() if make_environment else None)
     if environment:
         data_record["environment"] = environment
     if max(len(p.ids) for p in train + val) + config.max_new_tokens > model.config.max_position_embeddings:

@@ -26,6 +26,7 @@ from typing import Literal
 from ..data.conversations import read_conversations
 from ..data.records import ReadStats
 from ..data.synthetic import World, instruction_conversations
+from ..environments import tool_conversations
 from ..errors import OrchardError
 from ..losses.tokens import IGNORE_INDEX
 from ..peft.config import apply_peft
@@ -38,8 +39,12 @@ from ..training.run_directory import in_run_directory
 @dataclass
 class ConversationDataConfig:
     path: str | list[str] | None = None
-    """Conversations: .jsonl/.json files or globs in OpenAI messages, ShareGPT, Alpaca or
-    prompt/completion form. None means the built-in world's instruction conversations."""
+    """Conversations: .jsonl/.json files or globs in OpenAI messages (with tool calls and
+    tools), ShareGPT, Alpaca or prompt/completion form. None means built-in data (data.builtin)."""
+    builtin: Literal["instructions", "tools"] = "instructions"
+    """Built-in data when data.path is None: the world's instruction conversations, or its
+    tool-use conversations (calculator and lookup calls, `orchard.environments.world`, with a
+    quarter of plain instructions)."""
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
     """Record format; auto detects it from each record's keys."""
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
@@ -69,6 +74,9 @@ class SFTConfig(MethodConfig):
 
 def load_conversations(config: SFTConfig) -> tuple[list[dict], str]:
     """Conversation records and a description of where they came from."""
+    if config.data.path is None and config.data.builtin == "tools":
+        records = tool_conversations(World(), num_conversations=config.data.max_conversations or 2000)
+        return [{**r, "source": f"built-in tools:{i}"} for i, r in enumerate(records)], "built-in world tool use"
     if config.data.path is None:
         records = instruction_conversations(World(), split="train",
                                             num_conversations=config.data.max_conversations)

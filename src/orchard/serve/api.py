@@ -4,6 +4,17 @@ Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (streame
 events when `stream` is true), GET /health, GET /metrics, and GET / for the chat page (static files
 in `static/`). Every error is OpenAI's body, {"error": {"message", "type", "param", "code"}}, with a
 4xx status (5xx only for the server's own failures).
+
+Tool calls, as OpenAI's API and vLLM's hermes parser: a chat request's `tools` (function schemas)
+go to the chat template, which lists them in the system turn; assistant messages may carry
+`tool_calls` (arguments as JSON strings, as clients send them, or objects) and `tool` messages the
+results, all in the format of `orchard.data.tool_calls`. When tools are offered and the reply holds
+`<tool_call>` blocks that all parse, the answer is `message.tool_calls` (ids `call_<hex>`), the text
+before the first call as `content` (null when empty) and finish_reason "tool_calls"; a malformed
+call leaves the whole reply as content. Streamed, content goes out until a `<tool_call>` may begin,
+and the calls come whole in the last chunk. `tool_choice` "auto" (the default) or "none", which, as
+in vLLM, still lists the tools in the prompt but reads no calls back; "required" and a named function
+need constrained decoding, which this server does not do: 400.
 """
 
 from __future__ import annotations
@@ -30,6 +41,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..data.records import BadRecord
+from ..data.tool_calls import ParsedReply, checked_tool_calls, checked_tools, content_end, parse_reply
 from ..errors import OrchardError
 from .engine import Delta, Engine, QueueFull, Sampling, Sequence
 
@@ -114,6 +127,14 @@ class ChatBody(_Body):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, value):
+        if value not in (None, "auto", "none"):
+            raise ValueError('this server takes "auto" or "none" (forcing calls needs constrained decoding)')
+        return value
 
 
 class CompletionBody(_Body):
@@ -200,9 +221,14 @@ def create_app(engine: Engine, models: ServedModels, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request):
         adapter = models.adapter_of(body.model)
-        messages = [_template_message(m) for m in body.messages]
+        messages = [_template_message(m, i) for i, m in enumerate(body.messages)]
         try:
-            prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=body.tools)
+            tools = checked_tools(body.tools)
+        except BadRecord as error:
+            raise ApiError(400, error.message, "tools") from None
+        reads_calls = bool(tools) and body.tool_choice != "none"
+        try:
+            prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
         except OrchardError as error:
             raise ApiError(400, str(error), "messages") from None
         prompt_ids = engine.tokenizer.encode(prompt, add_bos=False)  # the template writes any BOS itself
@@ -213,8 +239,8 @@ def create_app(engine: Engine, models: ServedModels, api_key: str | None = None,
         budget = body.max_completion_tokens or body.max_tokens
         run = _Run(engine, body, [prompt_ids], adapter, end_ids, budget, top, request_timeout, outbox)
         if body.stream:
-            return _sse(run.stream_chat(_include_usage(body)))
-        return await run.chat(request)
+            return _sse(run.stream_chat(_include_usage(body), reads_calls))
+        return await run.chat(request, reads_calls)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
@@ -250,13 +276,31 @@ def create_app(engine: Engine, models: ServedModels, api_key: str | None = None,
     return app
 
 
-def _template_message(message: Message) -> dict:
-    """A message as chat templates take it: text parts joined, extra keys (tool_calls, ...) kept."""
+def _template_message(message: Message, index: int) -> dict:
+    """A message as chat templates take it: text parts joined, extra keys (tool_call_id, ...) kept,
+    an assistant's tool calls checked and their JSON-string arguments decoded (the template writes
+    them out as JSON itself)."""
     content = message.content
     if isinstance(content, list):
         content = "".join(part.text for part in content)
     extra = {k: v for k, v in (message.model_extra or {}).items() if v is not None}
+    if message.role == "assistant" and "tool_calls" in extra:
+        try:
+            extra["tool_calls"] = checked_tool_calls(extra["tool_calls"], f"messages[{index}].")
+        except BadRecord as error:
+            raise ApiError(400, error.message, f"messages.{index}.tool_calls") from None
     return {"role": message.role, "content": content if content is not None else "", **extra}
+
+
+def _called(text: str) -> ParsedReply | None:
+    """The reply read as tool calls, when it makes some and every one parses; else None: as vLLM's
+    hermes parser, a malformed call is left to the client as the model's text, not an error."""
+    reply = parse_reply(text)
+    return reply if reply.calls and not reply.errors else None
+
+
+def _call_id() -> str:
+    return f"call_{secrets.token_hex(12)}"
 
 
 def _include_usage(body: _Body) -> bool:
@@ -378,16 +422,21 @@ class _Run:
 
     # --- chat ---
 
-    async def chat(self, request: Request) -> dict:
+    async def chat(self, request: Request, reads_calls: bool) -> dict:
         texts, logprobs, reasons = await self.collect(request)
+        choices = []
+        for i, text in enumerate(texts):
+            message, reason = {"role": "assistant", "content": text}, reasons[i]
+            if reads_calls and (reply := _called(text)):
+                message = {"role": "assistant", "content": reply.content or None,
+                           "tool_calls": [call.as_openai(_call_id()) for call in reply.calls]}
+                reason = "tool_calls"
+            choices.append({"index": i, "message": message, "finish_reason": reason,
+                            "logprobs": {"content": logprobs[i]} if self.wants_logprobs else None})
         return {"id": f"chatcmpl-{self.id}", "object": "chat.completion", "created": self.created,
-                "model": self.body.model, "system_fingerprint": None,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                             "logprobs": {"content": logprobs[i]} if self.wants_logprobs else None, "finish_reason": reasons[i]}
-                            for i in range(len(self.sequences))],
-                "usage": self.usage()}
+                "model": self.body.model, "system_fingerprint": None, "choices": choices, "usage": self.usage()}
 
-    async def stream_chat(self, include_usage: bool) -> AsyncIterator[dict]:
+    async def stream_chat(self, include_usage: bool, reads_calls: bool) -> AsyncIterator[dict]:
         def chunk(choices: list[dict], usage: dict | None = None) -> dict:
             event = {"id": f"chatcmpl-{self.id}", "object": "chat.completion.chunk", "created": self.created,
                      "model": self.body.model, "system_fingerprint": None, "choices": choices}
@@ -397,10 +446,24 @@ class _Run:
 
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                      for i in range(len(self.sequences))])
+        texts, sent = ["" for _ in self.sequences], [0 for _ in self.sequences]
         async for merged in self.updates():
-            yield chunk([{"index": index, "delta": {"content": delta.text} if delta.text else {},
-                          "logprobs": {"content": delta.logprobs} if self.wants_logprobs else None,
-                          "finish_reason": delta.finish_reason} for index, delta in merged.items()])
+            choices = []
+            for index, delta in merged.items():
+                text = texts[index] = texts[index] + delta.text
+                reason, calls, end = delta.finish_reason, None, len(text)
+                if reads_calls and reason is None:
+                    end = content_end(text)  # hold back what may begin a call, until the reply ends
+                elif reads_calls and (reply := _called(text)):
+                    calls = [{"index": j, **call.as_openai(_call_id())} for j, call in enumerate(reply.calls)]
+                    reason, end = "tool_calls", content_end(text)
+                message = {"content": text[sent[index]:end]} if end > sent[index] else {}
+                if calls:
+                    message["tool_calls"] = calls
+                sent[index] = end  # never less: what is surely content only grows
+                choices.append({"index": index, "delta": message, "finish_reason": reason,
+                                "logprobs": {"content": delta.logprobs} if self.wants_logprobs else None})
+            yield chunk(choices)
         if include_usage:
             yield chunk([], self.usage())
 
