@@ -19,7 +19,8 @@ weights, bf16 autocast with `--precision bf16`), on the same data in the same or
   top-p, an end token no model can produce), orchard's KV-cache `generate` beside transformers'
   `model.generate(num_return_sequences=8)`; completions/s and tokens/s, median of the timed calls;
 * GRPO: B=2 prompts x 8 completions = 16 per optimizer step, 64 new tokens at most, beta 0.04 (a
-  reference model), exact-match reward on the built-in world's questions, one generation per
+  reference model; TRL's KL term the plain k3 as orchard's, use_bias_correction_kl=False),
+  exact-match reward on the built-in world's questions, one generation per
   optimizer step (TRL: steps_per_generation=1, num_iterations=1), per-sequence loss aggregation
   (TRL's loss_type="grpo"), no gradient checkpointing; a step is everything between two optimizer
   steps (sampling, rewards, reference pass, forward/backward, AdamW, logging): orchard's
@@ -159,12 +160,13 @@ def step_times_from_ends(start: float, ends: list[float]) -> list[float]:
     return [b - a for a, b in zip(marks, marks[1:])]
 
 
-def epoch_order(count: int) -> list[int]:
-    """The order orchard's engine takes `count` items in (seed SEED), for TRL to take them in too."""
+def epoch_order(count: int, samples: int | None = None, seed: int = SEED) -> list[int]:
+    """The indices of the first `samples` (default `count`) items orchard's engine takes from `count`
+    items with `seed` (a fresh permutation each epoch), for TRL to take them in too."""
     from orchard.data.packing import EpochOrder
 
-    order = EpochOrder(count, SEED)
-    return [order[i] for i in range(count)]
+    order = EpochOrder(count, seed)
+    return [order[i] for i in range(count if samples is None else samples)]
 
 
 def trl_timer():
@@ -193,13 +195,48 @@ def trl_timer():
     return StepTimer()
 
 
-def trl_common(precision: str, steps: int, out: str, lr: float, compiled: bool) -> dict:
-    """TrainingArguments both TRL trainers get, chosen to match orchard's engine."""
+def trl_common(precision: str, steps: int, out: str, lr: float, compiled: bool, seed: int = SEED) -> dict:
+    """TrainingArguments both TRL trainers get, chosen to match orchard's engine (AdamW betas 0.9/0.95,
+    eps 1e-8, fused; clip 1.0)."""
     return dict(torch_compile=compiled, output_dir=out, max_steps=steps, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0,
-                weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch_fused",
-                gradient_accumulation_steps=1, gradient_checkpointing=False, bf16=precision == "bf16", fp16=False,
-                use_cpu=True, logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no",
-                seed=SEED, data_seed=SEED, dataloader_num_workers=0, disable_tqdm=True)
+                weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0,
+                optim="adamw_torch_fused", gradient_accumulation_steps=1, gradient_checkpointing=False,
+                bf16=precision == "bf16", fp16=False, use_cpu=True, logging_steps=1, report_to="none",
+                save_strategy="no", eval_strategy="no", seed=seed, data_seed=seed, dataloader_num_workers=0,
+                disable_tqdm=True)
+
+
+def trl_grpo_args(prompts_per_step: int, num_generations: int, max_new_tokens: int, temperature: float, beta: float,
+                  loss_type: str) -> dict:
+    """GRPOConfig fields beyond `trl_common` that make TRL's GRPO orchard's: one generation of
+    prompts_per_step x num_generations completions per optimizer step, used once (steps_per_generation=1,
+    num_iterations=1); no top-k or top-p; clip 0.2 both ways; group-std advantages; the plain k3 KL
+    (orchard's: no importance weight on it, use_bias_correction_kl=False); the dataset taken in the order
+    given (shuffle_dataset=False: it is written in orchard's order)."""
+    return dict(per_device_train_batch_size=prompts_per_step * num_generations, num_generations=num_generations,
+                steps_per_generation=1, num_iterations=1, max_completion_length=max_new_tokens,
+                temperature=temperature, top_p=1.0, top_k=0, beta=beta, epsilon=0.2, loss_type=loss_type,
+                scale_rewards="group", use_bias_correction_kl=False, mask_truncated_completions=False,
+                shuffle_dataset=False, log_completions=False)
+
+
+def exact_match_reward(prompts, completions, answer, **kwargs):
+    """orchard's `exact_match`, as a TRL reward function (`answer` is the dataset's column)."""
+    from orchard.rewards.functions import exact_match
+
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return exact_match(prompts, texts, answer)
+
+
+def trl_policy(hf_dir: str):
+    """The exported model and tokenizer as TRL's trainers take them, fp32; its replies end where
+    orchard's do: at end-of-text or the chat template's end of turn."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    return model, tokenizer
 
 
 # --- workers ---------------------------------------------------------------------------------------
@@ -268,31 +305,17 @@ def grpo_orchard(files: dict, args, out: Path) -> dict:
 
 
 def grpo_trl(files: dict, args, out: Path) -> dict:
-    import transformers
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from orchard.rewards.functions import exact_match
-
     records = read_jsonl(files["grpo_train"])
     dataset = Dataset.from_list([records[i] for i in epoch_order(len(records))])
-
-    def exact_match_reward(prompts, completions, answer, **kwargs):
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return exact_match(prompts, texts, answer)
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(files["hf"], dtype=torch.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(files["hf"])
-    # orchard's rollouts end at end-of-text or the chat template's end of turn: so do TRL's.
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    model, tokenizer = trl_policy(files["hf"])
     config = GRPOConfig(**trl_common(args.precision, args.grpo_steps, str(out), GRPO_LR, args.compile),
-                        per_device_train_batch_size=GRPO_PROMPTS * G, num_generations=G, steps_per_generation=1,
-                        num_iterations=1, max_completion_length=NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0,
-                        beta=GRPO_BETA, epsilon=0.2, loss_type="grpo", scale_rewards="group",
-                        shuffle_dataset=False, log_completions=False)
+                        **trl_grpo_args(GRPO_PROMPTS, G, NEW_TOKENS, 1.0, GRPO_BETA, "grpo"))
     timer = trl_timer()
     trainer = GRPOTrainer(model=model, reward_funcs=exact_match_reward, args=config, train_dataset=dataset,
-                          callbacks=[timer])
+                          processing_class=tokenizer, callbacks=[timer])
     trainer.train()
     lengths = [r["completions/mean_length"] for r in trainer.state.log_history if "completions/mean_length" in r]
     return {**timer.results(), "completion_length": lengths, "generation_batch_size": config.generation_batch_size,
@@ -397,7 +420,14 @@ def spawn(name: str, args, files_path: Path) -> dict | None:
                "--rollout-prompts", str(args.rollout_prompts), "--rollout-calls", str(args.rollout_calls),
                "--rollout-warmup", str(args.rollout_warmup)] + (["--compile-decoding"] if args.compile_decoding else []) \
         + (["--compile"] if args.compile else [])
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+    return run_worker_process(name, command, args.threads)
+
+
+def run_worker_process(name: str, command: list[str], threads: int) -> dict | None:
+    """Run a worker `command` with `threads` threads everywhere (torch, OpenMP, MKL) and quiet
+    libraries; its result is the JSON it prints after MARK, or None (with its output's tail) if it
+    failed."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
            "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     started = time.perf_counter()

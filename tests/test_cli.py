@@ -331,7 +331,7 @@ def test_quickstart_writes_a_report_with_metrics_plot_and_samples(tmp_path):
     from orchard.cli.quickstart import run_quickstart
 
     report = run_quickstart(tmp_path / "qs", max_time=2.0, sft_steps=3, eval_items=16, distill_steps=3,
-                            continual_steps=2, continual_items=4, grow_steps=2, align_steps=2)
+                            continual_steps=2, continual_items=4, grow_steps=2, align_steps=2, tool_steps=3)
     text = report.read_text(encoding="utf-8")
     assert "validation loss before training" in text and "validation bits per byte" in text
     assert "fact recall (English)" in text and "arithmetic (Chinese)" in text
@@ -349,15 +349,19 @@ def test_quickstart_writes_a_report_with_metrics_plot_and_samples(tmp_path):
     difference = float(re.search(r"largest logit difference[^|]*\| ([0-9.e+-]+)", text).group(1))
     assert difference < 1e-4  # the grown model computes the parent's function
     assert "| before |" in text and "mean@8" in text  # GRPO before and after, sampled as well as greedy
+    tools = text[text.index("## Tool use"):text.index("## Distillation")]
+    assert "correct calls" in tools and "accuracy (no tools)" in tools and "failed tool calls (greedy)" in tools
+    assert json.loads((tmp_path / "qs" / "tool-eval" / "eval.json").read_text())["results"]["tools"].keys() == {
+        "SFT", "tool SFT", "tool GRPO"}
     assert "## Serving" in text and f"orchard serve {tmp_path / 'qs' / 'pretrain'} --adapter chat-lora=" in text
     # It ends with every checkpoint on the same tasks, each column headed by its lineage.
     final = text[text.index("## Every checkpoint, side by side"):]
     header = final[final.index("| task |"):].splitlines()[0]
     assert header == ("| task | metric | pretrained | SFT | LoRA | DPO | GRPO | student (distilled) | "
-                      "student (no teacher) | student int8 | student int4 | grown (6 layers) |")
+                      "student (no teacher) | student int8 | student int4 | grown (6 layers) | tool SFT | tool GRPO |")
     assert "dpo from sft" in final and "quantize from distill" in final and "pretrain from grown" in final
     comparison = json.loads((tmp_path / "qs" / "eval" / "eval.json").read_text())
-    assert len(comparison["checkpoints"]) == 10 and set(comparison["results"]) == {"held-out text", "world, held-out"}
+    assert len(comparison["checkpoints"]) == 12 and set(comparison["results"]) == {"held-out text", "world, held-out"}
     assert "](eval/eval.png)" in final
     # The family tree: every checkpoint the quickstart made descends from the pretrained model.
     from contextlib import closing
@@ -377,7 +381,8 @@ def test_quickstart_writes_a_report_with_metrics_plot_and_samples(tmp_path):
                     below[location] = (parent, entry["relations"])
                 walk(entry["children"], entry["name"])
         walk(tree["descendants"], "pretrain")
-        for run in ["sft", "lora", "dpo", "grpo", "reward", "distill", "student-no-teacher", "grow/train",
+        for run in ["sft", "lora", "dpo", "grpo", "reward", "distill", "student-no-teacher", "grow/train", "tool-sft",
+                    "tool-grpo",
                     *[f"continual/{s}/task-{i}-{t}" for s in ("naive", "replay")
                       for i, t in enumerate(["arithmetic", "facts-en", "facts-zh"])]]:
             assert str((qs / run / "final").resolve()) in below, run
@@ -385,6 +390,8 @@ def test_quickstart_writes_a_report_with_metrics_plot_and_samples(tmp_path):
         assert by_path["distill/final"] == ("pretrain", ["distilled from"])
         assert by_path["student-no-teacher/final"] == ("pretrain", ["distilled from"])
         assert by_path["dpo/final"] == ("sft", ["reference of", "trained from"])
+        assert by_path["tool-grpo/final"] == ("tool-sft", ["trained from"])
+        assert by_path["tool-sft/final"] == ("sft", ["trained from"])
         assert by_path["grow/grown"] == ("pretrain", ["grown from"])
         assert by_path["distill/final-int4"] == ("distill", ["quantized from"])
         assert by_path["lora/final"] == ("pretrain", ["adapter of"])

@@ -8,17 +8,19 @@ Stages so far:
    held-out exact-match accuracy;
 4. align the fine-tuned model: a reward model and DPO on the world's preference pairs, GRPO with
    the exact-match reward on its questions, each reported before and after on held-out data;
-5. distil the pretrained model (the teacher) into a student of a quarter of its non-embedding
+5. teach it tools: SFT on conversations that call a calculator and a lookup of the world's facts,
+   then GRPO over multi-turn episodes with them, measured with and without the tools;
+6. distil the pretrained model (the teacher) into a student of a quarter of its non-embedding
    parameters, from the teacher's cached top-k distributions, beside the same student trained on
    the same tokens without a teacher;
-6. quantize the distilled student to int8 and int4 weights and compare them with the rest;
-7. keep learning: the fine-tuned model through the built-in three-task stream (word problems,
+7. quantize the distilled student to int8 and int4 weights and compare them with the rest;
+8. keep learning: the fine-tuned model through the built-in three-task stream (word problems,
    English facts, Chinese facts), naively and with replay, with the accuracy matrices;
-8. grow the pretrained model from 4 to 6 layers (new blocks start as the identity), check that its
+9. grow the pretrained model from 4 to 6 layers (new blocks start as the identity), check that its
    function is unchanged, and train the new blocks alone;
-9. export it for transformers (a Hugging Face directory) and llama.cpp (GGUF f16 and q8_0);
-10. evaluate every checkpoint it made on the same tasks, side by side, and draw their family tree;
-11. write `report.md` with the metrics, the curves, the samples and the exports.
+10. export it for transformers (a Hugging Face directory) and llama.cpp (GGUF f16 and q8_0);
+11. evaluate every checkpoint it made on the same tasks, side by side, and draw their family tree;
+12. write `report.md` with the metrics, the curves, the samples and the exports.
 Each stage is a normal orchard run in its own directory under `--out`, so running quickstart again
 resumes (or skips) what is already done.
 """
@@ -40,6 +42,7 @@ from ..evaluation.compare import evaluate_checkpoints
 from ..evaluation.completion import arithmetic_items, chat_exact_match, completion_accuracy, fact_completion_items
 from ..evaluation.subject import EvalOptions
 from ..evaluation.tasks import BitsPerByte, WorldTask
+from ..evaluation.tool_tasks import ToolUse
 from ..evaluation import transfer_matrix as continual_metrics
 from ..evaluation.report import Report, plot_loss_curves, plot_metrics, read_metrics
 from ..checkpoint.grow import grow_checkpoint
@@ -79,7 +82,7 @@ def quickstart_config(out: Path, max_time: float) -> pretrain.PretrainConfig:
 
 def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eval_items: int = 200,
                    distill_steps: int = 200, continual_steps: int = 60, continual_items: int = 50,
-                   grow_steps: int = 60, align_steps: int | None = None) -> Path:
+                   grow_steps: int = 60, align_steps: int | None = None, tool_steps: int = 900) -> Path:
     # Claimed as a run directory: a folder of the user's is refused, and one quickstart runs at a time.
     with open_run(out, "quickstart"):
         report = Report("orchard quickstart", out)
@@ -87,13 +90,13 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
                     "(stories, facts about generated people, arithmetic in English and Chinese).")
 
         # 1. Pretraining
-        print("[1/10] pretraining on the built-in world", file=sys.stderr)
+        print("[1/11] pretraining on the built-in world", file=sys.stderr)
         config = quickstart_config(out, max_time)
         result = pretrain.run(config)
         metrics = result.state.metrics
 
         # 2. Evaluation and samples
-        print("[2/10] evaluating and sampling", file=sys.stderr)
+        print("[2/11] evaluating and sampling", file=sys.stderr)
         checkpoint = load_checkpoint(result.final_dir)
         world = World()
         tasks = {
@@ -137,7 +140,7 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
                     f"\"Tom Snow\"`, `orchard chat {result.final_dir}`, `orchard info {result.final_dir}`).")
 
         # 3. Fine-tuning: full SFT and LoRA from the same pretrained checkpoint
-        print("[3/10] fine-tuning on instruction conversations (full, then LoRA)", file=sys.stderr)
+        print("[3/11] fine-tuning on instruction conversations (full, then LoRA)", file=sys.stderr)
         held_out = exact_match_items(world, "held_out")[:eval_items]
         runs = {"pretrained (no fine-tuning)": result.final_dir}
         for label, overrides in [("full SFT", ["train.lr=1e-3"]),
@@ -165,8 +168,11 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
                       "trained parameters", "checkpoint"], rows)
 
         # 4. Alignment, from the full SFT model
-        print("[4/10] aligning the fine-tuned model: reward model, DPO, GRPO", file=sys.stderr)
+        print("[4/11] aligning the fine-tuned model: reward model, DPO, GRPO", file=sys.stderr)
         align(out, report, runs["full SFT"], held_out, align_steps, eval_items)
+
+        # 5. Tool use, from the full SFT model
+        use_tools(out, report, runs["full SFT"], tool_steps, align_steps, eval_items)
 
         # 5, 6. Distillation and quantization
         distill_and_quantize(out, report, result.final_dir, distill_steps)
@@ -178,7 +184,7 @@ def run_quickstart(out: Path, max_time: float = 240.0, sft_steps: int = 150, eva
         grow_and_train(out, report, config, result.final_dir, grow_steps)
 
         # 9. Export for other tools
-        print("[9/10] exporting for transformers and llama.cpp", file=sys.stderr)
+        print("[10/11] exporting for transformers and llama.cpp", file=sys.stderr)
         report.heading("Export")
         rows = [["Hugging Face directory", str(export_hf(result.final_dir, out / "export" / "hf")),
                  _size(out / "export" / "hf" / "model.safetensors")]]
@@ -209,12 +215,13 @@ def family_checkpoints(out: Path) -> dict[str, Path]:
             "DPO": out / "dpo" / "final", "GRPO": out / "grpo" / "final", "student (distilled)": distilled,
             "student (no teacher)": out / "student-no-teacher" / "final",
             "student int8": distilled.parent / "final-int8", "student int4": distilled.parent / "final-int4",
-            "grown (6 layers)": out / "grow" / "train" / "final"}
+            "grown (6 layers)": out / "grow" / "train" / "final", "tool SFT": out / "tool-sft" / "final",
+            "tool GRPO": out / "tool-grpo" / "final"}
 
 
 def compare_everything(out: Path, report: Report, pretrain_config: pretrain.PretrainConfig, eval_items: int) -> None:
     """One table of every checkpoint on the same tasks (`orchard eval`'s comparison), and its chart."""
-    print("[10/10] every checkpoint on the same tasks", file=sys.stderr)
+    print("[11/11] every checkpoint on the same tasks", file=sys.stderr)
     data = pretrain_config.data
     tasks = [BitsPerByte(windows=lambda tokenizer: validation_windows(data, tokenizer), name="held-out text",
                          max_windows=320),
@@ -320,6 +327,59 @@ def align(out: Path, report: Report, sft_dir: Path, held_out: list, steps: int |
         report.image(png, caption)
 
 
+TOOL_SFT = ["data.builtin=tools", "data.max_conversations=4000", "data.max_length=256", "train.lr=1e-3",
+            "train.eval_every=300", "train.save_every=300"]
+TOOL_GRPO = ["environment=calculator,lookup", "tool_listing=brief", "max_new_tokens=96", "max_turns=3",
+             "num_generations=8", "train.batch_size=4", "train.lr=5e-5", "beta=0", "loss_aggregation=token",
+             "train.max_steps=30", "train.eval_every=15", "train.save_every=15", "train.log_every=1"]
+"""Tool use in the quickstart: ~900 steps of SFT on the built-in tool conversations (calls with two
+2-digit numbers to copy need them: 600 steps call the calculator right 62% of the time, 1,200 99%),
+then GRPO over episodes with both tools; a reply may take 96 tokens, a call being ~65."""
+
+
+def use_tools(out: Path, report: Report, sft_dir: Path, steps: int, grpo_steps: int | None, eval_items: int) -> None:
+    """SFT on tool conversations from the SFT model, GRPO over tool episodes from that, and the
+    three measured on held-out questions with and without the tools (`--tasks tools`)."""
+    print("[5/11] tool use: SFT on tool conversations, then GRPO over episodes with a calculator and a lookup",
+          file=sys.stderr)
+    sft_config = load_config(sft.SFTConfig, None, [f"init={sft_dir}", f"out={out / 'tool-sft'}",
+                                                   f"train.max_steps={steps}", *TOOL_SFT])
+    tool_sft = sft.run(sft_config).final_dir
+    quick = [f"train.max_steps={grpo_steps}", f"train.eval_every={grpo_steps}",
+             f"train.save_every={grpo_steps}"] if grpo_steps else []
+    grpo_config = load_config(grpo.GRPOConfig, None, [f"init={tool_sft}", f"out={out / 'tool-grpo'}", *TOOL_GRPO,
+                                                      f"data.eval_prompts={eval_items}", *quick])
+    tool_grpo = grpo.run(grpo_config).final_dir
+    comparison = evaluate_checkpoints({"SFT": sft_dir, "tool SFT": tool_sft, "tool GRPO": tool_grpo},
+                                      [ToolUse(name="tools")], EvalOptions(limit=eval_items, batch_size=32, chat=True),
+                                      CPU)
+    comparison.write(out / "tool-eval")
+    report.heading("Tool use")
+    report.text("The SFT model learns to call tools from conversations of the built-in world "
+                "(`orchard sft data.builtin=tools`): word problems solved by a calculator call, questions "
+                "about people answered from a lookup of their facts, in Qwen2.5's `<tool_call>` format with the "
+                "tools named in the system turn; then GRPO samples whole episodes (the model's calls, the tools' "
+                "results, its answer: `orchard grpo environment=calculator,lookup`), the tool results in the "
+                "context but out of the loss, rewarded by exact match (0 when a call fails). `orchard eval "
+                "--tasks tools` asks held-out questions (held-out operands, held-out facts) with the tools offered "
+                "and without them; 'correct calls' are episodes whose first call is the right tool and returns "
+                "what answers the question.")
+    report.text(comparison.markdown())
+    rows = [row for row in read_metrics(out / "tool-grpo" / "metrics.jsonl") if "val_mean@8/exact_match" in row]
+    if rows:
+        report.text("GRPO over tool episodes, on the built-in world's held-out questions (facts and word "
+                    "problems; 8 sampled episodes per question at temperature 1):")
+        report.table(["", "greedy exact match", "mean@8", "pass@8", "failed tool calls (greedy)"], [
+            [label, *(f"{row[key]:.1%}" for key in ("val_reward/exact_match", "val_mean@8/exact_match",
+                                                     "val_pass@8/exact_match", "val_tool_failures"))]
+            for label, row in (("before", rows[0]), ("after", rows[-1]))])
+    report.image(plot_metrics(out / "tool-grpo" / "metrics.jsonl", out / "tools_grpo_curves.png",
+                              "GRPO over tool episodes", {"mean reward of the sampled episodes": "reward",
+                                                          "held-out mean@8": "val_mean@8/exact_match",
+                                                          "held-out exact match (greedy)": "val_reward/exact_match"},
+                              "fraction"), "GRPO over tool episodes")
+
+
 DISTILL_SETTINGS = ["data.seq_len=128", "data.synthetic_documents=20000", "data.val_fraction=0.05",
                     "train.batch_size=32", "train.lr=2e-3", "train.warmup_steps=30", "train.eval_every=50",
                     "train.eval_batches=10", "train.save_every=100", "train.log_every=5", "top_k=16",
@@ -330,7 +390,7 @@ the pretraining corpus, so the offline cache stays small (16 log-probabilities p
 
 def distill_and_quantize(out: Path, report: Report, teacher_dir: Path, steps: int) -> None:
     """A quarter-size student with and without the teacher on the same tokens, then quantized."""
-    print("[5/10] distilling the pretrained model into a quarter-size student", file=sys.stderr)
+    print("[6/11] distilling the pretrained model into a quarter-size student", file=sys.stderr)
     teacher = load_checkpoint(teacher_dir)
     student_file = distill.write_student_config(distill.quarter_width_config(teacher.model.config),
                                                 out / "student.yaml")
@@ -342,7 +402,7 @@ def distill_and_quantize(out: Path, report: Report, teacher_dir: Path, steps: in
                                                            *DISTILL_SETTINGS, *settings])
         students[label] = distill.run(config).final_dir
 
-    print("[6/10] quantizing the distilled student (int8, int4)", file=sys.stderr)
+    print("[7/11] quantizing the distilled student (int8, int4)", file=sys.stderr)
     models = {"teacher (the pretrained model)": teacher_dir, **students}
     kd_dir = students["student, distilled (forward KL, alpha 0.5)"]
     for bits, label in ((8, "distilled student, int8 weights"), (4, "distilled student, int4 weights (groups of 32)")):
@@ -384,7 +444,7 @@ CONTINUAL_STRATEGIES = {"naive sequential fine-tuning": ["strategy=naive"],
 
 def keep_learning(out: Path, report: Report, sft_dir: Path, steps: int, items: int) -> None:
     """The three-task stream with and without replay: what naive fine-tuning forgets, and what replay keeps."""
-    print("[7/10] continual learning: three tasks in a row, naive and with replay", file=sys.stderr)
+    print("[8/11] continual learning: three tasks in a row, naive and with replay", file=sys.stderr)
     report.heading("Continual learning")
     report.text(f"The full SFT model learns three tasks in a row ({steps} steps on 100 items each): word problems "
                 "(answers it has to memorise), then English facts, then Chinese facts. After each task every task "
@@ -413,7 +473,7 @@ def keep_learning(out: Path, report: Report, sft_dir: Path, steps: int, items: i
 def grow_and_train(out: Path, report: Report, pretrain_config: pretrain.PretrainConfig, parent: Path,
                    steps: int) -> None:
     """4 -> 6 layers by identity blocks (LLaMA Pro), the same function, then only the new blocks train."""
-    print("[8/10] growing the pretrained model from 4 to 6 layers and training the new blocks", file=sys.stderr)
+    print("[9/11] growing the pretrained model from 4 to 6 layers and training the new blocks", file=sys.stderr)
     grown_dir = out / "grow" / "grown"
     grown = grow_checkpoint(parent, grown_dir, layers=6)
     source, target = load_checkpoint(parent), load_checkpoint(grown_dir)

@@ -21,7 +21,7 @@ from ..serve.engine import Sampling
 from .subject import EvalOptions, Subject, TaskResult, builtin_world, mean
 
 MAX_TURNS = 3
-REPLY_TOKENS = 64
+REPLY_TOKENS = 96  # a call with two 2-digit numbers is ~65 tokens of the quickstart tokenizer
 
 
 class ToolUse:
