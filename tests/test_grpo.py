@@ -367,14 +367,15 @@ def test_rollouts_of_tool_episodes_mask_tool_results_and_fail_bad_calls(chat_bas
             replies.append(tokenizer.encode(text) + [end])
         return replies
 
-    rollouts = Rollouts(model, tokenizer, train, Rewards(["exact_match"]), SamplingConfig(max_new_tokens=40), 2,
+    rollouts = Rollouts(model, tokenizer, train, Rewards(["exact_match", "0.5*tool_use"]), SamplingConfig(max_new_tokens=40), 2,
                         batch_size=1, grad_accum=1, seed=0, runtime=Runtime(), environment=make_environment,
                         max_length=400)
     rollouts.sample = sample
     batch = rollouts.batch(0, 0, 0, 1)
     assert batch["tool_calls"].tolist() == [1.0, 0.0] and batch["tool_failed"].tolist() == [0.0, 1.0]
     # The good episode earns the reward; the malformed call fails its episode, right answer or not.
-    assert batch["rewards"].tolist() == [1.0, 0.0] and batch["reward_valid"].all()
+    assert batch["rewards"].tolist() == [1.5, 0.0] and batch["reward_valid"].all()
+    assert batch["rewards_by_function"].tolist() == [[1.0, 1.0], [0.0, 0.0]]
     good = batch["completion_ids"][0][batch["completion_ids"][0] != IGNORE_INDEX].tolist()
     trained = [t for t, m in zip(good, batch["completion_mask"][0].tolist()) if m]
     read = tokenizer.decode([t for t, m in zip(good, batch["completion_mask"][0].tolist()) if not m],

@@ -4,7 +4,7 @@ break a cycle still makes one).
 
 The floors, lowest first: the ground (`errors`, `files`, `config`, `hub`, `losses`) imports nothing
 of orchard above it; `model`, `tokenizer` and `data` never import training, methods, evaluation or
-the CLI; the model never imports files or adapters; nothing below the exporters (`interop`) imports
+the CLI; `environments` (tools, episodes) import no model, serving, training or evaluation code; the model never imports files or adapters; nothing below the exporters (`interop`) imports
 them; only methods and the CLI import methods; nothing imports the CLI.
 """
 

@@ -58,7 +58,12 @@ def test_format_line_and_length_rewards():
            [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
     assert call(length_penalty, ["", "one two three", " ".join(["w"] * 100), "a\nb  c"]) == \
            [0.0, -0.03, -1.0, -0.03]
-    assert set(BUILTIN_REWARDS) == {"exact_match", "numeric_match", "answer_format", "single_line", "length_penalty"}
+    assert set(BUILTIN_REWARDS) == {"exact_match", "numeric_match", "answer_format", "single_line", "length_penalty",
+                                    "tool_use"}
+    # tool_use reads the episodes' calls, which only an environment gives: without one it fails.
+    assert BUILTIN_REWARDS["tool_use"](None, ["a", "b", "c"], None, tool_calls=[0, 1, 3]) == [0.0, 1.0, 1.0]
+    result = Rewards(["exact_match", "tool_use"])([[]] * 2, ["7", "8"], ["7", "7"], tool_calls=[2, 0])
+    assert result.total.tolist() == [2.0, 0.0] and Rewards(["tool_use"])([[]], ["7"], ["7"]).failures == {"tool_use": 1}
 
 
 # --- combining rewards -------------------------------------------------------------------------------

@@ -171,7 +171,7 @@ class Rollouts:
 
         episodes: list[Episode] = run_episodes(sample, self.tokenizer, [self.environment() for _ in prompts],
                                                messages, [p.ids for p in prompts], self.end_ids, self.max_length)
-        scored = self.rewards(messages, [e.final for e in episodes], answers)
+        scored = self.rewards(messages, [e.final for e in episodes], answers, tool_calls=[e.calls for e in episodes])
         failed = [e.failure is not None for e in episodes]
         for i in (i for i, f in enumerate(failed) if f):  # a failed tool call fails the episode
             scored.total[i] = 0.0

@@ -95,13 +95,15 @@ class Rewards:
     def names(self) -> list[str]:
         return [spec.name for spec in self.specs]
 
-    def __call__(self, prompts: list[list[dict]], completions: list[str], answers: list) -> RewardResult:
+    def __call__(self, prompts: list[list[dict]], completions: list[str], answers: list, **extra) -> RewardResult:
+        """Every reward on the batch; ``extra`` keyword arguments (per-sample lists, e.g. the tool
+        calls of each episode) go to every function, as a dataset's extra columns do in TRL."""
         n = len(completions)
         total = torch.zeros(n)
         valid = torch.ones(n, dtype=torch.bool)
         result = RewardResult(total, valid)
         for spec in self.specs:
-            values = self._values(spec, prompts, completions, answers)
+            values = self._values(spec, prompts, completions, answers, extra)
             failed = [i for i, v in enumerate(values) if v is None]
             result.by_reward[spec.name] = values
             result.failures[spec.name] = len(failed)
@@ -113,11 +115,11 @@ class Rewards:
         total[~valid] = 0.0
         return result
 
-    def _values(self, spec: RewardSpec, prompts, completions, answers) -> list[float | None]:
+    def _values(self, spec: RewardSpec, prompts, completions, answers, extra: dict) -> list[float | None]:
         """The function on the whole batch; when that raises or returns the wrong number of values,
         on each sample alone, so one bad sample fails alone."""
         try:
-            values = list(spec.function(prompts=prompts, completions=completions, answers=answers))
+            values = list(spec.function(prompts=prompts, completions=completions, answers=answers, **extra))
             if len(values) != len(completions):
                 raise ValueError(f"returned {len(values)} values for {len(completions)} completions")
         except Exception as error:  # a user's reward function may raise anything
@@ -126,7 +128,8 @@ class Rewards:
             for i in range(len(completions)):
                 try:
                     (value,) = spec.function(prompts=prompts[i:i + 1], completions=completions[i:i + 1],
-                                             answers=answers[i:i + 1])
+                                             answers=answers[i:i + 1],
+                                             **{key: column[i:i + 1] for key, column in extra.items()})
                 except Exception as sample_error:
                     self._warn(spec.name, sample_error)
                     value = None

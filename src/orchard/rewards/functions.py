@@ -61,6 +61,15 @@ def length_penalty(prompts, completions, answers, **kwargs) -> list[float | None
     return [-len(reply.split()) / 100 for reply in completions]
 
 
+def tool_use(prompts, completions, answers, tool_calls=None, **kwargs) -> list[float | None]:
+    """1 when the episode called a tool (with an environment: `orchard grpo environment=...`; its
+    calls all succeeded, since a failed call zeroes every reward of the episode), else 0: a shaping
+    term that teaches a model to reach for its tools. Without an environment it fails (None)."""
+    if tool_calls is None:
+        return [None] * len(completions)
+    return [float(calls > 0) for calls in tool_calls]
+
+
 BUILTIN_REWARDS = {fn.__name__: fn for fn in (exact_match, numeric_match, answer_format, single_line,
-                                               length_penalty)}
+                                               length_penalty, tool_use)}
 """Rewards a recipe can name without a module."""
