@@ -338,7 +338,11 @@ def test_grpo_cli_errors(chat_base, tmp_path, capsys):
     assert "num_generations" in run_error(capsys, ["grpo", f"init={chat_base.dir}", "num_generations=1"])
     line = run_error(capsys, ["grpo", f"init={chat_base.dir}", f"out={tmp_path / 'c'}", "max_new_tokens=600"])
     assert "max_new_tokens" in line
-    assert not any((tmp_path / name).exists() for name in "abc")
+    line = run_error(capsys, ["grpo", f"init={chat_base.dir}", f"out={tmp_path / 'd'}", "environment=calculator,web"])
+    assert line.startswith("orchard: error: environment: unknown tool 'web'; expected calculator, lookup")
+    assert "dynamic_sampling" in run_error(capsys, ["grpo", f"init={chat_base.dir}", "dynamic_sampling=-1"])
+    assert "tool_listing" in run_error(capsys, ["grpo", f"init={chat_base.dir}", "tool_listing=long"])
+    assert not any((tmp_path / name).exists() for name in "abcd")
 
 
 # --- episodes with tools, and dynamic sampling ------------------------------------------------------------
@@ -407,3 +411,16 @@ def test_dynamic_sampling_replaces_groups_without_signal(chat_base, user_module)
     assert not all(signal(before)) and all(signal(after)), (signal(before), signal(after))
     again = dynamic.batch(0, 0, 0, 1)
     assert torch.equal(after["input_ids"], again["input_ids"])  # refills are seeded by the place in the run
+
+
+def test_a_short_run_over_tool_episodes(chat_base, tmp_path):
+    run_grpo(chat_base, tmp_path / "run", "environment=calculator,lookup", "tool_listing=brief", "max_turns=2",
+             "train.max_steps=2", "data.eval_prompts=2", "data.eval_samples=2", "train.eval_every=2",
+             "rewards=[exact_match,0.1*tool_use]", "dynamic_sampling=1")
+    logged = lines(tmp_path / "run")
+    steps = [line for line in logged if "loss" in line]
+    assert len(steps) == 2 and all({"tool_failed", "tool_calls", "resample_rounds", "rewards/tool_use"} <= set(s)
+                                   for s in steps)
+    assert {"val_tool_failures", "val_tool_calls", "val_mean@2/tool_use"} <= set(logged[-1])
+    record = json.loads((tmp_path / "run" / "final" / "orchard.json").read_text())
+    assert record["data"]["environment"] == "calculator,lookup"
