@@ -350,7 +350,7 @@ def test_quickstart_writes_a_report_with_metrics_plot_and_samples(tmp_path):
     assert difference < 1e-4  # the grown model computes the parent's function
     assert "| before |" in text and "mean@8" in text  # GRPO before and after, sampled as well as greedy
     tools = text[text.index("## Tool use"):text.index("## Distillation")]
-    assert "correct calls" in tools and "accuracy (no tools)" in tools and "failed tool calls (greedy)" in tools
+    assert "correct_calls" in tools and "accuracy (no tools)" in tools and "failed tool calls (greedy)" in tools
     assert json.loads((tmp_path / "qs" / "tool-eval" / "eval.json").read_text())["results"]["tools"].keys() == {
         "SFT", "tool SFT", "tool GRPO"}
     assert "## Serving" in text and f"orchard serve {tmp_path / 'qs' / 'pretrain'} --adapter chat-lora=" in text

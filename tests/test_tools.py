@@ -318,3 +318,45 @@ def test_tool_conversations_and_questions_follow_the_splits():
     held_facts = {(f.subject.name("en"), f.answer("en")) for f in world.split_facts()[1]}
     lookups = [q for q in tool_questions(world, "lookup", "held_out", num=50, languages=["en"])]
     assert all((q["call"][1]["name"], q["answer"]) in held_facts and q["reply"] in q["result"] for q in lookups)
+
+
+# --- orchard eval --tasks tools -------------------------------------------------------------------------
+
+
+def test_the_tools_task_counts_by_hand(chat_base):
+    """A scripted model: it calls the calculator right on the first 3 of 4 word problems (a wrong
+    expression on the 4th), answers from the tool's result, and answers 0 without tools."""
+    from types import SimpleNamespace
+
+    from orchard.evaluation.subject import EvalOptions
+    from orchard.evaluation.tool_tasks import ToolUse, first_call_answers
+    from orchard.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(chat_base.dir)
+    items = tool_questions(World(), "arithmetic", "held_out", seed=0, num=4)
+    by_question = {item["prompt"][0]["content"]: item for item in items}
+
+    def replies(prompts, samplings, options, what):
+        out = []
+        for ids in prompts:
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+            item = next(item for question, item in by_question.items() if question in text)
+            if "<tool_response>" in text:
+                out.append(text.rsplit("<tool_response>\n", 1)[1].split("\n</tool_response>")[0])
+            elif "Tools: calculator(expression), lookup(name)" in text:
+                wrong = item is items[3]
+                expression = "1 + 1" if wrong else item["call"][1]["expression"]
+                out.append(f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{expression}"}}}}\n</tool_call>')
+            else:
+                out.append("0")
+        return out
+
+    subject = SimpleNamespace(tokenizer=tokenizer, model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512)),
+                              end_ids=lambda: [tokenizer.eos_id, tokenizer.token_to_id("<|im_end|>")],
+                              chat_prompt=lambda m: tokenizer.encode(tokenizer.apply_chat_template(m, add_generation_prompt=True)),
+                              replies=replies)
+    result = ToolUse("arithmetic").run(subject, EvalOptions(limit=4))
+    assert result.metrics == {"accuracy": 0.75, "accuracy (no tools)": 0.0, "accuracy_gain": 0.75, "call_rate": 1.0,
+                              "correct_calls": 0.75, "failed_calls": 0.0}
+    assert result.count == 4 and result.headline == "accuracy"
+    assert not first_call_answers([{"role": "assistant", "content": "2"}], items[0])

@@ -364,7 +364,7 @@ def use_tools(out: Path, report: Report, sft_dir: Path, steps: int, grpo_steps: 
                 "results, its answer: `orchard grpo environment=calculator,lookup`), the tool results in the "
                 "context but out of the loss, rewarded by exact match (0 when a call fails). `orchard eval "
                 "--tasks tools` asks held-out questions (held-out operands, held-out facts) with the tools offered "
-                "and without them; 'correct calls' are episodes whose first call is the right tool and returns "
+                "and without them; `correct_calls` are episodes whose first call is the right tool and returns "
                 "what answers the question.")
     report.text(comparison.markdown())
     rows = [row for row in read_metrics(out / "tool-grpo" / "metrics.jsonl") if "val_mean@8/exact_match" in row]

@@ -27,7 +27,8 @@ from .tasks import run_task
 matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-FRACTIONS = ("acc", "acc_norm", "accuracy", "exact_match", "win_rate")
+FRACTIONS = ("acc", "acc_norm", "accuracy", "exact_match", "win_rate", "accuracy_gain", "call_rate", "correct_calls",
+             "failed_calls")
 SAMPLED_FRACTIONS = ("maj@", "pass@", "mean@")
 """Metrics shown as percentages, their deltas in points: these names (with any "(kind)" after
 them), and the sampled ones of any k."""

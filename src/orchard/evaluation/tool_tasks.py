@@ -6,11 +6,11 @@ twice, greedily: once as an episode with both tools offered (the brief listing t
 conversations teach, `orchard.environments`), once as a plain chat with no tools. Metrics:
 
 * ``accuracy``: exact match of the episode's final answer (a failed tool call counts as wrong);
-* ``accuracy (no tools)`` and ``gain``: the plain answers' exact match, and the difference;
-* ``calls``: the share of episodes that called a tool;
-* ``correct calls``: the share whose first call is the right tool and returns what answers the
+* ``accuracy (no tools)`` and ``accuracy_gain``: the plain answers' exact match, and the difference;
+* ``call_rate``: the share of episodes that called a tool;
+* ``correct_calls``: the share whose first call is the right tool and returns what answers the
   question (the calculator's result equals the answer; the lookup returns that person's facts);
-* ``tool failures``: the share of episodes with a malformed call, an unknown tool or a tool error.
+* ``failed_calls``: the share of episodes with a malformed call, an unknown tool or a tool error.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ class ToolUse:
             examples += found[1]
             count += len(items)
         if len(self.tasks) > 1:
-            for metric in ("accuracy", "accuracy (no tools)", "correct calls"):
+            for metric in ("accuracy", "accuracy (no tools)", "correct_calls"):
                 metrics[metric] = mean(metrics[f"{metric} ({task})"] for task in self.tasks)
-            metrics["gain"] = metrics["accuracy"] - metrics["accuracy (no tools)"]
+            metrics["accuracy_gain"] = metrics["accuracy"] - metrics["accuracy (no tools)"]
         return TaskResult(metrics, "accuracy", count, examples=examples)
 
     def _task(self, subject: Subject, options: EvalOptions, items: list[dict], tools, what: str):
@@ -65,10 +65,10 @@ class ToolUse:
         right = [e.failure is None and answer_matches(e.final, item["answer"]) for e, item in zip(episodes, items)]
         right_plain = [answer_matches(reply, item["answer"]) for reply, item in zip(plain, items)]
         metrics = {"accuracy": mean(right), "accuracy (no tools)": mean(right_plain),
-                   "gain": mean(right) - mean(right_plain),
-                   "calls": mean(e.calls > 0 for e in episodes),
-                   "correct calls": mean(first_call_answers(e.messages, item) for e, item in zip(episodes, items)),
-                   "tool failures": mean(e.failure is not None for e in episodes)}
+                   "accuracy_gain": mean(right) - mean(right_plain),
+                   "call_rate": mean(e.calls > 0 for e in episodes),
+                   "correct_calls": mean(first_call_answers(e.messages, item) for e, item in zip(episodes, items)),
+                   "failed_calls": mean(e.failure is not None for e in episodes)}
         examples = [{"question": item["prompt"][-1]["content"], "expected": item["answer"],
                      "episode": [m for m in e.messages if m["role"] != "system"][1:], "reply without tools": reply}
                     for e, item, reply in list(zip(episodes, items, plain))[:3]]
