@@ -98,19 +98,22 @@ class Sampled:
     tool_calls: list[int] | None = None
 
     def rows(self, keep: list[int]) -> "Sampled":
-        pick = lambda values: None if values is None else [values[i] for i in keep]  # noqa: E731
-        return Sampled(pick(self.prompts), pick(self.completions), pick(self.generated), self.total[keep],
-                       self.valid[keep], {k: pick(v) for k, v in self.by_reward.items()}, pick(self.tool_failed),
-                       pick(self.tool_calls))
+        """These rows alone, in the order `keep` gives."""
+        lists = {name: None if getattr(self, name) is None else [getattr(self, name)[i] for i in keep]
+                 for name in _ROW_LISTS}
+        return Sampled(**lists, total=self.total[keep], valid=self.valid[keep],
+                       by_reward={name: [values[i] for i in keep] for name, values in self.by_reward.items()})
 
     @staticmethod
     def joined(parts: list["Sampled"]) -> "Sampled":
-        first = parts[0]
-        cat = lambda name: None if getattr(first, name) is None else [x for p in parts for x in getattr(p, name)]  # noqa: E731
-        return Sampled(cat("prompts"), cat("completions"), cat("generated"), torch.cat([p.total for p in parts]),
-                       torch.cat([p.valid for p in parts]),
-                       {k: [x for p in parts for x in p.by_reward[k]] for k in first.by_reward},
-                       cat("tool_failed"), cat("tool_calls"))
+        """The rows of `parts`, one after the other."""
+        lists = {name: None if getattr(parts[0], name) is None else [x for p in parts for x in getattr(p, name)]
+                 for name in _ROW_LISTS}
+        return Sampled(**lists, total=torch.cat([p.total for p in parts]), valid=torch.cat([p.valid for p in parts]),
+                       by_reward={name: [x for p in parts for x in p.by_reward[name]] for name in parts[0].by_reward})
+
+
+_ROW_LISTS = ("prompts", "completions", "generated", "tool_failed", "tool_calls")
 
 
 class Rollouts:
