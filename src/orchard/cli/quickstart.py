@@ -327,7 +327,7 @@ def align(out: Path, report: Report, sft_dir: Path, held_out: list, steps: int |
         report.image(png, caption)
 
 
-TOOL_SFT = ["data.builtin=tools", "data.max_conversations=4000", "data.max_length=256", "train.lr=1e-3",
+TOOL_SFT = ["data.builtin=tools", "data.max_length=256", "train.lr=1e-3",
             "train.eval_every=300", "train.save_every=300"]
 TOOL_GRPO = ["environment=calculator,lookup", "tool_listing=brief", "max_new_tokens=96", "max_turns=3",
              "num_generations=8", "train.batch_size=8", "train.lr=1e-4", "beta=0", "loss_aggregation=token",
@@ -345,16 +345,20 @@ def use_tools(out: Path, report: Report, sft_dir: Path, steps: int, grpo_steps: 
     print("[5/11] tool use: SFT on tool conversations, then GRPO over episodes with a calculator and a lookup",
           file=sys.stderr)
     sft_config = load_config(sft.SFTConfig, None, [f"init={sft_dir}", f"out={out / 'tool-sft'}",
-                                                   f"train.max_steps={steps}", *TOOL_SFT])
+                                                   f"train.max_steps={steps}", *TOOL_SFT,
+                                                   f"data.max_conversations={min(4000, 16 * steps)}"])
     tool_sft = sft.run(sft_config).final_dir
-    quick = [f"train.max_steps={grpo_steps}", f"train.eval_every={grpo_steps}",
-             f"train.save_every={grpo_steps}"] if grpo_steps else []
+    # A quick run (`grpo_steps`, the tests) also samples fewer and shorter episodes and asks fewer questions.
+    quick = [f"train.max_steps={grpo_steps}", f"train.eval_every={grpo_steps}", f"train.save_every={grpo_steps}",
+             "train.batch_size=2", "num_generations=4", "max_new_tokens=32"] if grpo_steps else []
+    questions = min(eval_items, 4 if grpo_steps else 100)
     grpo_config = load_config(grpo.GRPOConfig, None, [f"init={tool_sft}", f"out={out / 'tool-grpo'}", *TOOL_GRPO,
-                                                      f"data.eval_prompts={min(eval_items, 100)}", *quick])
+                                                      f"data.eval_prompts={questions}", *quick])
     tool_grpo = grpo.run(grpo_config).final_dir
     comparison = evaluate_checkpoints({"SFT": sft_dir, "tool SFT": tool_sft, "tool GRPO": tool_grpo},
-                                      [ToolUse(name="tools")], EvalOptions(limit=eval_items, batch_size=32, chat=True),
-                                      CPU)
+                                      [ToolUse(name="tools")],
+                                      EvalOptions(limit=eval_items if not grpo_steps else questions, batch_size=32,
+                                                  chat=True), CPU)
     comparison.write(out / "tool-eval")
     report.heading("Tool use")
     report.text("The SFT model learns to call tools from conversations of the built-in world "

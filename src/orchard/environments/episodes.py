@@ -22,9 +22,12 @@ from .world import world_tools
 
 
 class Environment(Protocol):
-    """What an episode needs of an environment (`ToolEnvironment` is one)."""
+    """What an episode needs of an environment (`ToolEnvironment` is one); an optional ``calls``
+    attribute (tool calls so far) is reported as the episode's."""
 
-    schemas: list[dict]
+    schemas: list[dict] | None
+    messages: list[dict]
+    """The conversation so far, as `reset` and `step` built it (the chat template renders it)."""
 
     def reset(self, messages: list[dict]) -> list[dict]: ...
 
@@ -106,7 +109,7 @@ def run_episodes(sample: Callable[[list[list[int]], list[int], int], list[list[i
             still.append(i)
         active, turn = still, turn + 1
     for episode, environment in zip(episodes, environments):
-        episode.messages = list(getattr(environment, "messages", []))
+        episode.messages = list(environment.messages)
     return episodes
 
 
