@@ -224,7 +224,7 @@ def compare_everything(out: Path, report: Report, pretrain_config: pretrain.Pret
     print("[11/11] every checkpoint on the same tasks", file=sys.stderr)
     data = pretrain_config.data
     tasks = [BitsPerByte(windows=lambda tokenizer: validation_windows(data, tokenizer), name="held-out text",
-                         max_windows=320),
+                         max_windows=min(320, 2 * eval_items)),
              WorldTask("held_out", "world, held-out")]
     comparison = evaluate_checkpoints(family_checkpoints(out), tasks, EvalOptions(limit=eval_items, batch_size=32), CPU)
     comparison.write(out / "eval")
