@@ -220,12 +220,13 @@ def trl_grpo_args(prompts_per_step: int, num_generations: int, max_new_tokens: i
                 shuffle_dataset=False, log_completions=False)
 
 
-def exact_match_reward(prompts, completions, answer, **kwargs):
-    """orchard's `exact_match`, as a TRL reward function (`answer` is the dataset's column)."""
+def exact_match_reward(prompts, completions, answer, rivals=None, **kwargs):
+    """orchard's `exact_match`, as a TRL reward function (`answer` and `rivals` are the dataset's
+    columns)."""
     from orchard.rewards.functions import exact_match
 
     texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-    return exact_match(prompts, texts, answer)
+    return exact_match(prompts, texts, answer, rivals)
 
 
 def trl_policy(hf_dir: str):

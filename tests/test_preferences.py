@@ -23,6 +23,8 @@ from orchard.data.synthetic import (
     exact_match_items,
     generate_documents,
     preference_pairs,
+    prompt_text,
+    rival_answers,
     verifiable_prompts,
     write_preference_corpus,
 )
@@ -181,6 +183,8 @@ BAD_PROMPTS = [
     ({"prompt": [SYSTEM]}, "no user turn", "does not end with a user turn"),
     ({"messages": [user("q"), assistant("a"), assistant("b")]}, "no user turn", "does not end with a user turn"),
     ({"chosen": "a"}, "unrecognised record", "unrecognised record"),
+    ({"prompt": "q", "answer": "a", "rivals": "b"}, "bad rivals", "'rivals' must be a list"),
+    ({"prompt": "q", "answer": "a", "rivals": ["b", 3]}, "bad rivals", "'rivals' must be a list"),
 ]
 
 
@@ -333,4 +337,8 @@ def test_preference_corpus_and_verifiable_prompts_read_back(tmp_path):
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", verifiable_prompts(world, split="held_out", num_items=40))
     items = exact_match_items(world, num_items=40)
-    assert [(p.prompt, p.answer) for p in read_prompts(prompts)] == items
+    read = list(read_prompts(prompts))
+    assert [(p.prompt, p.answer) for p in read] == items
+    # Each comes with its rivals, the question's other possible answers (none for a number).
+    assert all(p.rivals == rival_answers(world, prompt_text(p.prompt), p.answer) for p in read)
+    assert any(p.rivals for p in read) and all(p.rivals == () for p in read if p.answer.isdigit())

@@ -40,6 +40,17 @@ def test_exact_match_is_a_whole_word_on_the_first_line():
     assert call(exact_match, ["It is 7"], [7]) == [1.0]  # a numeric answer is compared as text
 
 
+def test_exact_match_with_rivals_rewards_no_list_of_candidates():
+    replies = ["Tom Snow has a pet parrot.", "parrot cat dog", "parrot", "Tom Snow has a pet cat."]
+    prompts = [[{"role": "user", "content": "What pet does Tom Snow have?"}]] * 4
+    rivals = [("cat", "dog")] * 4
+    assert exact_match(prompts, replies, ["parrot"] * 4, rivals) == [1.0, 0.0, 1.0, 0.0]
+    assert exact_match(prompts, replies, ["parrot"] * 4, [None] * 4) == [1.0, 1.0, 1.0, 0.0]  # no rivals listed
+    # A numeric answer with rivals (even none listed): no number but it and the question's.
+    prompts = [[{"role": "user", "content": "Tom has 7 boxes of 7 pears. How many pears?"}]] * 3
+    assert exact_match(prompts, ["7 x 7 = 49", "48 49 50", "49"], ["49"] * 3, [()] * 3) == [1.0, 0.0, 1.0]
+
+
 def test_numeric_match_reads_the_final_number():
     replies = ["He has 12 + 7 = 19 apples.", "19 apples, not 20", "Work: 1000 + 234\n#### 1,234",
                "#### 42 (in 3 steps)", "It is 5.0", "no number here", "-3 degrees", "x = 119"]

@@ -12,6 +12,7 @@ from orchard.data.synthetic import (
     RELATIONS,
     World,
     answer_matches,
+    rival_answers,
     arithmetic_problem,
     continual_task,
     continual_task_conversations,
@@ -324,6 +325,42 @@ def test_exact_match_items_follow_the_conversations(world, instructions):
 ])
 def test_answer_matches(reply, expected, ok):
     assert answer_matches(reply, expected) is ok
+
+
+@pytest.mark.parametrize("reply, ok", [
+    ("Tom Snow has a pet parrot.", True),
+    ("Tom Snow has a pet parrot. Hugo Wood has a pet cat.", True),  # a later sentence is another claim
+    ("parrot cat horse", False), ("cat parrot", False), ("Tom Snow has a pet parrot or a cat.", False),
+    ("A parrot, maybe a 鹦鹉 or a 狗.", False),  # rivals in either language
+    ("Tom Snow has a pet cat.", False),
+])
+def test_answer_matches_rejects_a_claim_that_lists_rivals(world, reply, ok):
+    question = "What pet does Tom Snow have?"
+    rivals = rival_answers(world, question, "parrot")
+    assert {"cat", "dog", "猫", "狗"} <= set(rivals) and "parrot" not in rivals and "鹦鹉" in rivals
+    assert answer_matches(reply, "parrot", rivals, question) is ok
+    assert answer_matches(reply, "parrot") is ("parrot" in reply)  # without rivals: the first line's check
+
+
+def test_rival_answers_leave_out_what_the_question_names(world):
+    people = world.by_kind("person")
+    subject, friend = people[0], world.fact(people[0], "friend_of").value_entity
+    question = f"Who is {subject.name_en}'s best friend?"
+    rivals = rival_answers(world, question, friend.name_en)
+    assert subject.name_en not in rivals and friend.name_en not in rivals
+    assert len(rivals) == 2 * len(people) - 2  # every other person, in English and Chinese
+    reply = f"{subject.name_en}'s best friend is {friend.name_en}."
+    assert answer_matches(reply, friend.name_en, rivals, question)
+    assert not answer_matches(f"{people[2].name_en} or {friend.name_en}.", friend.name_en, rivals, question)
+
+
+@pytest.mark.parametrize("reply, ok", [
+    ("24", True), ("34 - 10 = 24", True), ("Tom has 24 stamps left.", True), ("24. Then 25 next year.", True),
+    ("24 25 26", False), ("23 or 24", False), ("1248", False),
+])
+def test_answer_matches_a_numeric_answer_allows_only_the_question_numbers(reply, ok):
+    question = "Tom has 34 stamps and gives 10 to Leo. How many stamps does he have left?"
+    assert answer_matches(reply, "24", (), question) is ok
 
 
 def test_instruction_options_and_errors(world):

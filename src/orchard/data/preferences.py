@@ -24,6 +24,8 @@ Prompts, for sampling replies (online methods, evaluation): ``{"prompt": str | [
 "answer"?: str | number, "system"?: str}``; ``{"messages": [...], "answer"?}`` whose trailing
 assistant turn, if any, is the answer; GSM8K's ``{"question": str, "answer": "...\\n#### 72"}``. An
 answer containing ``####`` is a worked solution and its final number is the answer (`gsm8k_answer`).
+Any of them may list ``"rivals"``: the question's other possible answers, which a reply must not
+name beside the answer (`orchard.data.synthetic.answer_matches`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class PromptItem:
     answer: str | None
     """The reference answer replies are checked against, or None."""
     source: str
+    rivals: tuple[str, ...] | None = None
+    """The question's other possible answers (a reply that names one beside the answer hedges), or
+    None: replies are checked for the answer alone."""
 
 
 # --- preference pairs ---------------------------------------------------------------------------------
@@ -227,8 +232,9 @@ def read_prompts(paths, on_error: str = "error", stats: ReadStats | None = None,
     """Yield every prompt of the files ``paths`` names, with its reference answer if the record has
     one (see the module docstring for the record shapes); ``on_error``, ``stats`` and ``key`` as in
     `read_preference_pairs`."""
-    for source, (prompt, answer) in read_records(paths, _parse_prompt, on_error, stats, key, what="prompts"):
-        yield PromptItem(prompt, answer, source)
+    for source, (prompt, answer, rivals) in read_records(paths, _parse_prompt, on_error, stats, key,
+                                                         what="prompts"):
+        yield PromptItem(prompt, answer, source, rivals)
 
 
 def gsm8k_answer(solution: str) -> str | None:
@@ -238,7 +244,7 @@ def gsm8k_answer(solution: str) -> str | None:
     return found.group(1).replace(",", "") if found else None
 
 
-def _parse_prompt(record) -> tuple[list[dict], str | None]:
+def _parse_prompt(record) -> tuple[list[dict], str | None, tuple[str, ...] | None]:
     if not isinstance(record, dict):
         raise BadRecord("not an object", f"expected a JSON object, got {json_type(record)}")
     if "messages" in record:
@@ -260,7 +266,10 @@ def _parse_prompt(record) -> tuple[list[dict], str | None]:
         raise BadRecord("unrecognised record", "unrecognised record: expected a 'prompt', a 'messages' list or "
                                                 f"'question'/'answer' (keys: {keys})")
     _check_prompt(prompt)
-    return prompt, answer
+    rivals = record.get("rivals")
+    if rivals is not None and (not isinstance(rivals, list) or not all(isinstance(r, str) and r for r in rivals)):
+        raise BadRecord("bad rivals", "field 'rivals' must be a list of non-empty strings")
+    return prompt, answer, None if rivals is None else tuple(rivals)
 
 
 def _answer(record: dict) -> str | None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from ..data.packing import PackedSequences
 from ..data.preferences import read_prompts
 from ..data.records import BadRecord, json_type, read_records, resolve_paths, string_field
-from ..data.synthetic import answer_matches, exact_match_items
+from ..data.synthetic import answer_matches, exact_match_items, prompt_text, rival_answers
 from ..data.tokens import build_token_cache
 from ..environments import TOOL_TASKS
 from ..errors import OrchardError
@@ -222,7 +222,12 @@ class WorldTask:
             groups = {"questions, en": sorted(english),
                       "questions, zh": [i for i in range(len(items)) if i not in english]}
             prompts = [subject.chat_prompt(messages) for messages, _ in items]
-            answers, matches, max_tokens = [a for _, a in items], answer_matches, 40
+            questions = [prompt_text(messages) for messages, _ in items]
+            rivals = [rival_answers(world, question, expected) for question, (_, expected) in zip(questions, items)]
+            max_tokens = 40
+
+            def matches(i: int, reply: str) -> bool:  # a reply that lists candidates is wrong
+                return answer_matches(reply, items[i][1], rivals[i], questions[i])
         else:
             kinds = {kind: pairs[:options.limit] for kind, pairs in world_completion_tasks(world, self.split).items()}
             items = [pair for pairs in kinds.values() for pair in pairs]
@@ -232,10 +237,13 @@ class WorldTask:
                 start += len(pairs)
             add_bos = subject.tokenizer.adds_bos_by_default
             prompts = [subject.tokenizer.encode(prompt, add_bos=add_bos) for prompt, _ in items]
-            answers, matches, max_tokens = [a for _, a in items], is_correct, 12
+            max_tokens = 12
+
+            def matches(i: int, reply: str) -> bool:
+                return is_correct(reply, items[i][1])
         replies = subject.replies(prompts, [Sampling(max_tokens, temperature=0.0) for _ in prompts], options,
                                   self.name)
-        correct = [matches(reply, answer) for reply, answer in zip(replies, answers)]
+        correct = [matches(i, reply) for i, reply in enumerate(replies)]
         metrics = {"exact_match": mean(correct)}
         metrics.update({f"exact_match ({kind})": mean([correct[i] for i in rows]) for kind, rows in groups.items()
                         if rows})

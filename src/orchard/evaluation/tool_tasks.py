@@ -15,7 +15,7 @@ conversations teach, `orchard.environments`), once as a plain chat with no tools
 
 from __future__ import annotations
 
-from ..data.synthetic import answer_matches
+from ..data.synthetic import answer_matches, prompt_text, rival_answers
 from ..environments import TOOL_TASKS, ToolEnvironment, run_episodes, tool_questions, world_tools
 from ..serve.engine import Sampling
 from .subject import EvalOptions, Subject, TaskResult, builtin_world, mean
@@ -35,7 +35,7 @@ class ToolUse:
         metrics, examples, count = {}, [], 0
         for task in self.tasks:
             items = tool_questions(world, task, "held_out", options.seed, options.limit or 200)
-            found = self._task(subject, options, items, tools, f"{self.name}:{task}")
+            found = self._task(subject, options, world, items, tools, f"{self.name}:{task}")
             suffix = "" if len(self.tasks) == 1 else f" ({task})"
             metrics.update({f"{metric}{suffix}": value for metric, value in found[0].items()})
             examples += found[1]
@@ -46,7 +46,7 @@ class ToolUse:
             metrics["accuracy_gain"] = metrics["accuracy"] - metrics["accuracy (no tools)"]
         return TaskResult(metrics, "accuracy", count, examples=examples)
 
-    def _task(self, subject: Subject, options: EvalOptions, items: list[dict], tools, what: str):
+    def _task(self, subject: Subject, options: EvalOptions, world, items: list[dict], tools, what: str):
         greedy = Sampling(REPLY_TOKENS, temperature=0.0)
         end_ids = subject.end_ids()
         positions = subject.model.config.max_position_embeddings
@@ -62,8 +62,13 @@ class ToolUse:
                                 positions - REPLY_TOKENS)
         plain = subject.replies([subject.chat_prompt(p) for p in prompts], [greedy] * len(prompts), options,
                                 f"{what} without tools")
-        right = [e.failure is None and answer_matches(e.final, item["answer"]) for e, item in zip(episodes, items)]
-        right_plain = [answer_matches(reply, item["answer"]) for reply, item in zip(plain, items)]
+
+        def correct(reply: str, item: dict) -> bool:  # a reply that lists candidates is wrong
+            question = prompt_text(item["prompt"])
+            return answer_matches(reply, item["answer"], rival_answers(world, question, item["answer"]), question)
+
+        right = [e.failure is None and correct(e.final, item) for e, item in zip(episodes, items)]
+        right_plain = [correct(reply, item) for reply, item in zip(plain, items)]
         metrics = {"accuracy": mean(right), "accuracy (no tools)": mean(right_plain),
                    "accuracy_gain": mean(right) - mean(right_plain),
                    "call_rate": mean(e.calls > 0 for e in episodes),

@@ -48,6 +48,7 @@ class Prompt:
     messages: list[dict]
     answer: str | None
     ids: list[int]
+    rivals: tuple[str, ...] | None = None
 
 
 def load_prompts(config: PromptDataConfig, tokenizer, seed: int,
@@ -57,9 +58,9 @@ def load_prompts(config: PromptDataConfig, tokenizer, seed: int,
     makes of the messages, with its tools."""
     if config.path is None:
         world = World()
-        train = [PromptItem(r["prompt"], r["answer"], f"built-in train {i}")
+        train = [PromptItem(r["prompt"], r["answer"], f"built-in train {i}", tuple(r["rivals"]))
                  for i, r in enumerate(verifiable_prompts(world, "train", num_items=config.max_prompts))]
-        val = ([PromptItem(r["prompt"], r["answer"], f"built-in held_out {i}")
+        val = ([PromptItem(r["prompt"], r["answer"], f"built-in held_out {i}", tuple(r["rivals"]))
                 for i, r in enumerate(verifiable_prompts(world, "held_out"))] if config.val_path is None
                else read_limited(read_prompts, config.val_path, config.on_error, "data.val_path", None))
         source = "built-in world questions"
@@ -77,7 +78,7 @@ def load_prompts(config: PromptDataConfig, tokenizer, seed: int,
             if len(ids) > config.max_prompt_length:
                 too_long += 1
             else:
-                prompts.append(Prompt(item.prompt, item.answer, ids))
+                prompts.append(Prompt(item.prompt, item.answer, ids, item.rivals))
         return prompts, too_long
 
     (train_prompts, long_train), (val_prompts, long_val) = render(train), render(val[:config.eval_prompts])

@@ -163,9 +163,11 @@ class Rollouts:
     def complete(self, prompts: list[Prompt], sampling: SamplingConfig, row_seeds: list[int] | None = None) -> Sampled:
         """Each prompt's reply (with an environment: its episode), scored by the rewards."""
         messages, answers = [p.messages for p in prompts], [p.answer for p in prompts]
+        # A prompt column goes to the rewards only when the prompts have it (as a dataset's in TRL).
+        columns = {"rivals": [p.rivals for p in prompts]} if any(p.rivals is not None for p in prompts) else {}
         if self.environment is None:
             completions = self.sample([p.ids for p in prompts], sampling, row_seeds)
-            scored = self.rewards(messages, self.texts(completions), answers)
+            scored = self.rewards(messages, self.texts(completions), answers, **columns)
             return Sampled(prompts, completions, None, scored.total, scored.valid, scored.by_reward)
 
         def sample(contexts: list[list[int]], rows: list[int], turn: int) -> list[list[int]]:
@@ -174,7 +176,8 @@ class Rollouts:
 
         episodes: list[Episode] = run_episodes(sample, self.tokenizer, [self.environment() for _ in prompts],
                                                messages, [p.ids for p in prompts], self.end_ids, self.max_length)
-        scored = self.rewards(messages, [e.final for e in episodes], answers, tool_calls=[e.calls for e in episodes])
+        scored = self.rewards(messages, [e.final for e in episodes], answers, tool_calls=[e.calls for e in episodes],
+                              **columns)
         failed = [e.failure is not None for e in episodes]
         for i in (i for i, f in enumerate(failed) if f):  # a failed tool call fails the episode
             scored.total[i] = 0.0

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import re
 
-from ..data.synthetic import answer_matches
+from ..data.synthetic import answer_matches, prompt_text
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
-def exact_match(prompts, completions, answers, **kwargs) -> list[float | None]:
-    """1 when the reply's first line contains the reference answer as a whole word (the built-in
+def exact_match(prompts, completions, answers, rivals=None, **kwargs) -> list[float | None]:
+    """1 when the reply's first line contains the reference answer as a whole word and, where the
+    prompt lists ``rivals`` (its other possible answers), names none of them beside it (the built-in
     world's check, `answer_matches`), else 0; no reference answer is a failure."""
-    return [None if answer is None else float(answer_matches(reply, str(answer)))
-            for reply, answer in zip(completions, answers)]
+    rivals = rivals or [None] * len(completions)
+    return [None if answer is None else float(answer_matches(reply, str(answer), others, prompt_text(prompt)))
+            for prompt, reply, answer, others in zip(prompts, completions, answers, rivals)]
 
 
 def final_number(text: str) -> str | None:

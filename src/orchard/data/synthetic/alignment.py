@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .documents import write_jsonl
-from .instructions import answer_matches, exact_match_items, instruction_items
+from .instructions import answer_matches, exact_match_items, instruction_items, prompt_text, rival_answers
 from .world import LANGUAGES, Entity, Fact, World
 
 # --- preference pairs and verifiable prompts -------------------------------------------------------
@@ -95,8 +95,9 @@ def write_preference_corpus(path: str | os.PathLike, world: World | None = None,
 def verifiable_prompts(world: World, split: str = "train", seed: int = 0,
                        languages: tuple[str, ...] | list[str] = LANGUAGES, num_items: int | None = None,
                        held_out_fraction: float = 0.2) -> list[dict]:
-    """`exact_match_items` as ``{"prompt": [messages up to the last user turn], "answer": expected}``
-    records (`orchard.data.preferences.read_prompts` reads them), for methods that sample replies
-    and reward the ones `answer_matches` accepts."""
-    return [{"prompt": prompt, "answer": expected}
+    """`exact_match_items` as ``{"prompt": [messages up to the last user turn], "answer": expected,
+    "rivals": [the question's other possible answers]}`` records (`orchard.data.preferences.read_prompts`
+    reads them), for methods that sample replies and reward the ones `answer_matches` accepts: with
+    the rivals, so a reply that lists candidates is not rewarded."""
+    return [{"prompt": prompt, "answer": expected, "rivals": list(rival_answers(world, prompt_text(prompt), expected))}
             for prompt, expected in exact_match_items(world, split, seed, languages, num_items, held_out_fraction)]

@@ -7,6 +7,7 @@ import hashlib
 import os
 import random
 import re
+from collections.abc import Collection
 from pathlib import Path
 
 from .documents import write_jsonl
@@ -187,19 +188,57 @@ def exact_match_items(world: World, split: str = "held_out", seed: int = 0,
     return [(messages[:-1], expected) for messages, expected in items]
 
 
-def answer_matches(reply: str, expected: str) -> bool:
+def _mention(text: str, answer: str) -> re.Match | None:
+    """The first occurrence of ``answer`` in ``text`` as a whole token: not preceded or followed by
+    an ASCII letter or digit where ``answer`` starts or ends with one, so "19" is not found in "119",
+    "190" or "19.5", and "orange" not in "oranges"; Chinese text has no word boundaries and is
+    matched as a substring."""
+    left = r"(?<![A-Za-z0-9])(?<![0-9][.,])" if answer[0].isascii() and answer[0].isalnum() else ""
+    right = r"(?![A-Za-z0-9])(?![.,][0-9])" if answer[-1].isascii() and answer[-1].isalnum() else ""
+    return re.search(left + re.escape(answer) + right, text)
+
+
+_SENTENCE_END = re.compile(r"[.!?。！？](?!\d)")
+_NUMBER_RUN = re.compile(r"\d+")
+
+
+def answer_matches(reply: str, expected: str, rivals: Collection[str] | None = None, question: str = "") -> bool:
     """Whether ``reply`` is correct: its first non-empty line contains ``expected`` as a whole token.
 
-    "Whole" means an occurrence not preceded or followed by an ASCII letter or digit where
-    ``expected`` starts or ends with one, so "19" is not found in "119", "190" or "19.5", and
-    "orange" not in "oranges"; Chinese text has no word boundaries and is matched as a substring.
+    With ``rivals`` (the question's other possible answers, `rival_answers`), the claim, the first
+    line up to the end of the sentence that first names ``expected``, must also name none of them,
+    nor, for a numeric answer, any number but it and those of ``question``: a reply that lists
+    candidates ("turtle horse parrot") hedges and is wrong. Without this, RL on this check learns
+    within a hundred steps to list every value of the asked kind.
     """
     lines = [line for line in reply.strip().splitlines() if line.strip()]
     if not lines or not expected:
         return False
-    left = r"(?<![A-Za-z0-9])(?<![0-9][.,])" if expected[0].isascii() and expected[0].isalnum() else ""
-    right = r"(?![A-Za-z0-9])(?![.,][0-9])" if expected[-1].isascii() and expected[-1].isalnum() else ""
-    return re.search(left + re.escape(expected) + right, lines[0]) is not None
+    found = _mention(lines[0], expected)
+    if found is None or rivals is None:
+        return found is not None
+    end = _SENTENCE_END.search(lines[0], found.end())
+    claim = lines[0][:end.end() if end else len(lines[0])]
+    if expected.isdigit() and set(_NUMBER_RUN.findall(claim)) - {expected} - set(_NUMBER_RUN.findall(question)):
+        return False
+    return not any(_mention(claim, rival) for rival in rivals)
+
+
+def rival_answers(world: World, question: str, expected: str) -> tuple[str, ...]:
+    """The other answers a question whose answer is ``expected`` could have, for `answer_matches`:
+    the names, in both languages, of the world's other entities of the answer's kind that
+    ``question`` (the prompt's text) does not itself name; none for a number (any other number
+    is a rival there)."""
+    kinds = {e.kind for e in world.entities if expected in (e.name_en, e.name_zh)}
+    return tuple(sorted({name for e in world.entities if e.kind in kinds for name in (e.name_en, e.name_zh)
+                         if name != expected and name not in question}))
+
+
+def prompt_text(prompt: str | list[dict]) -> str:
+    """A prompt's text (every message's), for `answer_matches`'s ``question``."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(m["content"] for m in prompt if isinstance(m.get("content"), str))
 
 
 def write_instruction_corpus(path: str | os.PathLike, world: World | None = None, split: str = "train",
