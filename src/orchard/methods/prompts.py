@@ -14,8 +14,9 @@ from ..data.synthetic import World, verifiable_prompts
 class PromptDataConfig:
     path: str | list[str] | None = None
     """Prompt files (.jsonl/.jsonl.gz/.json/.parquet): {"prompt": str or messages, "answer": ...},
-    {"messages": [...]} or GSM8K's {"question", "answer": "... #### N"}. None means the built-in
-    world's fact questions and word problems, with their answers."""
+    {"messages": [...]} or GSM8K's {"question", "answer": "... #### N"}, each optionally with
+    "rivals" (other possible answers, which exact_match rejects beside the answer). None means the
+    built-in world's fact questions and word problems, with their answers and rivals."""
     val_path: str | list[str] | None = None
     """Held-out prompts; None holds out data.val_fraction of data.path (the built-in world's
     held-out split when data.path is None)."""
