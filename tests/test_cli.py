@@ -348,7 +348,8 @@ def test_quickstart_writes_a_report_with_metrics_plot_and_samples(tmp_path):
     assert "## Growing a model" in text and (tmp_path / "qs" / "grow" / "train" / "final" / "config.json").is_file()
     difference = float(re.search(r"largest logit difference[^|]*\| ([0-9.e+-]+)", text).group(1))
     assert difference < 1e-4  # the grown model computes the parent's function
-    assert "| before |" in text and "mean@8" in text  # GRPO before and after, sampled as well as greedy
+    # GRPO before and after, sampled as well as greedy, on the questions it trains on and held-out ones
+    assert "| trained | before |" in text and "| held-out | after |" in text and "mean@8" in text
     tools = text[text.index("## Tool use"):text.index("## Distillation")]
     assert "correct_calls" in tools and "accuracy (no tools)" in tools and "failed tool calls (greedy)" in tools
     assert json.loads((tmp_path / "qs" / "tool-eval" / "eval.json").read_text())["results"]["tools"].keys() == {

@@ -301,6 +301,19 @@ def test_the_policy_learns_to_earn_a_simple_reward(chat_base, tmp_path, user_mod
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
 
 
+def test_trained_prompts_are_evaluated_beside_the_held_out_ones(chat_base, tmp_path, monkeypatch):
+    captured = capture_method(monkeypatch)
+    run_grpo(chat_base, tmp_path / "run", "train.max_steps=1", "data.eval_trained_prompts=3", "data.eval_samples=2")
+    final_eval = lines(tmp_path / "run")[-1]
+    rollouts_ = captured["method"].rollouts
+    expected = rollouts_.evaluate(rollouts_.prompts[:3], samples=2)  # the first 3 training prompts, same seeds
+    assert {f"trained_{key.removeprefix('val_')}": value for key, value in expected.items()} == \
+        {key: value for key, value in final_eval.items() if key.startswith("trained_")}
+    assert "val_mean@2/exact_match" in final_eval and "trained_mean@2/exact_match" in final_eval
+    with pytest.raises(ValueError, match="data.eval_trained_prompts must not be negative"):
+        PromptDataConfig(eval_trained_prompts=-1)
+
+
 def test_sampled_evaluation_by_hand():
     """mean@k and pass@k from canned samples: 3 prompts, k = 4, two prompts per batch."""
     rollouts_ = SimpleNamespace(rewards=Rewards(["exact_match"]), sampling=SamplingConfig(temperature=1.0),

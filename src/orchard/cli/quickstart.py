@@ -262,6 +262,12 @@ def serve_commands(out: Path) -> list[str]:
     return [f"orchard serve {out / 'sft'}", f"orchard serve {out / 'pretrain'} --adapter chat-lora={out / 'lora'}"]
 
 
+GRPO_PROMPTS = 128
+"""GRPO trains on this many questions, each seen ~7 times in 60 steps of 16: it sharpens the replies
+to them (mean@8 on the AMD machine 36% -> 52%, 2.5 minutes), while the held-out questions, about
+facts no fine-tuning data has, stay where pretraining left them (with all 1,344 questions, each seen
+under once, neither moves)."""
+
 ALIGNMENT_STAGES = {
     # stage: (method, its config, overrides, the held-out metric before/after, its description, curves to plot)
     "reward": (reward.run, reward.RewardConfig, ["train.max_steps=60", "train.lr=1e-4", "train.eval_every=20", "train.save_every=20"],
@@ -271,12 +277,15 @@ ALIGNMENT_STAGES = {
             "val_accuracy", "held-out preference accuracy (implicit reward: chosen gained more likelihood than rejected)",
             {"training reward accuracy": "rewards/accuracies", "held-out reward accuracy": "val_accuracy",
              "held-out likelihood accuracy": "val_likelihood_accuracy"}),
-    "grpo": (grpo.run, grpo.GRPOConfig, ["train.max_steps=30", "train.lr=2e-5", "train.batch_size=4", "num_generations=8",
-                    "max_new_tokens=32", "train.eval_every=10", "train.save_every=10"],
+    "grpo": (grpo.run, grpo.GRPOConfig, [f"data.max_prompts={GRPO_PROMPTS}", "train.max_steps=60", "train.lr=1e-4",
+                                         "train.batch_size=16", "num_generations=8", "max_new_tokens=32", "beta=0",
+                                         "loss_aggregation=token", "dynamic_sampling=2", "train.eval_every=30",
+                                         "train.save_every=30"],
              "val_reward/exact_match", "held-out exact match (greedy)",
              {"mean reward of the sampled replies": "reward", "held-out exact match (greedy)": "val_reward/exact_match",
               "held-out mean@8 (8 samples at temperature 1)": "val_mean@8/exact_match",
-              "held-out pass@8": "val_pass@8/exact_match"}),
+              "held-out pass@8": "val_pass@8/exact_match",
+              "trained questions, mean@8": "trained_mean@8/exact_match"}),
 }
 
 
@@ -288,7 +297,8 @@ def align(out: Path, report: Report, sft_dir: Path, held_out: list, steps: int |
     rows, images = [], []
     for stage, (run, config_cls, overrides, metric, description, curves) in ALIGNMENT_STAGES.items():
         quick = [f"train.max_steps={steps}", f"train.eval_every={steps}", f"train.save_every={steps}"] if steps else []
-        evaluation = [f"data.eval_prompts={eval_prompts}"] if stage == "grpo" else []
+        evaluation = [f"data.eval_prompts={eval_prompts}",
+                      f"data.eval_trained_prompts={min(GRPO_PROMPTS, eval_prompts)}"] if stage == "grpo" else []
         config = load_config(config_cls, None, [f"init={sft_dir}", f"out={out / stage}", "train.log_every=1",
                                                 *overrides, *quick, *evaluation])
         result = run(config)
@@ -308,7 +318,8 @@ def align(out: Path, report: Report, sft_dir: Path, held_out: list, steps: int |
     report.text("Each stage starts from the full SFT model. The reward model and DPO train on the world's "
                 "preference pairs (a correct answer preferred to a wrong or an unhelpful one) and are measured on "
                 "held-out pairs about facts they never saw in a pair; GRPO samples 8 replies per question, is "
-                "rewarded by exact match, and is measured by greedy exact match on held-out questions.")
+                "rewarded by exact match (a reply that lists other candidates is wrong), and is measured on "
+                "held-out questions and on the questions it trains on.")
     report.table(["stage", "held-out metric", "before", "after", "steps", "wall time (s)", "checkpoint"], rows)
     report.text(f"DPO: held-out pairs whose chosen reply the model itself finds more likely per token, "
                 f"{likelihood[0]:.1%} before and {likelihood[-1]:.1%} after; held-out exact match of the DPO "
@@ -316,12 +327,14 @@ def align(out: Path, report: Report, sft_dir: Path, held_out: list, steps: int |
                 "what alignment can reach there is bounded by what pretraining taught (see the README).")
     grpo_rows = [row for row in read_metrics(out / "grpo" / "metrics.jsonl") if "val_mean@8/exact_match" in row]
     if grpo_rows:
-        report.text("GRPO on the held-out questions, before and after (RL sharpens the sampling distribution: "
-                    "mean@8 is the average exact match of 8 sampled replies, pass@8 the share of questions "
-                    "with at least one right):")
-        report.table(["", "greedy exact match", "mean@8", "pass@8"], [
-            [label, *(f"{row[key]:.1%}" for key in ("val_reward/exact_match", "val_mean@8/exact_match",
-                                                     "val_pass@8/exact_match"))]
+        report.text("GRPO before and after (RL sharpens the sampling distribution: mean@8 is the average exact "
+                    "match of 8 sampled replies, pass@8 the share of questions with at least one right). It "
+                    "sharpens the questions it trains on; the held-out ones ask about facts no fine-tuning data "
+                    "has, and what it can reach there is what pretraining stored:")
+        report.table(["questions", "", "greedy exact match", "mean@8", "pass@8"], [
+            [questions, label, *(f"{row[f'{prefix}_{key}/exact_match']:.1%}" for key in ("reward", "mean@8", "pass@8"))]
+            for questions, prefix in (("trained", "trained"), ("held-out", "val"))
+            if f"{prefix}_mean@8/exact_match" in grpo_rows[0]
             for label, row in (("before", grpo_rows[0]), ("after", grpo_rows[-1]))])
     for png, caption in images:
         report.image(png, caption)

@@ -37,7 +37,7 @@ def plot_metrics(metrics_file: Path, png: Path, title: str, series: dict[str, st
     for label, key in series.items():
         points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
         if points:
-            style = "o-" if key.startswith("val_") else "-"
+            style = "o-" if key.startswith(("val_", "trained_")) else "-"  # evaluations: points
             ax.plot(*zip(*points), style, label=label, linewidth=1.2 if style == "-" else 1.5, markersize=4)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)

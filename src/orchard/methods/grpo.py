@@ -175,7 +175,7 @@ class GRPO:
         return metrics
 
     def evaluate(self, model, shard) -> dict[str, float]:
-        return self.rollouts.evaluate(self.val, samples=self.config.data.eval_samples)
+        return self.rollouts.evaluation(self.val, self.config.data)
 
 
 def advantages(rewards: torch.Tensor, valid: torch.Tensor, config: GRPOConfig) -> torch.Tensor:

@@ -127,7 +127,7 @@ class PPO:
         return policy_loss + c.vf_coef * value_loss, metrics
 
     def evaluate(self, model, shard) -> dict[str, float]:
-        return self.rollouts.evaluate(self.val, samples=self.config.data.eval_samples)
+        return self.rollouts.evaluation(self.val, self.config.data)
 
 
 @in_run_directory("ppo")

@@ -32,6 +32,10 @@ class PromptDataConfig:
     """Replies sampled per held-out prompt at each evaluation, at the training temperature: each
     reward's mean over them (mean@k) and its best per prompt, averaged (pass@k, for a 0/1 reward),
     where RL acts (it sharpens the sampling distribution); 0 evaluates greedy replies only."""
+    eval_trained_prompts: int = 0
+    """Training prompts (the first this many) evaluated beside the held-out ones, the same way, as
+    trained_* metrics (trained_reward/..., trained_mean@8/...): what RL does to the questions it
+    trains on, beside what carries over to new ones."""
     on_error: str = "error"
     """A malformed record: error (stop, naming it) or skip (counted)."""
 
@@ -42,6 +46,8 @@ class PromptDataConfig:
             raise ValueError(f"data.on_error must be error or skip, got {self.on_error!r}")
         if self.eval_samples < 0:
             raise ValueError(f"data.eval_samples must not be negative, got {self.eval_samples}")
+        if self.eval_trained_prompts < 0:
+            raise ValueError(f"data.eval_trained_prompts must not be negative, got {self.eval_trained_prompts}")
 
 
 @dataclass

@@ -274,6 +274,15 @@ class Rollouts:
             metrics.update(self._sampled(prompts, samples, max(1, batch_size // samples)))
         return metrics
 
+    def evaluation(self, val: list[Prompt], data: PromptDataConfig) -> dict[str, float]:
+        """`evaluate` on the held-out prompts and on the first `data.eval_trained_prompts` training
+        prompts, whose metrics are named trained_* instead of val_*."""
+        metrics = self.evaluate(val, samples=data.eval_samples)
+        if data.eval_trained_prompts:
+            trained = self.evaluate(self.prompts[:data.eval_trained_prompts], samples=data.eval_samples)
+            metrics.update({f"trained_{key.removeprefix('val_')}": value for key, value in trained.items()})
+        return metrics
+
     def _sampled(self, prompts: list[Prompt], k: int, prompts_per_batch: int) -> dict[str, float]:
         scores: dict[str, list[list[float]]] = {name: [] for name in self.rewards.names}
         for start in range(0, len(prompts), prompts_per_batch):
