@@ -90,7 +90,8 @@ def prepare(args, work: Path) -> dict:
     hf_dir = export_hf(sft.path, work / "hf")
     train, val, _ = load_prompts(PromptDataConfig(eval_prompts=args.eval_prompts), sft.tokenizer, args.seed)
     samples = args.steps * args.prompts_per_step
-    ordered = [{"prompt": train[i].messages, "answer": train[i].answer, "rivals": list(train[i].rivals or ())}
+    ordered = [{"prompt": train[i].messages, "answer": train[i].answer,
+                "rivals": None if train[i].rivals is None else list(train[i].rivals)}
                for i in epoch_order(len(train), samples, args.seed)]
     files = {"checkpoint": str(sft.path), "hf": str(hf_dir), "work": str(work),
              "trl_train": str(write_jsonl(work / "trl_train.jsonl", ordered))}

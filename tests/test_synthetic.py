@@ -13,6 +13,7 @@ from orchard.data.synthetic import (
     World,
     answer_matches,
     rival_answers,
+    world_answer_matches,
     arithmetic_problem,
     continual_task,
     continual_task_conversations,
@@ -339,6 +340,7 @@ def test_answer_matches_rejects_a_claim_that_lists_rivals(world, reply, ok):
     rivals = rival_answers(world, question, "parrot")
     assert {"cat", "dog", "猫", "狗"} <= set(rivals) and "parrot" not in rivals and "鹦鹉" in rivals
     assert answer_matches(reply, "parrot", rivals, question) is ok
+    assert world_answer_matches(world, [{"role": "user", "content": question}], reply, "parrot") is ok
     assert answer_matches(reply, "parrot") is ("parrot" in reply)  # without rivals: the first line's check
 
 

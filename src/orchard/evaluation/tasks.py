@@ -26,7 +26,7 @@ from pathlib import Path
 from ..data.packing import PackedSequences
 from ..data.preferences import read_prompts
 from ..data.records import BadRecord, json_type, read_records, resolve_paths, string_field
-from ..data.synthetic import answer_matches, exact_match_items, prompt_text, rival_answers
+from ..data.synthetic import exact_match_items, world_answer_matches
 from ..data.tokens import build_token_cache
 from ..environments import TOOL_TASKS
 from ..errors import OrchardError
@@ -222,12 +222,10 @@ class WorldTask:
             groups = {"questions, en": sorted(english),
                       "questions, zh": [i for i in range(len(items)) if i not in english]}
             prompts = [subject.chat_prompt(messages) for messages, _ in items]
-            questions = [prompt_text(messages) for messages, _ in items]
-            rivals = [rival_answers(world, question, expected) for question, (_, expected) in zip(questions, items)]
             max_tokens = 40
 
-            def matches(i: int, reply: str) -> bool:  # a reply that lists candidates is wrong
-                return answer_matches(reply, items[i][1], rivals[i], questions[i])
+            def matches(i: int, reply: str) -> bool:
+                return world_answer_matches(world, items[i][0], reply, items[i][1])
         else:
             kinds = {kind: pairs[:options.limit] for kind, pairs in world_completion_tasks(world, self.split).items()}
             items = [pair for pairs in kinds.values() for pair in pairs]

@@ -15,7 +15,7 @@ conversations teach, `orchard.environments`), once as a plain chat with no tools
 
 from __future__ import annotations
 
-from ..data.synthetic import answer_matches, prompt_text, rival_answers
+from ..data.synthetic import world_answer_matches
 from ..environments import TOOL_TASKS, ToolEnvironment, run_episodes, tool_questions, world_tools
 from ..serve.engine import Sampling
 from .subject import EvalOptions, Subject, TaskResult, builtin_world, mean
@@ -62,13 +62,10 @@ class ToolUse:
                                 positions - REPLY_TOKENS)
         plain = subject.replies([subject.chat_prompt(p) for p in prompts], [greedy] * len(prompts), options,
                                 f"{what} without tools")
-
-        def correct(reply: str, item: dict) -> bool:  # a reply that lists candidates is wrong
-            question = prompt_text(item["prompt"])
-            return answer_matches(reply, item["answer"], rival_answers(world, question, item["answer"]), question)
-
-        right = [e.failure is None and correct(e.final, item) for e, item in zip(episodes, items)]
-        right_plain = [correct(reply, item) for reply, item in zip(plain, items)]
+        right = [e.failure is None and world_answer_matches(world, item["prompt"], e.final, item["answer"])
+                 for e, item in zip(episodes, items)]
+        right_plain = [world_answer_matches(world, item["prompt"], reply, item["answer"])
+                       for reply, item in zip(plain, items)]
         metrics = {"accuracy": mean(right), "accuracy (no tools)": mean(right_plain),
                    "accuracy_gain": mean(right) - mean(right_plain),
                    "call_rate": mean(e.calls > 0 for e in episodes),

@@ -24,12 +24,12 @@ from .continual import CONTINUAL_TASKS, continual_task, continual_task_conversat
 from .documents import (DOCUMENT_KINDS, DocumentGenerator, arithmetic, arithmetic_problem, document_kind,
                         facts_paragraph, generate_documents, story, town, write_corpus, write_jsonl)
 from .instructions import (answer_matches, exact_match_items, instruction_conversations, prompt_text, rival_answers,
-                           write_instruction_corpus)
+                           world_answer_matches, write_instruction_corpus)
 from .world import LANGUAGES, RELATIONS, Entity, Fact, World
 
 __all__ = ["CONTINUAL_TASKS", "DOCUMENT_KINDS", "LANGUAGES", "RELATIONS", "DocumentGenerator", "Entity", "Fact",
            "World", "answer_matches", "arithmetic", "arithmetic_problem", "continual_task",
            "continual_task_conversations", "document_kind", "exact_match_items", "facts_paragraph",
-           "generate_documents", "instruction_conversations", "preference_pairs", "prompt_text", "rival_answers", "story",
-           "town",
-           "verifiable_prompts", "write_corpus", "write_instruction_corpus", "write_jsonl", "write_preference_corpus"]
+           "generate_documents", "instruction_conversations", "preference_pairs", "prompt_text", "rival_answers",
+           "story", "town", "verifiable_prompts", "world_answer_matches", "write_corpus", "write_instruction_corpus",
+           "write_jsonl", "write_preference_corpus"]

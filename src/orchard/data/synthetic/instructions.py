@@ -234,6 +234,13 @@ def rival_answers(world: World, question: str, expected: str) -> tuple[str, ...]
                          if name != expected and name not in question}))
 
 
+def world_answer_matches(world: World, prompt: str | list[dict], reply: str, expected: str) -> bool:
+    """`answer_matches` for a question about ``world`` (``prompt``: its text or messages), with the
+    question's rivals: a reply that lists candidates is wrong."""
+    question = prompt_text(prompt)
+    return answer_matches(reply, expected, rival_answers(world, question, expected), question)
+
+
 def prompt_text(prompt: str | list[dict]) -> str:
     """A prompt's text (every message's), for `answer_matches`'s ``question``."""
     if isinstance(prompt, str):
